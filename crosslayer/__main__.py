@@ -1,0 +1,5 @@
+import sys
+
+from crosslayer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""Pieces shared by every model file: the timm-style classifier interface and the init rule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ClassifierMixin:
+    """timm-style interface: ``forward_features`` -> activated feature map (N, num_features, H, W),
+    ``forward_head`` -> global average pool + (dropout) + linear classifier.
+
+    Subclasses set ``self.num_features``, ``self.num_classes``, ``self.classifier`` and
+    ``self.head_drop_rate`` (0 unless the paper has dropout before the classifier).
+    """
+
+    num_features: int
+    num_classes: int
+    head_drop_rate: float = 0.0
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        if self.head_drop_rate > 0:
+            x = F.dropout(x, self.head_drop_rate, self.training)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one for ``num_classes`` (0 = identity)."""
+        self.num_classes = num_classes
+        if num_classes > 0:
+            ref = self.classifier if isinstance(self.classifier, nn.Linear) else None
+            self.classifier = nn.Linear(self.num_features, num_classes)
+            nn.init.zeros_(self.classifier.bias)
+            if ref is not None:
+                self.classifier.to(ref.weight.device, ref.weight.dtype)
+        else:
+            self.classifier = nn.Identity()
+
+
+def init_he_fan_out(model: nn.Module) -> None:
+    """He et al. 2015 normal init with n = k*k*out_channels (fan-out), as in fb.resnet.torch and the
+    DenseNet / DelugeNet Lua code; BatchNorm gamma=1, beta=0; conv and linear biases 0.
+    Linear weights keep PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) = Torch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update_stats: bool = True) -> torch.Tensor:
+    """``bn(x)``, but with ``update_stats=False`` a training-mode call normalises with the batch
+    statistics without touching the running statistics. Used when a checkpointed region is
+    recomputed in backward, so running statistics are updated once per step, not twice
+    (the bug of torchvision's ``memory_efficient`` DenseNet, pytorch/pytorch#96136)."""
+    if update_stats or not bn.training:
+        return bn(x)
+    return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)

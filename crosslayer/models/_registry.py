@@ -1,0 +1,91 @@
+"""A small timm-style model registry: ``register_model``, ``create_model``, ``list_models``.
+
+Each registered entry is a factory function ``fn(num_classes=..., in_channels=..., **overrides)``
+returning an ``nn.Module``. Metadata (the paper's parameter count, native input size, depth,
+the table row it reproduces) is attached with the decorator so the ``crosslayer models``
+command and the tests can check every model against the papers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from crosslayer.errors import CrosslayerError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fn: Callable[..., nn.Module]
+    family: str
+    depth: int | None = None
+    input_size: tuple[int, int, int] = (3, 32, 32)
+    default_classes: int = 10
+    paper_params_m: float | None = None  # as printed in the paper's table
+    paper: str = ""
+    note: str = ""  # correction footnote for the printed figure, if any
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    family: str,
+    depth: int | None = None,
+    input_size: tuple[int, int, int] = (3, 32, 32),
+    default_classes: int = 10,
+    paper_params_m: float | None = None,
+    paper: str = "",
+    note: str = "",
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a model factory under its function name."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = fn.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelInfo(name, fn, family, depth, input_size, default_classes,
+                                    paper_params_m, paper, note)
+        return fn
+
+    return wrap
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Names of the registered models, sorted; ``pattern`` is an fnmatch wildcard (``"densenet*"``)."""
+    _import_all()
+    names = sorted(_REGISTRY)
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def model_info(name: str) -> ModelInfo:
+    _import_all()
+    if name not in _REGISTRY:
+        close = [n for n in _REGISTRY if name.split("_")[0] in n][:6]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise CrosslayerError(f"unknown model {name!r}{hint}; `crosslayer models` lists them all")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int | None = None, in_channels: int = 3, **overrides) -> nn.Module:
+    """Build a registered model. ``overrides`` reach the model constructor (e.g. ``drop_rate``,
+    ``memory_efficient``, ``growth_rate``)."""
+    info = model_info(name)
+    if num_classes is None:
+        num_classes = info.default_classes
+    try:
+        model = info.fn(num_classes=num_classes, in_channels=in_channels, **overrides)
+    except TypeError as e:  # an override the model does not take
+        raise CrosslayerError(f"model {name!r}: {e}") from None
+    model.model_name = name
+    return model
+
+
+def _import_all() -> None:
+    # Importing the model files registers their entries.
+    from crosslayer.models import delugenet, densenet, fractalnet, resnet, wide_resnet  # noqa: F401

@@ -1,0 +1,264 @@
+"""DenseNet and DenseNet-BC.
+
+G. Huang, Z. Liu, L. van der Maaten, K. Q. Weinberger, "Densely Connected Convolutional Networks",
+CVPR 2017 (arXiv 1608.06993); memory-efficient mode after G. Pleiss et al., "Memory-Efficient
+Implementation of DenseNets", arXiv 1707.06990.
+
+Module names follow torchvision (``features.conv0``, ``features.denseblock1.denselayer1.norm1``,
+``features.transition1.conv``, ``features.norm5``, ``classifier``) so torchvision's ImageNet
+state_dicts load directly (:func:`load_torchvision_state_dict` also handles the old key format).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from crosslayer.models._base import ClassifierMixin, batch_norm, init_he_fan_out
+from crosslayer.models._registry import register_model
+
+PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"
+
+
+class DenseLayer(nn.Module):
+    """Composite function H_l of Eq. (2), x_l = H_l([x_0, x_1, ..., x_{l-1}]).
+
+    Basic (DenseNet): BN-ReLU-Conv3x3(k). Bottleneck (DenseNet-B, Sec. 3 "Bottleneck layers"):
+    BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k). Dropout (Sec. 4.2) follows every conv, as in
+    the official code. ``memory_efficient`` recomputes the concatenation and the first
+    BN-ReLU(-Conv1x1) in backward instead of storing them (Pleiss et al.), updating the BN running
+    statistics once per step.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, bottleneck: bool = True, bn_size: int = 4,
+                 drop_rate: float = 0.0, memory_efficient: bool = False):
+        super().__init__()
+        self.bottleneck = bottleneck
+        self.drop_rate = drop_rate
+        self.memory_efficient = memory_efficient
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bottleneck:
+            self.conv1 = nn.Conv2d(in_channels, bn_size * growth_rate, 1, bias=False)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, growth_rate, 3, padding=1, bias=False)
+
+    def _first(self, features: list[torch.Tensor], update_stats: bool = True) -> torch.Tensor:
+        """cat -> BN -> ReLU -> first conv: the part whose memory grows with the layer index."""
+        x = torch.cat(features, 1) if len(features) > 1 else features[0]
+        return self.conv1(F.relu(batch_norm(self.norm1, x, update_stats)))
+
+    def _first_checkpointed(self, features: list[torch.Tensor]) -> torch.Tensor:
+        calls = [0]
+
+        def run(*feats):
+            calls[0] += 1  # the second call is the recomputation in backward
+            return self._first(list(feats), update_stats=calls[0] == 1)
+
+        return checkpoint(run, *features, use_reentrant=False)
+
+    def forward(self, features: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        if isinstance(features, torch.Tensor):
+            features = [features]
+        if self.memory_efficient and self.training and any(f.requires_grad for f in features):
+            out = self._first_checkpointed(features)
+        else:
+            out = self._first(features)
+        out = F.dropout(out, self.drop_rate, self.training) if self.drop_rate > 0 else out
+        if self.bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
+            out = F.dropout(out, self.drop_rate, self.training) if self.drop_rate > 0 else out
+        return out
+
+
+class DenseBlock(nn.ModuleDict):
+    """A dense block: ``num_layers`` layers, each fed the concatenation of all earlier outputs
+    (Sec. 3 "Dense connectivity"); the block output is that concatenation, k_0 + num_layers*k wide."""
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, **layer_kwargs):
+        super().__init__()
+        for i in range(num_layers):
+            self[f"denselayer{i + 1}"] = DenseLayer(in_channels + i * growth_rate, growth_rate, **layer_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    """Transition layer (Sec. 3 "Pooling layers", "Compression"): BN-ReLU-Conv1x1(floor(theta*m))
+    -[dropout]-AvgPool 2x2."""
+
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.add_module("norm", nn.BatchNorm2d(in_channels))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", nn.Conv2d(in_channels, out_channels, 1, bias=False))
+        if drop_rate > 0:
+            self.add_module("drop", nn.Dropout(drop_rate))
+        self.add_module("pool", nn.AvgPool2d(2, 2))
+
+
+class DenseNet(ClassifierMixin, nn.Module):
+    """DenseNet(-B)(-C) for CIFAR/SVHN (``stem="cifar"``: one 3x3 conv, three blocks) or ImageNet
+    (``stem="imagenet"``: 7x7/2 conv-BN-ReLU-3x3/2 max-pool, four blocks).
+
+    Args follow the paper: ``growth_rate`` k, ``bottleneck`` (B), ``compression`` theta (C),
+    ``num_init_features`` c_0 (16 for basic DenseNet, 2k for DenseNet-BC), ``drop_rate``.
+    """
+
+    def __init__(self, block_config: tuple[int, ...], growth_rate: int = 12, num_init_features: int = 24,
+                 bottleneck: bool = True, compression: float = 0.5, bn_size: int = 4, drop_rate: float = 0.0,
+                 num_classes: int = 10, in_channels: int = 3, stem: str = "cifar",
+                 memory_efficient: bool = False):
+        super().__init__()
+        if not 0 < compression <= 1:
+            raise ValueError(f"compression must be in (0, 1], got {compression}")
+        self.growth_rate, self.compression, self.drop_rate = growth_rate, compression, drop_rate
+        self.block_config = tuple(block_config)
+        if stem == "cifar":
+            layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
+        elif stem == "imagenet":
+            layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 7, 2, 3, bias=False)),
+                      ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
+                      ("pool0", nn.MaxPool2d(3, 2, 1))]
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        self.features = nn.Sequential(OrderedDict(layers))
+        channels = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = DenseBlock(num_layers, channels, growth_rate, bottleneck=bottleneck, bn_size=bn_size,
+                               drop_rate=drop_rate, memory_efficient=memory_efficient)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            channels += num_layers * growth_rate
+            if i != len(block_config) - 1:
+                out = int(math.floor(channels * compression))
+                self.features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate))
+                channels = out
+        self.features.add_module("norm5", nn.BatchNorm2d(channels))  # torchvision's name, any depth
+        self.num_features, self.num_classes = channels, num_classes
+        self.classifier = nn.Linear(channels, num_classes)
+        init_he_fan_out(self)
+
+    def set_memory_efficient(self, enabled: bool = True) -> None:
+        """Switch the checkpointed (memory-efficient) mode on or off; weights are unchanged."""
+        for m in self.modules():
+            if isinstance(m, DenseLayer):
+                m.memory_efficient = enabled
+
+    set_grad_checkpointing = set_memory_efficient  # timm's name
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.features(x))
+
+
+def densenet_cifar(depth: int, growth_rate: int, bottleneck: bool, compression: float,
+                   num_init_features: int | None = None, **kwargs) -> DenseNet:
+    """CIFAR/SVHN DenseNet of total depth L: three blocks of n = (L-4)/3 (basic) or (L-4)/6 (BC)
+    layers; c_0 = 2k with a bottleneck, else 16 (the rule that reproduces the paper's counts)."""
+    per_layer = 2 if bottleneck else 1
+    if (depth - 4) % (3 * per_layer):
+        raise ValueError(f"DenseNet depth {depth} needs (depth-4) divisible by {3 * per_layer}")
+    n = (depth - 4) // (3 * per_layer)
+    if num_init_features is None:
+        num_init_features = 2 * growth_rate if bottleneck else 16
+    return DenseNet((n, n, n), growth_rate, num_init_features, bottleneck, compression, **kwargs)
+
+
+def _cifar(depth, k, bc, kwargs):
+    kwargs.setdefault("bottleneck", bc)
+    kwargs.setdefault("compression", 0.5 if bc else 1.0)
+    return densenet_cifar(depth, kwargs.pop("growth_rate", k), kwargs.pop("bottleneck"), kwargs.pop("compression"),
+                          **kwargs)
+
+
+@register_model("densenet", depth=40, paper_params_m=1.0, paper=PAPER)
+def densenet40_k12(**kwargs):
+    """DenseNet (L=40, k=12), Table 2."""
+    return _cifar(40, 12, False, kwargs)
+
+
+@register_model("densenet", depth=100, paper_params_m=7.0, paper=PAPER)
+def densenet100_k12(**kwargs):
+    """DenseNet (L=100, k=12), Table 2."""
+    return _cifar(100, 12, False, kwargs)
+
+
+@register_model("densenet", depth=100, paper_params_m=27.2, paper=PAPER)
+def densenet100_k24(**kwargs):
+    """DenseNet (L=100, k=24), Table 2."""
+    return _cifar(100, 24, False, kwargs)
+
+
+@register_model("densenet", depth=100, paper_params_m=0.8, paper=PAPER)
+def densenet_bc100_k12(**kwargs):
+    """DenseNet-BC (L=100, k=12), Table 2."""
+    return _cifar(100, 12, True, kwargs)
+
+
+@register_model("densenet", depth=250, paper_params_m=15.3, paper=PAPER)
+def densenet_bc250_k24(**kwargs):
+    """DenseNet-BC (L=250, k=24), Table 2."""
+    return _cifar(250, 24, True, kwargs)
+
+
+@register_model("densenet", depth=190, paper_params_m=25.6, paper=PAPER)
+def densenet_bc190_k40(**kwargs):
+    """DenseNet-BC (L=190, k=40), Table 2."""
+    return _cifar(190, 40, True, kwargs)
+
+
+@register_model("densenet", depth=40, paper=PAPER, note="small DenseNet-BC for quick CPU runs (not in the paper)")
+def densenet_bc40_k12(**kwargs):
+    """DenseNet-BC (L=40, k=12): the demo model, 6 layers per block."""
+    return _cifar(40, 12, True, kwargs)
+
+
+def _imagenet(blocks, k, kwargs):
+    return DenseNet(blocks, kwargs.pop("growth_rate", k), kwargs.pop("num_init_features", 2 * k), stem="imagenet",
+                    **kwargs)
+
+
+_IMAGENET = {"densenet121": ((6, 12, 24, 16), 32, 8.0), "densenet169": ((6, 12, 32, 32), 32, 14.1),
+             "densenet201": ((6, 12, 48, 32), 32, 20.0), "densenet264": ((6, 12, 64, 48), 32, 33.3),
+             "densenet161": ((6, 12, 36, 24), 48, None)}
+
+
+def _register_imagenet(name, blocks, k, paper_m):
+    def fn(**kwargs):
+        return _imagenet(blocks, k, kwargs)
+
+    fn.__name__ = name
+    fn.__doc__ = f"{name} (ImageNet, k={k}, blocks {blocks}), Table 1."
+    depth = 2 * sum(blocks) + 5
+    note = "from the official code / torchvision; not in Table 1" if paper_m is None else ""
+    return register_model("densenet", depth=depth, input_size=(3, 224, 224), default_classes=1000,
+                          paper_params_m=paper_m, paper=PAPER, note=note)(fn)
+
+
+for _name, (_blocks, _k, _m) in _IMAGENET.items():
+    globals()[_name] = _register_imagenet(_name, _blocks, _k, _m)
+
+
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def load_torchvision_state_dict(model: DenseNet, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load a torchvision DenseNet state_dict (current ``norm1`` or old ``norm.1`` key style,
+    pytorch/vision#474) into a crosslayer ImageNet DenseNet with identical outputs."""
+    fixed = OrderedDict()
+    for key, value in state_dict.items():
+        m = _OLD_KEY.match(key)
+        fixed[m.group(1) + m.group(2) if m else key] = value
+    return model.load_state_dict(fixed, strict=strict)
