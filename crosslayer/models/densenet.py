@@ -230,28 +230,28 @@ def _imagenet(blocks, k, kwargs):
                     **kwargs)
 
 
-_IMAGENET = {"densenet121": ((6, 12, 24, 16), 32, 8.0), "densenet169": ((6, 12, 32, 32), 32, 14.1),
-             "densenet201": ((6, 12, 48, 32), 32, 20.0), "densenet264": ((6, 12, 64, 48), 32, 33.3),
-             "densenet161": ((6, 12, 36, 24), 48, None)}
+# name -> (layers per block, growth rate); Table 1, plus DenseNet-161 from the official code.
+_IMAGENET = {"densenet121": ((6, 12, 24, 16), 32), "densenet169": ((6, 12, 32, 32), 32),
+             "densenet201": ((6, 12, 48, 32), 32), "densenet264": ((6, 12, 64, 48), 32),
+             "densenet161": ((6, 12, 36, 24), 48)}
 
 
-def _register_imagenet(name, blocks, k, paper_m):
+def _register_imagenet(name, blocks, k):
     def fn(**kwargs):
         return _imagenet(blocks, k, kwargs)
 
     fn.__name__ = name
     fn.__doc__ = f"{name} (ImageNet, k={k}, blocks {blocks}), Table 1."
-    depth = 2 * sum(blocks) + 5
-    note = "from the official code / torchvision; not in Table 1" if paper_m is None else ""
-    return register_model("densenet", depth=depth, input_size=(3, 224, 224), default_classes=1000,
-                          paper_params_m=paper_m, paper=PAPER, note=note)(fn)
+    note = "from the official code / torchvision; not in Table 1" if name == "densenet161" else ""
+    return register_model("densenet", depth=int(name[len("densenet"):]), input_size=(3, 224, 224),
+                          default_classes=1000, paper=PAPER, note=note)(fn)
 
 
-for _name, (_blocks, _k, _m) in _IMAGENET.items():
-    globals()[_name] = _register_imagenet(_name, _blocks, _k, _m)
+for _name, (_blocks, _k) in _IMAGENET.items():
+    globals()[_name] = _register_imagenet(_name, _blocks, _k)
 
 
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def load_torchvision_state_dict(model: DenseNet, state_dict: dict[str, torch.Tensor], strict: bool = True):

@@ -1,1 +1,224 @@
-"""(being written)"""
+"""CIFAR ResNets: the original (post-activation) ResNet with option-A shortcuts, the pre-activation
+ResNet, and the ResNet with stochastic depth.
+
+- K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016 (Sec. 4.2).
+- K. He, X. Zhang, S. Ren, J. Sun, "Identity Mappings in Deep Residual Networks", ECCV 2016.
+- G. Huang, Y. Sun, Z. Liu, D. Sedra, K. Q. Weinberger, "Deep Networks with Stochastic Depth", ECCV 2016.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crosslayer.models._base import ClassifierMixin, init_he_fan_out
+from crosslayer.models._registry import register_model
+
+HE = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016"
+PREACT = "He et al., Identity Mappings in Deep Residual Networks, ECCV 2016"
+SD = "Huang et al., Deep Networks with Stochastic Depth, ECCV 2016"
+
+
+def zero_pad_shortcut(x: torch.Tensor, out_channels: int, stride: int, pool: str = "subsample") -> torch.Tensor:
+    """Parameter-free shortcut (He et al. option A): spatial subsampling (or 2x2 average pooling,
+    as in the stochastic-depth code) and zero-padding of the new channels."""
+    if stride > 1:
+        x = x[:, :, ::stride, ::stride] if pool == "subsample" else F.avg_pool2d(x, stride)
+    pad = out_channels - x.shape[1]
+    return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad > 0 else x
+
+
+class BasicBlock(nn.Module):
+    """Original residual unit y = ReLU(x + F(x)), F = conv3x3-BN-ReLU-conv3x3-BN (He 2016, Fig. 2).
+
+    With ``survival_prob < 1`` it is a stochastic-depth block (Huang 2016, Eq. 2-5): in training the
+    residual branch is kept with probability p_l for the whole mini-batch; at test time it is
+    scaled by p_l."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, conv_bias: bool = False,
+                 survival_prob: float = 1.0, shortcut_pool: str = "subsample"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=conv_bias)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=conv_bias)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.out_channels, self.stride = out_channels, stride
+        self.survival_prob, self.shortcut_pool = survival_prob, shortcut_pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = zero_pad_shortcut(x, self.out_channels, self.stride, self.shortcut_pool)
+        if self.training and self.survival_prob < 1 and torch.rand(()) >= self.survival_prob:
+            return F.relu(shortcut)  # branch dropped for this mini-batch
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if not self.training and self.survival_prob < 1:
+            out = out * self.survival_prob
+        return F.relu(shortcut + out)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic unit x + F(x), F = BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3 (He 2016b,
+    Fig. 4e; dropout between the convs as in Wide ResNets). Where the shape changes, the shortcut
+    is a 1x1 projection of the pre-activated input."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_rate: float = 0.0):
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+                         if stride != 1 or in_channels != out_channels else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(pre)
+        out = F.relu(self.bn2(self.conv1(pre)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, self.drop_rate, self.training)
+        return shortcut + self.conv2(out)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck unit: BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 (width out/4),
+    as in KaimingHe/resnet-1k-layers: the stride sits on the first 1x1 conv and a changing shape
+    takes a 1x1 projection of the pre-activated input."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        width = out_channels // self.expansion
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, stride, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+                         if stride != 1 or in_channels != out_channels else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(pre)
+        out = self.conv1(pre)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return shortcut + out
+
+
+class CifarResNet(ClassifierMixin, nn.Module):
+    """Three-stage CIFAR ResNet (32x32, 16x16, 8x8), ``blocks_per_stage`` units each.
+
+    ``unit``: 'basic' (post-activation, He 2016), 'preact' or 'preact_bottleneck' (He 2016b).
+    ``death_rate`` p_L > 0 makes a stochastic-depth ResNet with the linear decay rule
+    p_l = 1 - l/L * (1 - p_L) (Huang 2016, Eq. 4), with ``death_rate`` = 1 - p_L.
+    """
+
+    def __init__(self, blocks_per_stage: int, unit: str = "basic", widths: tuple[int, int, int] = (16, 32, 64),
+                 num_classes: int = 10, in_channels: int = 3, conv_bias: bool = False, death_rate: float = 0.0,
+                 shortcut_pool: str = "subsample"):
+        super().__init__()
+        preact = unit.startswith("preact")
+        self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=conv_bias)
+        self.stem_bn = None if preact else nn.BatchNorm2d(16)
+        total, layers, channels, idx = 3 * blocks_per_stage, [], 16, 0
+        for s, width in enumerate(widths):
+            for b in range(blocks_per_stage):
+                stride = 2 if s > 0 and b == 0 else 1
+                idx += 1
+                if unit == "basic":
+                    p = 1.0 - idx / total * death_rate
+                    layers.append(BasicBlock(channels, width, stride, conv_bias, p, shortcut_pool))
+                elif unit == "preact":
+                    layers.append(PreActBlock(channels, width, stride))
+                elif unit == "preact_bottleneck":
+                    layers.append(PreActBottleneck(channels, width, stride))
+                else:
+                    raise ValueError(f"unknown unit {unit!r}")
+                channels = width
+        self.layers = nn.Sequential(*layers)
+        self.final_bn = nn.BatchNorm2d(channels) if preact else None
+        self.num_features, self.num_classes = channels, num_classes
+        self.classifier = nn.Linear(channels, num_classes)
+        init_he_fan_out(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.stem_bn is not None:
+            x = F.relu(self.stem_bn(x))
+        x = self.layers(x)
+        return F.relu(self.final_bn(x)) if self.final_bn is not None else x
+
+
+def _depth_blocks(depth: int, per_block: int, family: str) -> int:
+    if (depth - 2) % (3 * per_block):
+        raise ValueError(f"{family} depth {depth} needs (depth-2) divisible by {3 * per_block}")
+    return (depth - 2) // (3 * per_block)
+
+
+def resnet_cifar(depth: int, **kwargs) -> CifarResNet:
+    """Original CIFAR ResNet (He 2016, Sec. 4.2): 6n+2 layers, option-A shortcuts."""
+    return CifarResNet(_depth_blocks(depth, 2, "ResNet"), "basic", **kwargs)
+
+
+def preact_resnet_cifar(depth: int, bottleneck: bool | None = None, **kwargs) -> CifarResNet:
+    """Pre-activation CIFAR ResNet: basic units (6n+2) or bottleneck units (9n+2, widths 64/128/256)."""
+    if bottleneck is None:
+        bottleneck = depth >= 164
+    if bottleneck:
+        return CifarResNet(_depth_blocks(depth, 3, "pre-act ResNet"), "preact_bottleneck", (64, 128, 256), **kwargs)
+    return CifarResNet(_depth_blocks(depth, 2, "pre-act ResNet"), "preact", **kwargs)
+
+
+def stochastic_depth_resnet(depth: int, death_rate: float = 0.5, conv_bias: bool = True, **kwargs) -> CifarResNet:
+    """ResNet with stochastic depth (Huang 2016): linear decay to p_L = 0.5, whole branch dropped per
+    mini-batch, test-time scaling; 2x2 average-pool + zero-pad shortcuts as in the authors' code."""
+    return CifarResNet(_depth_blocks(depth, 2, "SD ResNet"), "basic", conv_bias=conv_bias, death_rate=death_rate,
+                       shortcut_pool="avg", **kwargs)
+
+
+@register_model("resnet", depth=110, paper_params_m=1.7, paper=HE)
+def resnet110(**kwargs):
+    """ResNet-110 (He 2016), option-A shortcuts."""
+    return resnet_cifar(110, **kwargs)
+
+
+@register_model("resnet", depth=20, paper_params_m=0.27, paper=HE)
+def resnet20(**kwargs):
+    """ResNet-20 (He 2016): small baseline for quick runs."""
+    return resnet_cifar(20, **kwargs)
+
+
+@register_model("preact_resnet", depth=110, paper_params_m=1.7, paper=PREACT)
+def preact_resnet110(**kwargs):
+    """Pre-activation ResNet-110, basic units."""
+    return preact_resnet_cifar(110, bottleneck=False, **kwargs)
+
+
+@register_model("preact_resnet", depth=164, paper_params_m=1.7, paper=PREACT)
+def preact_resnet164(**kwargs):
+    """Pre-activation ResNet-164, bottleneck units."""
+    return preact_resnet_cifar(164, bottleneck=True, **kwargs)
+
+
+@register_model("preact_resnet", depth=1001, paper_params_m=10.2, paper=PREACT,
+                note="the tables print 10.2M; the released network (resnet-1k-layers) has 10.33M")
+def preact_resnet1001(**kwargs):
+    """Pre-activation ResNet-1001, bottleneck units."""
+    return preact_resnet_cifar(1001, bottleneck=True, **kwargs)
+
+
+@register_model("stochastic_depth", depth=110, paper_params_m=1.7, paper=SD)
+def resnet110_sd(**kwargs):
+    """ResNet-110 with stochastic depth (conv biases on, as in the authors' Torch code)."""
+    return stochastic_depth_resnet(110, **kwargs)
+
+
+@register_model("stochastic_depth", depth=1202, paper_params_m=10.2, paper=SD,
+                note="the tables print 10.2M (ResNet-1001's figure); ResNet-1202 has 19.4M")
+def resnet1202_sd(**kwargs):
+    """ResNet-1202 with stochastic depth, built on fb.resnet.torch (no conv biases)."""
+    kwargs.setdefault("conv_bias", False)
+    return stochastic_depth_resnet(1202, **kwargs)

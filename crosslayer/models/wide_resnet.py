@@ -1,1 +1,76 @@
-"""(being written)"""
+"""Wide Residual Networks.
+
+S. Zagoruyko, N. Komodakis, "Wide Residual Networks", BMVC 2016: WRN-d-k has depth d = 6n+4,
+n pre-activation basic blocks per stage, stage widths 16k/32k/64k, a 16-channel stem, 1x1
+projection shortcuts on the pre-activated input where the width changes, and optional dropout
+between the two 3x3 convs of each block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crosslayer.models._base import ClassifierMixin, init_he_fan_out
+from crosslayer.models._registry import register_model
+from crosslayer.models.resnet import PreActBlock
+
+PAPER = "Zagoruyko & Komodakis, Wide Residual Networks, BMVC 2016"
+
+
+class WideResNet(ClassifierMixin, nn.Module):
+    """WRN-depth-width for 32x32 inputs (Table 1 of the paper)."""
+
+    def __init__(self, depth: int = 28, width: int = 10, drop_rate: float = 0.0, num_classes: int = 10,
+                 in_channels: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth {depth} needs (depth-4) divisible by 6")
+        n = (depth - 4) // 6
+        self.depth, self.width = depth, width
+        self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        blocks, channels = [], 16
+        for s, w in enumerate((16 * width, 32 * width, 64 * width)):
+            for b in range(n):
+                blocks.append(PreActBlock(channels, w, 2 if s > 0 and b == 0 else 1, drop_rate))
+                channels = w
+        self.blocks = nn.Sequential(*blocks)
+        self.final_bn = nn.BatchNorm2d(channels)
+        self.num_features, self.num_classes = channels, num_classes
+        self.classifier = nn.Linear(channels, num_classes)
+        init_he_fan_out(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.final_bn(self.blocks(self.stem(x))))
+
+
+def wide_resnet(depth: int, width: int, dropout: float = 0.0, **kwargs) -> WideResNet:
+    """Generic WRN-depth-width with dropout probability ``dropout`` (0.3 on CIFAR, 0.4 on SVHN)."""
+    kwargs.setdefault("drop_rate", dropout)
+    return WideResNet(depth, width, **kwargs)
+
+
+@register_model("wrn", depth=16, paper_params_m=2.7, paper=PAPER)
+def wrn16_4(**kwargs):
+    """WRN-16-4 (the tables' SVHN row uses dropout 0.4)."""
+    return wide_resnet(16, 4, **kwargs)
+
+
+@register_model("wrn", depth=16, paper_params_m=11.0, paper=PAPER)
+def wrn16_8(**kwargs):
+    """WRN-16-8."""
+    return wide_resnet(16, 8, **kwargs)
+
+
+@register_model("wrn", depth=28, paper_params_m=36.5, paper=PAPER)
+def wrn28_10(**kwargs):
+    """WRN-28-10."""
+    return wide_resnet(28, 10, **kwargs)
+
+
+@register_model("wrn", depth=40, paper_params_m=8.7, paper=PAPER,
+                note="the DelugeNet table prints 8.7M (WRN arXiv v1); the network has 8.9M")
+def wrn40_4(**kwargs):
+    """WRN-40-4."""
+    return wide_resnet(40, 4, **kwargs)
