@@ -212,3 +212,45 @@ def test_zoo_table_counts_and_macs():
     assert count_macs("wrn28_10") / 1e9 == pytest.approx(5.243, abs=0.001)
     text = format_table(zoo_rows("resnet1202_sd", macs=False))
     assert "19,421,274" in text and "10.2M" in text and "19.4M" in text
+
+
+def _small(name):
+    """A shallow member of each family (deep nets at init amplify rounding differences chaotically)."""
+    from crosslayer.models.delugenet import delugenet_cifar
+    from crosslayer.models.fractalnet import FractalNet
+    from crosslayer.models.resnet import preact_resnet_cifar, stochastic_depth_resnet
+    from crosslayer.models.wide_resnet import wide_resnet
+
+    return {"densenet": lambda: crosslayer.create_model("densenet_bc40_k12", growth_rate=4),
+            "delugenet": lambda: delugenet_cifar(1, 0.5),
+            "preact": lambda: preact_resnet_cifar(20),
+            "sd": lambda: stochastic_depth_resnet(20, death_rate=0.0),
+            "wrn": lambda: wide_resnet(10, 1),
+            "fractalnet": lambda: FractalNet(2, (16, 32, 32, 32, 32), (0.0,) * 5, drop_path=0.0)}[name]()
+
+
+@pytest.mark.parametrize("name", ["densenet", "delugenet", "preact", "sd", "wrn", "fractalnet"])
+def test_channels_last_and_bf16_autocast_paths(name):
+    """The CPU stand-ins of the CUDA paths: channels_last computes the same function, and a bf16
+    autocast training step runs with finite gradients pointing where the fp32 ones point."""
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(ref, cl, atol=1e-4, rtol=1e-3)
+    model = model.to(memory_format=torch.contiguous_format).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model(x).logsumexp(1).mean().backward()
+    fp32 = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.load_state_dict(state)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().logsumexp(1).mean().backward()
+    bf16 = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.isfinite(bf16).all()
+    # bf16 keeps ~3 significant digits; BN over small batches amplifies that noise in the gradients
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.95
