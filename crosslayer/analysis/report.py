@@ -1,9 +1,86 @@
-"""Placeholder sub-command (being written)."""
+"""``crosslayer report``: results table (Markdown + CSV) and plots from run directories, with
+the papers' published errors beside the measured ones; ``--zoo`` prints the params/MACs table."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from crosslayer.errors import CrosslayerError
 
 
-def add_arguments(parser):
-    pass
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("+", "plus")) or "run"
 
 
-def main(args):
-    raise SystemExit("not implemented yet")
+def write_report(run_dirs, out_dir: str, plots: bool = True) -> list[str]:
+    """Read the runs, write ``results.md``, ``results.csv``, ``training_curves.png`` (all runs
+    overlaid), ``curves_RUN.png`` per run when there are several, and ``error_vs_params_DATA.png``
+    per data variant. Returns the written paths (results.md first)."""
+    from crosslayer.analysis.tables import format_markdown, read_run, reference_series, run_row, write_results_csv
+
+    run_dirs = [os.fspath(d) for d in run_dirs]
+    if not run_dirs:
+        raise CrosslayerError("no run directories given")
+    runs = [read_run(d) for d in run_dirs]
+    rows = [run_row(r) for r in runs]
+    os.makedirs(out_dir, exist_ok=True)
+    figures: list[str] = []
+    if plots:
+        from crosslayer.analysis.plots import plot_error_vs_params, plot_training_curves
+
+        figures.append(plot_training_curves(run_dirs, os.path.join(out_dir, "training_curves.png")))
+        if len(runs) > 1:
+            used = set()
+            for r in runs:
+                name = _safe(r["name"])
+                while name in used:
+                    name += "_"
+                used.add(name)
+                figures.append(plot_training_curves([r["dir"]], os.path.join(out_dir, f"curves_{name}.png")))
+        by_data: dict[str, list[dict]] = {}
+        for row in rows:
+            by_data.setdefault(row["data"] or "unknown", []).append(row)
+        for data, drows in by_data.items():
+            measured = [dict(label=f"{r['model']} ({r['run']})", params_m=r["params_m"], error=r["final_test_err"])
+                        for r in drows if r["params_m"] == r["params_m"] and r["final_test_err"] == r["final_test_err"]]
+            if not measured:
+                continue
+            figures.append(plot_error_vs_params(measured, reference_series(data),
+                                                os.path.join(out_dir, f"error_vs_params_{_safe(data)}.png"), data))
+    md = os.path.join(out_dir, "results.md")
+    with open(md, "w") as f:
+        f.write(format_markdown(rows, figures))
+    csv_path = write_results_csv(rows, os.path.join(out_dir, "results.csv"))
+    return [md, csv_path] + figures
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories written by `crosslayer train`")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: the run directory for one run, ./report for several)")
+    parser.add_argument("--no-plots", action="store_true", help="write only results.md / results.csv")
+    parser.add_argument("--zoo", nargs="?", const="*", default=None, metavar="PATTERN",
+                        help="print the model zoo's params / multiply-adds table (optionally filtered) and exit")
+
+
+def main(args) -> int:
+    if args.zoo is not None:
+        from crosslayer.models.cli import format_table, zoo_rows
+
+        rows = zoo_rows(args.zoo)
+        if not rows:
+            raise CrosslayerError(f"--zoo {args.zoo!r}: no model matches")
+        print(format_table(rows))
+        if not args.runs:
+            return 0
+    if not args.runs:
+        raise CrosslayerError("give at least one RUN_DIR (or --zoo)")
+    out = args.out or (args.runs[0] if len(args.runs) == 1 else "report")
+    files = write_report(args.runs, out, plots=not args.no_plots)
+    with open(files[0]) as f:
+        print(f.read().rstrip())
+    print()
+    for p in files:
+        print(p)
+    return 0
