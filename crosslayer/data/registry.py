@@ -1,0 +1,198 @@
+"""Data set variants by name, :class:`DatasetBundle` and :func:`load_dataset`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from crosslayer.data.transforms import Augment, TensorImageDataset
+from crosslayer.errors import DataError
+
+_C10 = dict(mean=(125.3 / 255, 123.0 / 255, 113.9 / 255), std=(63.0 / 255, 62.1 / 255, 66.7 / 255))
+_C100 = dict(mean=(129.3 / 255, 124.1 / 255, 112.4 / 255), std=(68.2 / 255, 65.4 / 255, 70.4 / 255))
+_SVHN = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # pixels / 255, no standardisation (WRN, DenseNet)
+_FMNIST = dict(mean=(0.2860,), std=(0.3530,))  # training-set statistics (60k images)
+_MNIST = dict(mean=(0.1307,), std=(0.3081,))
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_CIFAR_AUG = Augment(pad=4, flip=True)
+_GRAY_AUG = Augment(pad=2, flip=False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    family: str  # cifar10, cifar100, svhn, svhn-train, fashion-mnist, mnist, synthetic
+    aug: Augment | None
+    mean: tuple
+    std: tuple
+    description: str
+
+
+VARIANTS: dict[str, Variant] = {
+    "c10": Variant("cifar10", None, **_C10, description="CIFAR-10, per-channel mean/std, no augmentation"),
+    "c10+": Variant("cifar10", _CIFAR_AUG, **_C10, description="CIFAR-10 + flip, 4-px zero pad after normalisation, random 32x32 crop"),
+    "c100": Variant("cifar100", None, **_C100, description="CIFAR-100 (fine labels), mean/std, no augmentation"),
+    "c100+": Variant("cifar100", _CIFAR_AUG, **_C100, description="CIFAR-100 + flip, 4-px zero pad, random crop"),
+    "svhn": Variant("svhn", None, **_SVHN, description="SVHN train+extra (604,388), pixels/255, no augmentation; test 26,032"),
+    "svhn-train": Variant("svhn-train", None, **_SVHN, description="SVHN train only (73,257), pixels/255, no augmentation"),
+    "fashion-mnist": Variant("fashion-mnist", None, **_FMNIST, description="Fashion-MNIST 28x28x1, mean/std, no augmentation"),
+    "fashion-mnist+": Variant("fashion-mnist", _GRAY_AUG, **_FMNIST, description="Fashion-MNIST + 2-px zero pad, random 28x28 crop, NO flip"),
+    "mnist": Variant("mnist", None, **_MNIST, description="MNIST 28x28x1, mean/std, no augmentation"),
+    "mnist+": Variant("mnist", _GRAY_AUG, **_MNIST, description="MNIST + 2-px zero pad, random crop, no flip"),
+    "synthetic": Variant("synthetic", None, (), (), description="random class-dependent 3x32x32 images, 10 classes, 512 train / 256 test (tests)"),
+    "synthetic+": Variant("synthetic", _CIFAR_AUG, (), (), description="synthetic + CIFAR augmentation (tests)"),
+}
+FOLDER_PREFIXES = ("imagefolder:", "imagefolder+:")
+DATASETS: dict[str, str] = {k: v.description for k, v in VARIANTS.items()}
+DATASETS["imagefolder:ROOT"] = "ROOT/train and ROOT/val (or ROOT/test) class folders; ImageNet mean/std; native size or image_size"
+DATASETS["imagefolder+:ROOT"] = "same + flip and random crop of the zero-padded (size/8) image"
+
+
+@dataclass
+class DatasetBundle:
+    """A loaded data set: metadata, torch Datasets per split and (when in memory) uint8 tensors.
+
+    ``train``/``val``/``test`` yield (normalised float CxHxW, int); ``*_tensors`` are
+    (uint8 NxCxHxW, int64 N) or None (ImageFolder). ``val`` is None unless ``val_size > 0``.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    classes: list
+    mean: tuple
+    std: tuple
+    augment: bool
+    source: str
+    train: torch.utils.data.Dataset | None = None
+    val: torch.utils.data.Dataset | None = None
+    test: torch.utils.data.Dataset | None = None
+    train_tensors: tuple | None = None
+    val_tensors: tuple | None = None
+    test_tensors: tuple | None = None
+    aug: Augment | None = None
+    _factory: Callable | None = field(default=None, repr=False)
+
+    def dataset(self, split: str, augment: bool = False):
+        """A fresh Dataset of ``split`` with or without the train augmentation."""
+        tensors = getattr(self, f"{split}_tensors")
+        if tensors is not None:
+            return TensorImageDataset(*tensors, self.mean, self.std, self.aug if augment else None)
+        return self._factory(split, augment)
+
+    def __len__(self):
+        return len(self.train)
+
+
+def _check_labels(y: torch.Tensor, num_classes: int, what: str):
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(y.max()) if int(y.max()) >= num_classes else int(y.min())
+        raise DataError(f"{what}: label {bad} out of range for {num_classes} classes")
+
+
+def bundle_from_tensors(name, train, test, classes, mean=None, std=None, aug=None, source="memory",
+                        val_size=0, seed=0, limit=None) -> DatasetBundle:
+    """Build a bundle from (uint8 NxCxHxW, int64 N) train/test pairs (also for tests and custom data).
+
+    ``limit`` keeps the first ``limit`` images of train and test; then ``val_size`` images are
+    held out from train as a seeded random subset (no augmentation on them).
+    mean/std default to the per-channel statistics of the training images.
+    """
+    (xtr, ytr), (xte, yte) = train, test
+    xtr, xte = torch.as_tensor(xtr), torch.as_tensor(xte)
+    ytr, yte = torch.as_tensor(ytr, dtype=torch.int64), torch.as_tensor(yte, dtype=torch.int64)
+    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[0] != y.shape[0] or y.dim() != 1:
+            raise DataError(f"{source}: {split} images must be uint8 NxCxHxW with N labels, got {x.dtype} {tuple(x.shape)} and labels {tuple(y.shape)}")
+        _check_labels(y, len(classes), f"{source} ({split})")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DataError(f"{source}: train images {tuple(xtr.shape[1:])} and test images {tuple(xte.shape[1:])} differ in shape")
+    if limit is not None:
+        xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
+    if mean is None:
+        f = xtr.float().div_(255)
+        mean = tuple(f.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(f.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    val = None
+    if val_size:
+        if not 0 < val_size < xtr.shape[0]:
+            raise DataError(f"{source}: val_size={val_size} must be between 1 and {xtr.shape[0] - 1} (training images)")
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(xtr.shape[0], generator=g)
+        vi, ti = perm[:val_size].sort().values, perm[val_size:].sort().values
+        val = (xtr[vi], ytr[vi])
+        xtr, ytr = xtr[ti], ytr[ti]
+    b = DatasetBundle(
+        name=name, num_classes=len(classes), in_channels=int(xtr.shape[1]), image_size=int(xtr.shape[-1]),
+        classes=list(classes), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+        augment=aug is not None, source=source, train_tensors=(xtr.contiguous(), ytr), val_tensors=val,
+        test_tensors=(xte.contiguous(), yte), aug=aug,
+    )
+    b.train = b.dataset("train", augment=b.augment)
+    b.val = b.dataset("val") if val is not None else None
+    b.test = b.dataset("test")
+    return b
+
+
+def synthetic(n_train=512, n_test=256, num_classes=10, size=32, channels=3):
+    """Deterministic, learnable toy data: per-class smooth colour pattern + noise, uint8."""
+    g = torch.Generator().manual_seed(1234)
+    protos = torch.rand(num_classes, channels, 4, 4, generator=g)
+    protos = torch.nn.functional.interpolate(protos, size=(size, size), mode="bilinear", align_corners=False)
+
+    def make(n):
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = protos[y] * 160 + torch.rand(n, channels, size, size, generator=g) * 95
+        return x.round().clamp(0, 255).to(torch.uint8), y
+
+    return make(n_train), make(n_test), [f"class{i}" for i in range(num_classes)]
+
+
+def _unknown(name) -> DataError:
+    return DataError(f"{name}: unknown data set; valid: {', '.join(VARIANTS)}, imagefolder:ROOT, imagefolder+:ROOT")
+
+
+def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int = 0, seed: int = 0,
+                 limit: int | None = None, image_size: int | None = None) -> DatasetBundle:
+    """Load data set variant ``name`` (see ``crosslayer.data`` docstring) into a :class:`DatasetBundle`.
+
+    data_dir: directory with the files in their official formats (None: search the defaults, see
+    ``crosslayer.data.files``); download: fetch missing files from the official URLs (md5-checked);
+    val_size: hold out this many training images (seeded by ``seed``); limit: keep the first
+    ``limit`` train and test images; image_size: ImageFolder only (resize + centre crop).
+    """
+    if limit is not None and limit < 1:
+        raise DataError(f"{name}: limit must be >= 1, got {limit}")
+    for pre in FOLDER_PREFIXES:
+        if name.startswith(pre):
+            from crosslayer.data.folder import load_imagefolder
+
+            aug = pre == "imagefolder+:"
+            return load_imagefolder(name, name[len(pre):] or data_dir, aug, val_size, seed, limit, image_size)
+    v = VARIANTS.get(name)
+    if v is None:
+        raise _unknown(name)
+    mean, std = (v.mean or None), (v.std or None)
+    if v.family == "synthetic":
+        tr, te, classes = synthetic()
+        source = "synthetic (seeded)"
+    elif v.family in ("fashion-mnist", "mnist"):
+        from crosslayer.data.idx import load_idx_dataset
+
+        splits, classes, source = load_idx_dataset(v.family, data_dir, download)
+        tr, te = (torch.from_numpy(a) for a in splits["train"]), (torch.from_numpy(a) for a in splits["test"])
+    elif v.family in ("cifar10", "cifar100"):
+        from crosslayer.data.cifar import load_cifar
+
+        tr, te, classes, source = load_cifar(v.family, data_dir, download)
+    elif v.family in ("svhn", "svhn-train"):
+        from crosslayer.data.svhn import load_svhn
+
+        tr, te, classes, source = load_svhn(data_dir, download, extra=v.family == "svhn")
+    else:  # pragma: no cover
+        raise _unknown(name)
+    return bundle_from_tensors(name, tuple(tr), tuple(te), classes, mean, std, v.aug, source, val_size, seed, limit)

@@ -1,0 +1,99 @@
+"""Normalisation and the DenseNet/fb.resnet.torch augmentation, per sample and per batch.
+
+Order (official Lua code, ``datasets/transforms.lua``): **normalise → horizontal flip (p=0.5) →
+zero-pad by ``pad`` pixels → random crop back to the original size**. Padding after normalisation
+means the pad value is 0 in normalised space (≈ the mean colour), not black.
+
+Two implementations with the same distribution (tested statistically):
+* :class:`TensorImageDataset` — per sample with ``torchvision.transforms.v2`` (DataLoader path);
+* :func:`augment_batch` — in batch on the tensor's device, randomness from a generator the caller
+  seeds (device-resident fast path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2 as T
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Train-time augmentation: ``flip`` = random horizontal flip p=0.5; ``pad`` = zero-pad+random crop."""
+
+    pad: int = 4
+    flip: bool = True
+
+
+def norm_affine(mean, std, device=None):
+    """(scale, shift) so that ``uint8 * scale + shift`` = ``(x/255 - mean)/std``, shaped (1, C, 1, 1)."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std
+
+
+def normalize_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N,C,H,W) or (C,H,W) -> normalised float32."""
+    scale, shift = norm_affine(mean, std, x.device)
+    if x.dim() == 3:
+        return (x.float().unsqueeze(0) * scale + shift).squeeze(0)
+    return x.float() * scale + shift
+
+
+def sample_transform(aug: Augment | None, size) -> T.Compose | None:
+    """Per-sample torchvision transform applied AFTER normalisation (None = no augmentation)."""
+    if aug is None:
+        return None
+    ts = []
+    if aug.flip:
+        ts.append(T.RandomHorizontalFlip(0.5))
+    if aug.pad:
+        ts.append(T.RandomCrop(size, padding=aug.pad, fill=0, padding_mode="constant"))
+    return T.Compose(ts) if ts else None
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """uint8 (N,C,H,W) images + int64 labels -> (normalised float CxHxW, int), augmented if ``aug``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, aug: Augment | None = None):
+        self.images, self.labels = images, labels
+        self.mean, self.std, self.aug = tuple(mean), tuple(std), aug
+        self.transform = sample_transform(aug, tuple(images.shape[-2:]))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i):
+        x = normalize_uint8(self.images[i], self.mean, self.std)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+    @property
+    def tensors(self):
+        return self.images, self.labels
+
+
+def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Flip + zero-pad + random crop a normalised float batch (N,C,H,W) on its own device.
+
+    Same distribution as :func:`sample_transform`: each image flipped with p=0.5, then a crop offset
+    (dy, dx) uniform in [0, 2*pad]^2 of the padded image. Done as one gather.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    p = aug.pad
+    flip = torch.rand(n, generator=generator, device=dev) < 0.5 if aug.flip else torch.zeros(n, dtype=torch.bool, device=dev)
+    off = torch.randint(0, 2 * p + 1, (n, 2), generator=generator, device=dev) if p else torch.zeros(n, 2, dtype=torch.long, device=dev)
+    if p:
+        x = F.pad(x, (p, p, p, p))
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    rows = off[:, :1] + ar_h  # (n, h)
+    cols = off[:, 1:] + ar_w  # (n, w) columns of the (flipped) padded image
+    cols = torch.where(flip[:, None], (w + 2 * p - 1) - cols, cols)  # flip then crop
+    idx_n = torch.arange(n, device=dev)[:, None, None, None]
+    idx_c = torch.arange(c, device=dev)[None, :, None, None]
+    return x[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
