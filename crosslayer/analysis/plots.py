@@ -34,9 +34,7 @@ def _save(fig, out_png: str) -> str:
 def _cmap(name: str = "viridis"):
     import matplotlib
 
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad("white")
-    return cmap
+    return matplotlib.colormaps[name].with_extremes(bad="white")
 
 
 def _ticks(ax, n: int, labels: list[str], axis: str, max_ticks: int = 26) -> None:
@@ -323,13 +321,19 @@ def plot_error_vs_params(measured: list[dict], reference: list[dict], out_png: s
     series: dict[str, list[dict]] = {}
     for r in reference:
         series.setdefault(r["series"], []).append(r)
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"].colors
     markers = "osD^v<>phX"
     for i, (name, pts) in enumerate(series.items()):
         pts = sorted(pts, key=lambda p: p["params_m"])
-        ax.plot([p["params_m"] for p in pts], [p["error"] for p in pts], marker=markers[i % len(markers)],
-                linestyle="-" if len(pts) > 1 else "none", alpha=0.75, label=f"paper: {name}")
+        params = [p["params_m"] for p in pts]
+        joined = len(pts) > 1 and len(set(params)) == len(params)  # a family of sizes: draw its line
+        ax.plot(params, [p["error"] for p in pts], marker=markers[(i + i // len(colors)) % len(markers)],
+                color=colors[i % len(colors)], linestyle="-" if joined else "none", alpha=0.75,
+                label=f"paper: {name}")
     for m in measured:
-        ax.plot([m["params_m"]], [m["error"]], marker="*", markersize=16, linestyle="none",
+        ax.plot([m["params_m"]], [m["error"]], marker="*", markersize=16, linestyle="none", color="crimson",
                 markeredgecolor="black", label=f"measured: {m['label']}")
         ax.annotate(m["label"], (m["params_m"], m["error"]), textcoords="offset points", xytext=(8, 6), fontsize=8)
     ax.set_xscale("log")

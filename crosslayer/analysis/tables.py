@@ -27,15 +27,15 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_err", "test_loss", "test_e
 # data variant (crosslayer.data names) -> column of paper_tables.csv
 DATA_COLUMNS = {"c10": "c10", "c10+": "c10_aug", "c100": "c100", "c100+": "c100_aug", "svhn": "svhn"}
 
-# model name -> candidate (table, method, depth) rows; the first row with a number for the data
-# variant is used. A model's own paper's table comes first.
-PAPER_ROWS: dict[str, list[tuple[str, str, int]]] = {
-    "densenet40_k12": [("densenet", "DenseNet", 40)],
-    "densenet100_k12": [("densenet", "DenseNet", 100), ("delugenet", "DenseNet (k=12)", 100)],
-    "densenet100_k24": [("densenet", "DenseNet", 100), ("delugenet", "DenseNet (k=24)", 100)],
-    "densenet_bc100_k12": [("densenet", "DenseNet-BC", 100)],
-    "densenet_bc250_k24": [("densenet", "DenseNet-BC", 250)],
-    "densenet_bc190_k40": [("densenet", "DenseNet-BC", 190)],
+# model name -> candidate (table, method, depth[, growth rate]) rows; the first row with a number for
+# the data variant is used. A model's own paper's table comes first.
+PAPER_ROWS: dict[str, list[tuple]] = {
+    "densenet40_k12": [("densenet", "DenseNet", 40, 12)],
+    "densenet100_k12": [("densenet", "DenseNet", 100, 12), ("delugenet", "DenseNet (k=12)", 100)],
+    "densenet100_k24": [("densenet", "DenseNet", 100, 24), ("delugenet", "DenseNet (k=24)", 100)],
+    "densenet_bc100_k12": [("densenet", "DenseNet-BC", 100, 12)],
+    "densenet_bc250_k24": [("densenet", "DenseNet-BC", 250, 24)],
+    "densenet_bc190_k40": [("densenet", "DenseNet-BC", 190, 40)],
     "delugenet146": [("delugenet", "DelugeNet-146", 146)],
     "delugenet218": [("delugenet", "DelugeNet-218", 218)],
     "wide_delugenet146": [("delugenet", "Wide-DelugeNet-146", 146)],
@@ -107,11 +107,17 @@ def paper_reference(model: str, data: str | None) -> dict | None:
     if col is None or model not in PAPER_ROWS:
         return None
     table = load_paper_table()
-    for tab, method, depth in PAPER_ROWS[model]:
+    for cand in PAPER_ROWS[model]:
         for row in table:
-            if row["table"] == tab and row["method"] == method and row["depth"] == depth and not math.isnan(row[col]):
+            if _matches(row, cand) and not math.isnan(row[col]):
                 return dict(error=row[col], row=_row_label(row), params_m=row["params_m"])
     return None
+
+
+def _matches(row: dict, cand: tuple) -> bool:
+    tab, method, depth, k = (tuple(cand) + (None,))[:4]
+    return (row["table"] == tab and row["method"] == method and row["depth"] == depth
+            and (k is None or row["growth_rate"] == k))
 
 
 def reference_series(data: str | None) -> list[dict]:
@@ -124,7 +130,7 @@ def reference_series(data: str | None) -> list[dict]:
     for row in load_paper_table():
         if math.isnan(row[col]) or math.isnan(row["params_m"]):
             continue
-        series = re.sub(r" \((k=\d+|\d+x width)\)$", "", row["method"])
+        series = re.sub(r" \((k=\d+|\d+x width)\)$|-\d+$", "", row["method"])  # DelugeNet-146 -> DelugeNet
         series = _SERIES_ALIASES.get(series, series)
         key = (series, row["params_m"], row[col])
         if key in seen:
