@@ -208,6 +208,19 @@ def test_interrupt_during_write_leaves_no_tmp(tmp_path, monkeypatch):
     assert _same(load_checkpoint(p), old)
 
 
+def test_diverged_weights_are_not_saved(tmp_path):
+    p = tmp_path / "last.pt"
+    old = _tiny_state(seed=1)
+    save_checkpoint(p, old)
+    bad = _tiny_state(seed=2, step=9)
+    bad["model"]["0.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError) as ei:
+        save_checkpoint(p, bad)
+    assert str(ei.value).startswith(f"{p}: not saved: model weights hold NaN/inf at step 9 (0.weight")
+    assert _same(load_checkpoint(p), old) and os.listdir(tmp_path) == ["last.pt"]
+    save_checkpoint(tmp_path / "x.pt", bad, check_finite=False)  # on purpose (debugging): allowed
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
@@ -354,3 +367,63 @@ def test_export_safetensors(tmp_path):
     with safe_open(out, "pt") as f:
         assert json.loads(f.metadata()["config"]) == {"model": "resnet20"}
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 2: end to end through the CLI
+# ----------------------------------------------------------------------------------------------
+
+from crosslayer import cli  # noqa: E402
+
+PY = sys.executable
+# A tiny, fast run: synthetic data cut to 128 train / 64 test images, batch 32 -> 4 steps per epoch.
+TINY = ["--data", "synthetic", "--limit", "128", "--batch-size", "32", "--no-progress"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _train_cmd(out, *extra, model="densenet_bc40_k12"):
+    return [PY, "-m", "crosslayer", "train", "--model", model, *TINY, "--out", str(out), *extra]
+
+
+def _run(cmd, timeout=120):
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def _ckpt_step(path):
+    """(step, batch_in_epoch) of a checkpoint being written by another process, or None."""
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+        return int(s["step"]), int(s.get("batch_in_epoch", 0))
+    except Exception:  # noqa: BLE001 - absent or (never, with atomic writes) half-written
+        return None
+
+
+def _wait_for(pred, proc, timeout=90, every=0.02):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training exited ({proc.returncode}) before the condition: {err[-2000:]}")
+        time.sleep(every)
+    proc.kill()
+    pytest.fail("timed out waiting for the training run")
+
+
+def _cli(capsys, *argv):
+    """Run ``crosslayer ARGV`` in-process; returns (exit code, stdout, stderr)."""
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _assert_one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]

@@ -137,18 +137,35 @@ def _write_error(path: str, exc: BaseException) -> CheckpointError:
     return CheckpointError(f"{path}: could not write checkpoint ({why})")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict, *, keep_previous: bool = True) -> str:
+def _first_nonfinite(model_state) -> str | None:
+    """Name of the first floating-point tensor of a state_dict holding NaN or inf, else None."""
+    if not isinstance(model_state, dict):
+        return None
+    for k, v in model_state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            return str(k)
+    return None
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict, *, keep_previous: bool = True,
+                    check_finite: bool = True) -> str:
     """Write ``state`` to ``path`` atomically (see the module doc); returns ``path``.
 
     With ``keep_previous`` the checkpoint being replaced is kept as ``PATH.prev``. On any write
     failure (full disk, I/O error) the temporary file is removed, ``PATH`` and ``PATH.prev`` are
     untouched and a one-line :class:`CheckpointError` ``"PATH: could not write checkpoint (why)"``
     is raised. A ``state`` holding objects that ``weights_only`` loading would refuse raises
-    TypeError before anything is written.
+    TypeError before anything is written. With ``check_finite`` a model whose weights hold NaN/inf
+    (a diverged run) is not saved: CheckpointError, and the previous good checkpoint stays.
     """
     path = os.fspath(path)
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint state must be a dict, not {type(state).__name__}")
+    bad = _first_nonfinite(state.get("model")) if check_finite else None
+    if bad is not None:
+        at = f" at step {state['step']}" if isinstance(state.get("step"), int) else ""
+        raise CheckpointError(f"{path}: not saved: model weights hold NaN/inf{at} ({bad}; the run diverged, "
+                              f"try a lower --lr); the previous checkpoint is kept")
     state = _plain(state)
     directory = os.path.dirname(os.path.abspath(path))
     try:
