@@ -79,8 +79,8 @@ def _reuse_panel(fig, ax, mat, labels, scale, reduce, vmax=None):
     im = ax.imshow(shown, cmap=_cmap(), vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal")
     n = mat.shape[0]
     ax.add_patch(Rectangle((n - 1.5, -0.5), 1, n, fill=False, edgecolor="black", linewidth=2))
-    _ticks(ax, n, labels["targets"], "x")
-    _ticks(ax, n, labels["sources"], "y")
+    _ticks(ax, n, labels["targets"], "x", 16)
+    _ticks(ax, n, labels["sources"], "y", 16)
     ax.set_xlabel("target layer ℓ (last column: " + labels["targets"][-1] + ")")
     ax.set_ylabel("source layer s (0 = block input)")
     ax.set_title(f"dense block {labels['block']}")

@@ -190,7 +190,14 @@ def load_for_analysis(source) -> tuple[nn.Module, str]:
     import os
 
     if isinstance(source, nn.Module):
-        return source.eval(), getattr(source, "model_name", type(source).__name__)
+        desc = getattr(source, "model_name", None)
+        while True:  # unwrap torch.compile / DataParallel / DistributedDataParallel
+            inner = getattr(source, "_orig_mod", None) or (
+                source.module if isinstance(source, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None)
+            if inner is None:
+                break
+            source = inner
+        return source.eval(), desc or getattr(source, "model_name", type(source).__name__)
     path = os.fspath(source)
     if not os.path.exists(path):
         from crosslayer.models import list_models
