@@ -269,3 +269,18 @@ def test_import_crosslayer_does_not_load_matplotlib():
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_report_reads_metrics_jsonl_and_results_only(tmp_path):
+    run = _write_run(tmp_path / "j", model="densenet40_k12", data="svhn", final=2.0)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    os.remove(run / "metrics.csv")
+    os.remove(run / "config.json")
+    with open(run / "metrics.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: (float(v) if v else None) for k, v in r.items()}) + "\n")
+    m = read_metrics(run)
+    assert list(m["epoch"]) == [1.0, 2.0, 3.0] and math.isnan(m["val_err"][0])
+    assert cli(["report", str(run), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    row = next(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert row["model"] == "densenet40_k12" and float(row["paper_err"]) == 1.79 and row["epochs_done"] == "3"
