@@ -73,6 +73,7 @@ def make_cifar100(root: Path, n_train=12, n_test=8, seed=0) -> Path:
 
 
 def tar_folder(folder: Path, archive: Path) -> Path:
+    Path(archive).parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(folder, arcname=folder.name)
     return archive
@@ -99,7 +100,7 @@ def evil_pickle(marker: Path) -> bytes:
 
             return (os.system, (f"touch {marker}",))
 
-    return pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=2)
+    return pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=4)
 
 
 def make_imagefolder(root: Path, splits=("train", "val"), classes=("cat", "dog"), per_class=3, size=(12, 10)) -> Path:

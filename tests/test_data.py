@@ -218,3 +218,173 @@ def test_augmentation_same_distribution_both_paths():
     # and no augmentation when evaluating the train split
     x, _ = next(iter(build_loader(b, "train", 8, "cpu", train=False)))
     assert torch.allclose(x, ((img.float() / 255 - 0.5) / 0.25).expand(8, 3, 32, 32))
+
+
+# ---------------------------------------------------------------- CIFAR
+
+def test_cifar10_folder_and_archive(tmp_path):
+    d = fx.make_cifar10(tmp_path / "a")
+    b = load_dataset("c10", data_dir=tmp_path / "a")
+    assert b.train_tensors[0].shape == (30, 3, 32, 32) and b.test_tensors[0].shape == (8, 3, 32, 32)
+    assert b.classes[0] == "airplane" and b.num_classes == 10 and not b.augment
+    assert b.mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255)) and b.std[2] == pytest.approx(66.7 / 255)
+    # row-major 3072 = 1024 R, 1024 G, 1024 B
+    from crosslayer.data.cifar import safe_load
+
+    with open(d / "data_batch_2", "rb") as f:
+        raw = safe_load(f, "x")
+    assert np.array_equal(b.train_tensors[0][6].numpy(), raw["data"][0].reshape(3, 32, 32))
+    assert b.train_tensors[1][6] == raw["labels"][0]
+    x, _ = b.test[0]
+    ref = (b.test_tensors[0][0].float() / 255 - torch.tensor(b.mean).view(3, 1, 1)) / torch.tensor(b.std).view(3, 1, 1)
+    assert torch.allclose(x, ref, atol=1e-5)
+    # the official .tar.gz, read in place, same content; also found via the folder given directly
+    fx.tar_folder(d, tmp_path / "cifar-10-python.tar.gz")
+    a = load_dataset("c10+", data_dir=tmp_path)
+    assert a.source.endswith("cifar-10-python.tar.gz") and a.augment
+    assert torch.equal(a.train_tensors[0], b.train_tensors[0]) and torch.equal(a.test_tensors[1], b.test_tensors[1])
+    assert load_dataset("c10", data_dir=d).source == str(d)
+
+
+def test_cifar100_fine_labels(tmp_path):
+    d = fx.make_cifar100(tmp_path)
+    b = load_dataset("c100+", data_dir=tmp_path)
+    assert b.num_classes == 100 and b.classes[5] == "fine5" and b.train_tensors[0].shape == (12, 3, 32, 32)
+    from crosslayer.data.cifar import safe_load
+
+    with open(d / "train", "rb") as f:
+        assert b.train_tensors[1].tolist() == safe_load(f, "x")["fine_labels"]
+    assert b.mean == pytest.approx((129.3 / 255, 124.1 / 255, 112.4 / 255))
+    fx.tar_folder(d, tmp_path / "z" / "cifar-100-python.tar.gz")
+    assert torch.equal(load_dataset("c100", data_dir=tmp_path / "z").train_tensors[1], b.train_tensors[1])
+
+
+def test_malicious_pickle_refused_and_not_executed(tmp_path):
+    d = fx.make_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    (d / "data_batch_3").write_bytes(fx.evil_pickle(marker))
+    with pytest.raises(DataError, match=r"data_batch_3: refused pickle \(forbidden global (posix|os|nt)\.system"):
+        load_dataset("c10", data_dir=tmp_path)
+    assert not marker.exists()
+    import pickle
+
+    for payload in (pickle.dumps(eval), pickle.dumps(os.getcwd), pickle.dumps(np.load)):
+        (d / "data_batch_3").write_bytes(payload)
+        with pytest.raises(DataError, match="forbidden global"):
+            load_dataset("c10", data_dir=tmp_path)
+    from crosslayer.data.cifar import RestrictedUnpickler
+
+    u = RestrictedUnpickler(fx.io_bytes(b""))
+    assert callable(u.find_class("numpy.core.multiarray", "_reconstruct"))  # official (numpy 1.x) pickles
+    assert u.find_class("numpy", "ndarray") is np.ndarray
+
+
+def test_cifar_errors(tmp_path):
+    with pytest.raises(DataError, match=r"cifar10: files not found: expected cifar-10-batches-py/.*cifar-10-python.tar.gz in one of: "):
+        load_dataset("c10", data_dir=tmp_path)
+    d = fx.make_cifar10(tmp_path)
+    good = (d / "test_batch").read_bytes()
+    (d / "test_batch").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"test_batch: truncated or corrupt pickle"):
+        load_dataset("c10", data_dir=tmp_path)
+    import pickle
+
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, protocol=4))
+    with pytest.raises(DataError, match=r"test_batch: label 10 out of range for 10 classes"):
+        load_dataset("c10", data_dir=tmp_path)
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}, protocol=4))
+    with pytest.raises(DataError, match=r"test_batch: 'data' must be uint8 N x 3072"):
+        load_dataset("c10", data_dir=tmp_path)
+    (d / "test_batch").write_bytes(good)
+    arch = fx.tar_folder(d, tmp_path / "t" / "cifar-10-python.tar.gz")
+    arch.write_bytes(arch.read_bytes()[:2000])
+    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz: truncated or corrupt archive"):
+        load_dataset("c10", data_dir=tmp_path / "t")
+
+
+def test_download_checks_md5(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as U
+
+    calls = []
+
+    def fake_download(url, root, filename=None, md5=None):
+        calls.append(url)
+        Path(root, filename).write_bytes(b"not the real archive")
+
+    monkeypatch.setattr(U, "download_url", fake_download)
+    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz: bad checksum: md5 .* expected c58f30108f718f92721af3b95e74349a"):
+        load_dataset("c10", data_dir=tmp_path, download=True)
+    assert calls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+
+    def offline(url, root, filename=None, md5=None):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(U, "download_url", offline)
+    with pytest.raises(DataError, match=r"train_32x32.mat: download failed: OSError"):
+        load_dataset("svhn", data_dir=tmp_path / "s", download=True)
+
+
+# ---------------------------------------------------------------- SVHN
+
+def test_svhn(tmp_path):
+    fx.make_svhn(tmp_path)
+    b = load_dataset("svhn", data_dir=tmp_path)
+    assert b.train_tensors[0].shape == (16, 3, 32, 32) and b.test_tensors[0].shape == (5, 3, 32, 32)
+    assert b.train_tensors[1][:10].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]  # 10 -> digit 0
+    assert b.mean == (0.0,) * 3 and b.std == (1.0,) * 3 and not b.augment and b.classes[0] == "0"
+    from scipy.io import loadmat
+
+    X = loadmat(tmp_path / "extra_32x32.mat")["X"]
+    assert np.array_equal(b.train_tensors[0][10 + 2].numpy(), X[:, :, :, 2].transpose(2, 0, 1))
+    x, _ = b.train[12]
+    assert torch.allclose(x, b.train_tensors[0][12].float() / 255)
+    assert load_dataset("svhn-train", data_dir=tmp_path).train_tensors[0].shape[0] == 10
+    assert len(load_dataset("svhn", data_dir=tmp_path, val_size=6).val) == 6
+
+
+def test_svhn_errors(tmp_path):
+    from scipy.io import savemat
+
+    fx.make_svhn(tmp_path)
+    (tmp_path / "extra_32x32.mat").unlink()
+    with pytest.raises(DataError, match=r"svhn: files not found: expected train_32x32.mat, extra_32x32.mat, test_32x32.mat in one of: "):
+        load_dataset("svhn", data_dir=tmp_path)
+    fx.make_svhn(tmp_path)
+    savemat(tmp_path / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[11], [1]], np.uint8)})
+    with pytest.raises(DataError, match=r"test_32x32.mat: label 11 out of range"):
+        load_dataset("svhn", data_dir=tmp_path)
+    savemat(tmp_path / "test_32x32.mat", {"X": np.zeros((28, 28, 3, 2), np.uint8), "y": np.array([[1], [1]], np.uint8)})
+    with pytest.raises(DataError, match=r"test_32x32.mat: X must be uint8 32x32x3xN"):
+        load_dataset("svhn", data_dir=tmp_path)
+    p = tmp_path / "train_32x32.mat"
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(DataError, match=r"train_32x32.mat: truncated or corrupt .mat file"):
+        load_dataset("svhn", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+def test_imagefolder(tmp_path):
+    fx.make_imagefolder(tmp_path, splits=("train", "test"), per_class=4, size=(12, 12))
+    b = load_dataset(f"imagefolder:{tmp_path}", val_size=2)
+    assert b.classes == ["cat", "dog"] and b.image_size == 12 and b.in_channels == 3
+    assert len(b.train) == 6 and len(b.val) == 2 and len(b.test) == 8 and b.train_tensors is None
+    x, y = b.train[0]
+    assert x.shape == (3, 12, 12) and y in (0, 1)
+    L = build_loader(b, "train", 4, "cpu", train=True)
+    assert not L.fast and [x.shape[0] for x, _ in L] == [4, 2]
+    r = load_dataset(f"imagefolder+:{tmp_path}", image_size=8, limit=4)
+    assert r.augment and r.image_size == 8 and len(r.train) == 4 and sorted(int(r.train[i][1]) for i in range(4)) == [0, 0, 1, 1]
+    assert r.train[0][0].shape == (3, 8, 8)
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(DataError, match="needs train/ and val/"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"train: empty ImageFolder"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    fx.make_imagefolder(tmp_path / "r", size=(12, 10))
+    with pytest.raises(DataError, match=r"0.png: image is 12x10, not square"):
+        load_dataset(f"imagefolder:{tmp_path / 'r'}")

@@ -1,0 +1,127 @@
+"""``imagefolder:ROOT``: ROOT/train/<class>/*.png|jpg… and ROOT/val/<class>/… (or ROOT/test).
+
+Read with ``torchvision.datasets.ImageFolder`` (images converted to RGB). ``image_size`` resizes the
+shorter side and centre-crops to a square; without it images are used at their native size, which
+must be square and the same for all images (checked on the first image, and per image on load).
+Normalised with the ImageNet mean/std. ``imagefolder+:`` adds flip + zero-pad (size/8) + random crop,
+after normalisation like the CIFAR variants. No tensors: the DataLoader path is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.transforms import v2 as T
+
+from crosslayer.errors import DataError
+
+
+class _CheckSize(torch.nn.Module):
+    def __init__(self, size: int, root: Path):
+        super().__init__()
+        self.size, self.root = size, root
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            raise DataError(f"{self.root}: image of size {tuple(x.shape[-2:])} but the data set is {self.size}x{self.size}; pass image_size to resize")
+        return x
+
+
+class _Subset(torch.utils.data.Subset):
+    aug = None
+
+
+def _folder(root: Path, transform):
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise DataError(f"{root}: missing folder (expected class sub-folders with images)")
+    try:
+        ds = ImageFolder(str(root), transform=transform, loader=_rgb_loader)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{root}: empty ImageFolder: {str(e).splitlines()[0]}") from e
+    if len(ds) == 0:
+        raise DataError(f"{root}: empty ImageFolder (no images in class sub-folders)")
+    return ds
+
+
+def _rgb_loader(path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__})") from e
+
+
+def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_size=None):
+    from crosslayer.data.registry import IMAGENET, DatasetBundle
+    from crosslayer.data.transforms import Augment, sample_transform
+
+    if not root:
+        raise DataError(f"{name}: give the root folder as imagefolder:/path/to/root")
+    root = Path(root).expanduser()
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DataError(f"{root}: ImageFolder root needs train/ and val/ (or test/) sub-folders")
+    probe = _folder(root / "train", None)
+    if image_size is None:
+        w, h = probe.loader(probe.samples[0][0]).size
+        if w != h:
+            raise DataError(f"{probe.samples[0][0]}: image is {w}x{h}, not square; pass image_size to resize and crop")
+        size, geo = w, [_CheckSize(w, root)]
+    else:
+        size, geo = int(image_size), [T.Resize(int(image_size), antialias=True), T.CenterCrop(int(image_size))]
+    aug = Augment(pad=max(1, size // 8), flip=True) if augment else None
+    mean, std = IMAGENET["mean"], IMAGENET["std"]
+
+    def transform(with_aug):
+        ts = [T.PILToTensor(), *geo, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+        extra = sample_transform(aug, size) if with_aug else None
+        return T.Compose(ts + ([extra] if extra is not None else []))
+
+    def make(split_dir, with_aug):
+        return _folder(split_dir, transform(with_aug))
+
+    train_a, test = make(root / "train", augment), make(test_dir, False)
+    if test.classes != train_a.classes:
+        raise DataError(f"{test_dir}: classes {test.classes} differ from train/ classes {train_a.classes}")
+
+    def pick(n, k):  # `limit`: evenly spaced, since ImageFolder lists images sorted by class
+        return list(range(n)) if k is None or k >= n else [int(i * n / k) for i in range(k)]
+
+    tr_idx, te_idx = pick(len(train_a), limit), pick(len(test), limit)
+    val_idx = []
+    if val_size:
+        if not 0 < val_size < len(tr_idx):
+            raise DataError(f"{root / 'train'}: val_size={val_size} must be between 1 and {len(tr_idx) - 1} (training images)")
+        perm = torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(seed)).tolist()
+        val_idx = sorted(tr_idx[i] for i in perm[:val_size])
+        tr_idx = sorted(tr_idx[i] for i in perm[val_size:])
+
+    def subset(ds, idx, with_aug):
+        s = _Subset(ds, idx)
+        s.aug = aug if with_aug else None
+        return s
+
+    cache = {}
+
+    def factory(split, with_aug):
+        key = (split, bool(with_aug))
+        if key not in cache:
+            if split == "test":
+                cache[key] = subset(make(test_dir, with_aug), te_idx, with_aug)
+            else:
+                cache[key] = subset(make(root / "train", with_aug), tr_idx if split == "train" else val_idx, with_aug)
+        return cache[key]
+
+    b = DatasetBundle(
+        name=name, num_classes=len(train_a.classes), in_channels=3, image_size=size, classes=list(train_a.classes),
+        mean=mean, std=std, augment=augment, source=str(root), aug=aug, _factory=factory,
+    )
+    b.train = subset(train_a, tr_idx, augment)
+    b.val = factory("val", False) if val_idx else None
+    b.test = subset(test, te_idx, False)
+    return b
