@@ -388,3 +388,24 @@ def test_imagefolder_errors(tmp_path):
     fx.make_imagefolder(tmp_path / "r", size=(12, 10))
     with pytest.raises(DataError, match=r"0.png: image is 12x10, not square"):
         load_dataset(f"imagefolder:{tmp_path / 'r'}")
+
+
+def test_bad_image_one_line_error_from_workers(tmp_path):
+    fx.make_imagefolder(tmp_path, size=(8, 8))
+    (tmp_path / "train" / "dog" / "9.png").write_bytes(b"not a png")
+    b = load_dataset(f"imagefolder:{tmp_path}")
+    for workers in (0, 1):
+        L = build_loader(b, "train", 16, "cpu", train=False, num_workers=workers)
+        with pytest.raises(DataError) as e:
+            list(L)
+        assert str(e.value).endswith("9.png: unreadable image (UnidentifiedImageError)") and "\n" not in str(e.value)
+
+
+def test_pin_memory_summary_and_shared_device_copy():
+    b = load_dataset("synthetic")
+    assert build_loader(b, "test", 8, "cuda", train=False, fast=False).loader.pin_memory  # no GPU needed to build
+    assert not build_loader(b, "test", 8, "cpu", train=False, fast=False).loader.pin_memory
+    assert b.summary().startswith("synthetic: 512 train / 0 val / 256 test, 3x32x32, 10 classes")
+    a = build_loader(b, "train", 8, "cpu", train=True)
+    c = build_loader(b, "train", 8, "cpu", train=False)
+    assert a.images is c.images and "tensor" not in repr(b)

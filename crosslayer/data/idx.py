@@ -84,12 +84,10 @@ def _locate(name: str, data_dir, download_ok: bool):
     stems = [s for pair in FILES.values() for s in pair]
 
     def lookup():
-        found = {}
         for d in dirs:  # all four files from the same directory
             ps = {s: find_first([d], [s + ".gz", s, s.replace("-idx", ".idx")]) for s in stems}
             if all(ps.values()):
                 return ps
-            found.update({k: v for k, v in ps.items() if v})
         return None
 
     paths = lookup()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from crosslayer.data.transforms import augment_batch, norm_affine
+from crosslayer.errors import DataError
 
 
 def epoch_indices(n: int, *, train: bool, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
@@ -137,8 +138,14 @@ class DataLoaderLoader(_Base):
     def __iter__(self):
         self.generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         nb = self.device.type == "cuda"
-        for x, y in self.loader:
-            yield self._finish(x.to(self.device, non_blocking=nb)), y.to(self.device, non_blocking=nb)
+        try:
+            for x, y in self.loader:
+                yield self._finish(x.to(self.device, non_blocking=nb)), y.to(self.device, non_blocking=nb)
+        except DataError as e:  # from a worker the message carries the worker's traceback: keep one line
+            lines = str(e).strip().splitlines()
+            if len(lines) > 1:
+                raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
+            raise
 
 
 def build_loader(bundle, split: str, batch_size: int, device, *, train: bool, fast=None, num_workers: int = 0,
@@ -163,7 +170,7 @@ def build_loader(bundle, split: str, batch_size: int, device, *, train: bool, fa
     aug = bundle.aug if want_aug else None
     common = dict(train=train, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last, channels_last=channels_last)
     if fast:
-        x, y = tensors
+        x, y = bundle.device_tensors(split, device)
         return DeviceLoader(x, y, bundle.mean, bundle.std, aug, batch_size, device, **common)
     if want_aug != (split == "train" and bundle.augment):  # e.g. train split evaluated without augmentation
         ds = bundle.dataset(split, augment=want_aug)

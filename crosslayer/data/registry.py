@@ -67,14 +67,15 @@ class DatasetBundle:
     std: tuple
     augment: bool
     source: str
-    train: torch.utils.data.Dataset | None = None
-    val: torch.utils.data.Dataset | None = None
-    test: torch.utils.data.Dataset | None = None
-    train_tensors: tuple | None = None
-    val_tensors: tuple | None = None
-    test_tensors: tuple | None = None
-    aug: Augment | None = None
+    train: torch.utils.data.Dataset | None = field(default=None, repr=False)
+    val: torch.utils.data.Dataset | None = field(default=None, repr=False)
+    test: torch.utils.data.Dataset | None = field(default=None, repr=False)
+    train_tensors: tuple | None = field(default=None, repr=False)
+    val_tensors: tuple | None = field(default=None, repr=False)
+    test_tensors: tuple | None = field(default=None, repr=False)
+    aug: Augment | None = None  # the train augmentation (pad, flip), None without augmentation
     _factory: Callable | None = field(default=None, repr=False)
+    _device_cache: dict = field(default_factory=dict, repr=False)
 
     def dataset(self, split: str, augment: bool = False):
         """A fresh Dataset of ``split`` with or without the train augmentation."""
@@ -83,8 +84,20 @@ class DatasetBundle:
             return TensorImageDataset(*tensors, self.mean, self.std, self.aug if augment else None)
         return self._factory(split, augment)
 
-    def __len__(self):
-        return len(self.train)
+    def summary(self) -> str:
+        """One line: name, sizes, shape, classes, source."""
+        n = lambda d: len(d) if d is not None else 0  # noqa: E731
+        return (f"{self.name}: {n(self.train)} train / {n(self.val)} val / {n(self.test)} test, "
+                f"{self.in_channels}x{self.image_size}x{self.image_size}, {self.num_classes} classes, "
+                f"augment={'yes' if self.augment else 'no'}, from {self.source}")
+
+    def device_tensors(self, split: str, device):
+        """``<split>_tensors`` moved to ``device`` once and shared by all loaders of this bundle."""
+        key = (split, str(torch.device(device)))
+        if key not in self._device_cache:
+            x, y = getattr(self, f"{split}_tensors")
+            self._device_cache[key] = (x.to(device), y.to(device))
+        return self._device_cache[key]
 
 
 def _check_labels(y: torch.Tensor, num_classes: int, what: str):

@@ -61,12 +61,14 @@ class TensorImageDataset(torch.utils.data.Dataset):
         self.images, self.labels = images, labels
         self.mean, self.std, self.aug = tuple(mean), tuple(std), aug
         self.transform = sample_transform(aug, tuple(images.shape[-2:]))
+        scale, shift = norm_affine(mean, std)
+        self._scale, self._shift = scale[0], shift[0]
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def __getitem__(self, i):
-        x = normalize_uint8(self.images[i], self.mean, self.std)
+        x = self.images[i].float() * self._scale + self._shift
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.labels[i])
@@ -80,20 +82,18 @@ def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> 
     """Flip + zero-pad + random crop a normalised float batch (N,C,H,W) on its own device.
 
     Same distribution as :func:`sample_transform`: each image flipped with p=0.5, then a crop offset
-    (dy, dx) uniform in [0, 2*pad]^2 of the padded image. Done as one gather.
+    (dy, dx) uniform in [0, 2*pad]^2 of the padded image. Done as one flat gather.
     """
     n, c, h, w = x.shape
     dev = x.device
     p = aug.pad
     flip = torch.rand(n, generator=generator, device=dev) < 0.5 if aug.flip else torch.zeros(n, dtype=torch.bool, device=dev)
     off = torch.randint(0, 2 * p + 1, (n, 2), generator=generator, device=dev) if p else torch.zeros(n, 2, dtype=torch.long, device=dev)
+    hp, wp = h + 2 * p, w + 2 * p
     if p:
         x = F.pad(x, (p, p, p, p))
-    ar_h = torch.arange(h, device=dev)
-    ar_w = torch.arange(w, device=dev)
-    rows = off[:, :1] + ar_h  # (n, h)
-    cols = off[:, 1:] + ar_w  # (n, w) columns of the (flipped) padded image
-    cols = torch.where(flip[:, None], (w + 2 * p - 1) - cols, cols)  # flip then crop
-    idx_n = torch.arange(n, device=dev)[:, None, None, None]
-    idx_c = torch.arange(c, device=dev)[None, :, None, None]
-    return x[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
+    rows = off[:, :1] + torch.arange(h, device=dev)  # (n, h) rows of the padded image
+    cols = off[:, 1:] + torch.arange(w, device=dev)  # (n, w) columns of the (flipped) padded image
+    cols = torch.where(flip[:, None], (wp - 1) - cols, cols)  # flip then crop
+    lin = (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    return torch.gather(x.reshape(n, c, hp * wp), 2, lin).view(n, c, h, w)
