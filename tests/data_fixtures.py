@@ -33,10 +33,34 @@ def make_idx_dir(root: Path, n_train=20, n_test=10, gz=True, num_classes=10, see
     return root
 
 
+def py2_pickle(obj) -> bytes:
+    """Pickle like the official CIFAR files (Python 2 cPickle, protocol 2, numpy 1.x): str as
+    BINSTRING, arrays via ``numpy.core.multiarray._reconstruct``. Handles dict/list/bytes/int/uint8 ndarray."""
+    def s(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def enc(o) -> bytes:
+        if isinstance(o, dict):
+            return b"}(" + b"".join(enc(k) + enc(v) for k, v in o.items()) + b"u"
+        if isinstance(o, list):
+            return b"](" + b"".join(enc(v) for v in o) + b"e"
+        if isinstance(o, bytes):
+            return s(o)
+        if isinstance(o, (int, np.integer)):
+            return b"K" + bytes([int(o)]) if 0 <= o < 256 else b"J" + struct.pack("<i", int(o))
+        if isinstance(o, np.ndarray) and o.dtype == np.uint8:
+            dtype = b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R" + b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            shape = b"(" + b"".join(enc(int(d)) for d in o.shape) + b"t"
+            return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
+                    + b"(K\x01" + shape + dtype + b"\x89" + s(np.ascontiguousarray(o).tobytes()) + b"tb")
+        raise TypeError(type(o))
+
+    return b"\x80\x02" + enc(obj) + b"."
+
+
 def _dump(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=4)
+    path.write_bytes(py2_pickle(obj))
 
 
 def make_cifar10(root: Path, per_batch=6, n_test=8, seed=0) -> Path:
