@@ -376,8 +376,10 @@ def test_export_safetensors(tmp_path):
 from crosslayer import cli  # noqa: E402
 
 PY = sys.executable
-# A tiny, fast run: synthetic data cut to 128 train / 64 test images, batch 32 -> 4 steps per epoch.
-TINY = ["--data", "synthetic", "--limit", "128", "--batch-size", "32", "--no-progress"]
+# A tiny, fast run: synthetic data cut to 64 train / 64 test images, batch 16 -> 4 steps per epoch,
+# DenseNet-BC L=40 with growth rate 4 (the demo model's shape at a third of the cost).
+TINY = ["--data", "synthetic", "--limit", "64", "--batch-size", "16", "--model-arg", "growth_rate=4",
+        "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -412,6 +414,15 @@ def _wait_for(pred, proc, timeout=90, every=0.02):
     pytest.fail("timed out waiting for the training run")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process runs share 2 CPU cores with other jobs: one thread is several times faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cli(capsys, *argv):
     """Run ``crosslayer ARGV`` in-process; returns (exit code, stdout, stderr)."""
     rc = cli.main([str(a) for a in argv])
@@ -427,3 +438,132 @@ def _assert_one_line_error(rc, err, *needles):
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
     return lines[0]
+
+
+def _load_sd(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path):
+    """SIGKILL mid-epoch, --resume: at most N steps lost, and on the CPU with --deterministic the
+    resumed run ends with exactly the weights of an uninterrupted one."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    # 96 images / batch 16 = 6 steps per epoch; checkpoints at steps 3 (mid-epoch), 6, 9 (mid), 12
+    flags = ["--epochs", "2", "--checkpoint-every", "3", "--deterministic", "--seed", "0", "--limit", "96"]
+    pa = subprocess.Popen(_train_cmd(a, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    pb = subprocess.Popen(_train_cmd(b, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        seen = _wait_for(lambda: (s := _ckpt_step(b / "last.pt")) and s[1] > 0 and s, pb, every=0.01)
+        pb.send_signal(signal.SIGKILL)
+        pb.wait(timeout=30)
+        assert pb.returncode == -signal.SIGKILL
+        step, batch = _ckpt_step(b / "last.pt")
+        assert step >= seen[0] and batch > 0 and step < 12  # killed mid-run, mid-epoch checkpoint on disk
+        r = _run([PY, "-m", "crosslayer", "train", "--out", str(b), "--resume", "--no-progress"])
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+        assert f"step {step}" in r.stdout  # "resuming from .../last.pt: epoch E, batch K, step S"
+        out_a, err_a = pa.communicate(timeout=120)
+        assert pa.returncode == 0, err_a
+    finally:
+        for p in (pa, pb):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    ca, cb = _load_sd(a / "last.pt"), _load_sd(b / "last.pt")
+    assert ca["step"] == cb["step"] == 12 and ca["epoch"] == cb["epoch"] == 2
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert _same(ca["optimizer"], cb["optimizer"])
+    ha, hb = ca["history"], cb["history"]
+    for ra, rb in zip(ha, hb, strict=True):
+        for col in ("train_loss", "train_err", "test_loss", "test_err"):
+            assert ra[col] == rb[col], (col, ra, rb)
+
+
+def test_checkpoint_every_n_loses_at_most_n_steps(tmp_path, monkeypatch, capsys):
+    """--checkpoint-every N: the saved steps of last.pt are never more than N apart."""
+    saved = []
+    real = ck.save_checkpoint
+
+    def spy(path, state, **kw):
+        saved.append((os.path.basename(path), state["step"], state["epoch"], state["batch_in_epoch"]))
+        return real(path, state, **kw)
+
+    monkeypatch.setattr(ck, "save_checkpoint", spy)
+    rc, out, err = _cli(capsys, "train", "--model", "densenet_bc40_k12", *TINY, "--limit", "48",
+                        "--epochs", "2", "--checkpoint-every", "2", "--out", tmp_path / "r")
+    assert rc == 0, err
+    last = [s for s in saved if s[0] == "last.pt"]
+    steps = [0] + [s[1] for s in last]
+    assert steps == sorted(steps) and steps[-1] == 6  # 48 images / batch 16 = 3 steps per epoch
+    assert max(b - a for a, b in zip(steps, steps[1:])) <= 2
+    assert (2, 0, 2) in [s[1:] for s in last]  # a mid-epoch checkpoint: step 2, epoch 0, batch 2
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_sigint_save_a_checkpoint_then_resume(tmp_path, sig, code):
+    """SIGTERM/SIGINT: the run finishes its step, saves last.pt mid-epoch, exits 128+signum with a
+    one-line note; --resume then completes the run."""
+    out = tmp_path / "run"
+    # no --checkpoint-every: the only mid-epoch checkpoint can come from the signal
+    # 96 images / batch 16 = 6 steps per epoch
+    p = subprocess.Popen(_train_cmd(out, "--epochs", "2", "--limit", "96"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for(lambda: (out / "last.pt").exists(), p, every=0.01)  # epoch 1 done (step 6)
+        time.sleep(0.3)  # into epoch 2 (a signal at the epoch end stops there, with nothing to save)
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == code, stderr
+    assert "Traceback" not in stderr
+    step, batch = _ckpt_step(out / "last.pt")
+    assert step > 6 and batch > 0, (step, batch)  # saved on the signal, inside epoch 2
+    assert f"stopped by {sig.name} at epoch 2, batch {batch}, step {step}" in stdout and "--resume" in stdout
+    assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
+    r = _run([PY, "-m", "crosslayer", "train", "--out", str(out), "--resume", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert _ckpt_step(out / "last.pt") == (12, 0)
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+
+
+def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 5 (epoch 2, batch 1; a poisoned batch simulated by patching the loss):
+    exit 2, one line naming epoch, step and batch; last.pt is the step-4 checkpoint, finite."""
+    import torch.nn.functional as F
+    real_ce = F.cross_entropy
+    calls = {"train": 0}
+
+    def poisoned(input, target, *a, **k):
+        if input.requires_grad:  # training steps only (evaluation runs under no_grad)
+            calls["train"] += 1
+            if calls["train"] == 5:
+                return real_ce(input, target, *a, **k) * float("nan")
+        return real_ce(input, target, *a, **k)
+
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
+    out = tmp_path / "run"
+    rc, stdout, err = _cli(capsys, "train", "--model", "densenet_bc40_k12", *TINY, "--limit", "48",
+                           "--epochs", "3", "--checkpoint-every", "2", "--out", out)
+    line = _assert_one_line_error(rc, err, "non-finite loss", "epoch 2, step 5, batch 1", str(out))
+    assert line.startswith("crosslayer train: error: ")
+    st = load_checkpoint(out / "last.pt")
+    assert (st["step"], st["epoch"], st["batch_in_epoch"]) == (4, 1, 1)
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_huge_lr_diverges_with_a_clear_message(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, err = _cli(capsys, "train", "--model", "densenet_bc40_k12", *TINY, "--epochs", "1",
+                           "--lr", "1e30", "--checkpoint-every", "1", "--out", out)
+    line = _assert_one_line_error(rc, err)
+    assert "non-finite" in line or "NaN/inf" in line, line
+    assert "step" in line and ("--lr" in line)
+    st = load_checkpoint(out / "last.pt")  # whatever was saved is loadable and finite
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
