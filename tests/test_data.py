@@ -160,8 +160,8 @@ def test_sharding_two_ranks_covers(train):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_resume_mid_epoch_exact(fast):
-    b = load_dataset("synthetic+" if fast else "synthetic", limit=300)
-    L = build_loader(b, "train", 32, "cpu", train=True, fast=fast, seed=1)
+    b = load_dataset("synthetic+", limit=300 if fast else 100)
+    L = build_loader(b, "train", 32 if fast else 8, "cpu", train=True, fast=fast, seed=1)
     L.set_epoch(3)
     full = list(L)
     L.set_epoch(3, start_batch=4)
@@ -171,6 +171,28 @@ def test_resume_mid_epoch_exact(fast):
         assert torch.equal(y1, y2) and torch.equal(x1, x2)
     L.set_epoch(4)
     assert not torch.equal(next(iter(L))[1], full[0][1])
+    if not fast:  # per-sample seeding: same batches with worker processes, global RNG untouched
+        torch.manual_seed(0)
+        before = torch.rand(3)
+        torch.manual_seed(0)
+        L = build_loader(b, "train", 8, "cpu", train=True, fast=False, seed=1, num_workers=2)
+        L.set_epoch(3, start_batch=10)
+        for (x1, y1), (x2, y2) in zip(full[10:], L, strict=True):
+            assert torch.equal(y1, y2) and torch.equal(x1, x2)
+        assert torch.equal(torch.rand(3), before)
+        torch.manual_seed(0)
+        L = build_loader(b, "train", 8, "cpu", train=True, fast=False, seed=1, num_workers=0)
+        L.set_epoch(3, start_batch=10)
+        rest = []
+        for x, y in L:
+            torch.rand(5)  # the training step uses the global RNG between batches
+            rest.append((x, y))
+        after = torch.rand(3)
+        assert all(torch.equal(a[0], c[0]) for a, c in zip(full[10:], rest, strict=True))
+        torch.manual_seed(0)
+        for _ in rest:
+            torch.rand(5)
+        assert torch.equal(torch.rand(3), after)  # loading did not consume or reseed the caller's RNG
 
 
 def _coord_bundle(n=512):

@@ -103,23 +103,48 @@ class DeviceLoader(_Base):
 
 
 class _ListSampler(torch.utils.data.Sampler):
-    def __init__(self, owner):
-        self.owner = owner
+    """This epoch's indices from ``start_batch`` on; with ``seeded`` each item is (index, rng seed)."""
+
+    def __init__(self, owner, seeded: bool):
+        self.owner, self.seeded = owner, seeded
 
     def __iter__(self):
         o = self.owner
-        return iter(o._indices()[o.start_batch * o.batch_size:].tolist())
+        start = o.start_batch * o.batch_size
+        idx = o._indices()[start:].tolist()
+        if not self.seeded:
+            return iter(idx)
+        base = mix_seed(o.seed, o.epoch, o.rank) & 0x7FFFFFFFFFFF  # + position in the epoch
+        return iter([(i, base + start + k) for k, i in enumerate(idx)])
 
     def __len__(self):
         o = self.owner
         return max(0, len(o._indices()) - o.start_batch * o.batch_size)
 
 
+class _SeededItems(torch.utils.data.Dataset):
+    """``ds[(i, s)]`` = ``ds[i]`` with torch's default CPU generator seeded by s first, so per-sample
+    random transforms are a function of (seed, epoch, position). The caller restores the generator
+    (DataLoaderLoader does, per batch, when loading in the main process)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i, s = key
+        torch.default_generator.manual_seed(s)
+        return self.ds[i]
+
+
 class DataLoaderLoader(_Base):
     """torch DataLoader over a map-style Dataset (per-sample torchvision transforms on the CPU).
 
-    Same order as :class:`DeviceLoader`. Worker seeds come from ``mix_seed(seed, epoch, rank)``;
-    with ``num_workers=0`` the per-sample augmentation uses torch's global RNG instead.
+    Same order as :class:`DeviceLoader`. For training, sample k of the epoch is transformed with
+    torch's RNG seeded from (seed, epoch, rank, k) — independent of ``num_workers`` and exact on a
+    mid-epoch resume, like the fast path (but a different random stream from it).
     """
 
     fast = False
@@ -130,7 +155,8 @@ class DataLoaderLoader(_Base):
         self.dataset = dataset
         self.generator = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=self.batch_size, sampler=_ListSampler(self), num_workers=num_workers,
+            _SeededItems(dataset) if train else dataset, batch_size=self.batch_size,
+            sampler=_ListSampler(self, seeded=train), num_workers=num_workers,
             pin_memory=self.device.type == "cuda", drop_last=False, generator=self.generator,
             persistent_workers=False,
         )
@@ -138,8 +164,18 @@ class DataLoaderLoader(_Base):
     def __iter__(self):
         self.generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         nb = self.device.type == "cuda"
+        restore = self.train and self.loader.num_workers == 0  # keep the caller's CPU RNG stream intact
         try:
-            for x, y in self.loader:
+            it = iter(self.loader)
+            while True:
+                state = torch.default_generator.get_state() if restore else None
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    if restore:
+                        torch.default_generator.set_state(state)
                 yield self._finish(x.to(self.device, non_blocking=nb)), y.to(self.device, non_blocking=nb)
         except DataError as e:  # from a worker the message carries the worker's traceback: keep one line
             lines = str(e).strip().splitlines()
