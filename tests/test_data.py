@@ -432,3 +432,35 @@ def test_pin_memory_summary_and_shared_device_copy():
     a = build_loader(b, "train", 8, "cpu", train=True)
     c = build_loader(b, "train", 8, "cpu", train=False)
     assert a.images is c.images and "tensor" not in repr(b)
+
+
+def test_download_success_paths(tmp_path, monkeypatch):
+    """--download: official URLs, mirror fallback, md5 accepted, files then read from the download dir."""
+    import torchvision.datasets.utils as U
+
+    from crosslayer.data import cifar, idx
+    from crosslayer.data.files import md5sum
+
+    src = fx.make_idx_dir(tmp_path / "src")
+    arch = fx.tar_folder(fx.make_cifar10(tmp_path / "csrc"), tmp_path / "csrc" / "cifar-10-python.tar.gz")
+    files = {p.name: p for p in [*src.iterdir(), arch]}
+    monkeypatch.setitem(idx.INFO["mnist"], "md5", {k: md5sum(v) for k, v in files.items() if "idx" in k})
+    monkeypatch.setitem(cifar.SPECS["cifar10"], "md5", md5sum(arch))
+    urls = []
+
+    def fake(url, root, filename=None, md5=None):
+        urls.append(url)
+        if "ossci" in url:
+            raise OSError("first mirror down")
+        Path(root, filename).write_bytes(files[filename].read_bytes())
+
+    monkeypatch.setattr(U, "download_url", fake)
+    b = load_dataset("mnist", download=True)  # data_dir None -> $CROSSLAYER_DATA/mnist
+    assert b.train_tensors[0].shape == (20, 1, 28, 28) and b.source.endswith("no-such-cache/mnist")
+    assert urls[:2] == ["https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz",
+                        "http://yann.lecun.com/exdb/mnist/train-images-idx3-ubyte.gz"]
+    c = load_dataset("c10", data_dir=tmp_path / "dl", download=True)
+    assert c.source == str(tmp_path / "dl" / "cifar-10-python.tar.gz") and c.train_tensors[0].shape[0] == 30
+    n = len(urls)
+    load_dataset("c10", data_dir=tmp_path / "dl", download=True)  # already there: no new download
+    assert len(urls) == n
