@@ -86,7 +86,13 @@ def test_idx_errors(tmp_path):
     img.write_bytes(b"\x00\x00\x0d\x03" + good[4:])
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte: bad IDX magic"):
         load_dataset("mnist", data_dir=tmp_path)
+    fx.write_idx(img, np.zeros((20, 32, 32)), gz=False)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: images are 32x32, mnist images are 28x28"):
+        load_dataset("mnist", data_dir=tmp_path)
     img.write_bytes(good)
+    fx.write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(9), gz=False)
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: 9 labels but t10k-images-idx3-ubyte has 10 images"):
+        load_dataset("mnist", data_dir=tmp_path)
     fx.write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.full(10, 10), gz=False)
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: label 10 out of range"):
         load_dataset("mnist", data_dir=tmp_path)

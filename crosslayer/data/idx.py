@@ -121,6 +121,8 @@ def load_idx_dataset(name: str, data_dir=None, download: bool = False):
     out = {}
     for split, (istem, lstem) in FILES.items():
         x = read_idx(paths[istem], 3)
+        if x.shape[1:] != (28, 28):
+            raise DataError(f"{paths[istem]}: images are {x.shape[1]}x{x.shape[2]}, {name} images are 28x28")
         y = read_idx(paths[lstem], 1).astype(np.int64)
         if x.shape[0] != y.shape[0]:
             raise DataError(f"{paths[lstem]}: {y.shape[0]} labels but {paths[istem].name} has {x.shape[0]} images")
