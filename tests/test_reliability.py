@@ -435,6 +435,7 @@ def _assert_one_line_error(rc, err, *needles):
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
+    print("ONE-LINE:", lines[0], file=sys.__stderr__)
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
     return lines[0]
@@ -567,3 +568,215 @@ def test_huge_lr_diverges_with_a_clear_message(tmp_path, capsys):
     assert "step" in line and ("--lr" in line)
     st = load_checkpoint(out / "last.pt")  # whatever was saved is loadable and finite
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+
+
+# -- bad data: one line naming the file, exit 2, no traceback ------------------------------------
+
+def _write_idx(path, arr, gz=True):
+    import gzip
+    import struct
+    arr = np.asarray(arr, dtype=np.uint8)
+    raw = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+    path = f"{path}.gz" if gz else str(path)
+    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+        f.write(raw)
+    return path
+
+
+def _idx_dir(root, n=16, size=(28, 28), test_size=None, bad_label=None):
+    """A tiny Fashion-MNIST in the official IDX .gz files."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, sz in (("train", size), ("t10k", test_size or size)):
+        _write_idx(root / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, *sz)))
+        labels = np.arange(n) % 10
+        if bad_label is not None and split == "train":
+            labels[3] = bad_label
+        _write_idx(root / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+def _cifar_dir(root, data_cols=3072, archive=False):
+    """A tiny CIFAR-10 (cifar-10-batches-py/ python pickles), optionally as the official .tar.gz."""
+    import tarfile
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(d / name, "wb") as f:
+            pickle.dump({b"labels": [int(v) for v in rng.integers(0, 10, 4)],
+                         b"data": rng.integers(0, 256, (4, data_cols), dtype=np.uint8)}, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    if not archive:
+        return d
+    tgz = root / "cifar-10-python.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(d, arcname=d.name)
+    import shutil
+    shutil.rmtree(d)
+    return tgz
+
+
+def _image_folder(root, sizes=((8, 8),), classes=("a", "b"), per_class=2):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                w, h = sizes[i % len(sizes)]
+                Image.new("RGB", (w, h), (10 * i, 20, 30)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _train_bad(capsys, tmp_path, data, *extra):
+    return _cli(capsys, "train", "--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", data,
+                "--epochs", "1", "--batch-size", "4", "--no-progress", "--out", tmp_path / "run", *extra)
+
+
+def test_bad_data_missing_files(tmp_path, capsys):
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    rc, _, err = _train_bad(capsys, tmp_path, "fashion-mnist", "--data-dir", empty)
+    _assert_one_line_error(rc, err, "files not found", "train-images-idx3-ubyte", str(empty))
+    rc, _, err = _train_bad(capsys, tmp_path, "c10", "--data-dir", empty)
+    _assert_one_line_error(rc, err, "files not found", "cifar-10-python.tar.gz", str(empty))
+    rc, _, err = _train_bad(capsys, tmp_path, f"imagefolder:{empty}")
+    _assert_one_line_error(rc, err, str(empty), "train/")
+
+
+def test_bad_data_truncated_archives(tmp_path, capsys):
+    d = _idx_dir(tmp_path / "fm")
+    gz = d / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-20])
+    rc, _, err = _train_bad(capsys, tmp_path, "fashion-mnist", "--data-dir", d)
+    _assert_one_line_error(rc, err, str(gz), "truncated")
+
+    tgz = _cifar_dir(tmp_path / "c10", archive=True)
+    tgz.write_bytes(tgz.read_bytes()[: tgz.stat().st_size // 2])
+    rc, _, err = _train_bad(capsys, tmp_path, "c10", "--data-dir", tmp_path / "c10")
+    _assert_one_line_error(rc, err, str(tgz), "truncated or corrupt")
+
+    d = _cifar_dir(tmp_path / "c10b")
+    (d / "data_batch_3").write_bytes((d / "data_batch_3").read_bytes()[:100])
+    rc, _, err = _train_bad(capsys, tmp_path, "c10", "--data-dir", tmp_path / "c10b")
+    _assert_one_line_error(rc, err, str(d / "data_batch_3"), "truncated or corrupt")
+
+
+def test_bad_data_wrong_checksum(tmp_path, monkeypatch):
+    """A download whose md5 is wrong (a partial or tampered file): one-line DataError naming it.
+    (``crosslayer train`` has no --download flag, so this goes through the data API.)"""
+    import torchvision.datasets.utils as tvu
+
+    from crosslayer.data import load_dataset
+    from crosslayer.errors import DataError
+
+    def fake_download(url, root, filename=None, md5=None):
+        (Path(root) / filename).write_bytes(b"not the real archive")
+
+    from pathlib import Path
+    monkeypatch.setattr(tvu, "download_url", fake_download)
+    with pytest.raises(DataError) as ei:
+        load_dataset("c10", data_dir=tmp_path, download=True)
+    msg = str(ei.value)
+    assert msg.startswith(str(tmp_path / "cifar-10-python.tar.gz")) and "checksum" in msg and "\n" not in msg
+
+
+def test_bad_data_wrong_shapes(tmp_path, capsys):
+    d = _cifar_dir(tmp_path / "c10", data_cols=1024)  # 32x32 grey instead of 3x32x32
+    rc, _, err = _train_bad(capsys, tmp_path, "c10", "--data-dir", tmp_path / "c10")
+    _assert_one_line_error(rc, err, str(d / "data_batch_1"), "3072")
+
+    d = _idx_dir(tmp_path / "fm", test_size=(20, 20))
+    rc, _, err = _train_bad(capsys, tmp_path, "fashion-mnist", "--data-dir", d)
+    line = _assert_one_line_error(rc, err, str(d))
+    assert "20x20" in line or "(1, 20, 20)" in line, line
+
+    root = _image_folder(tmp_path / "if", sizes=((8, 8), (12, 12)))
+    rc, _, err = _train_bad(capsys, tmp_path, f"imagefolder:{root}")
+    _assert_one_line_error(rc, err, str(root), "(12, 12)")
+
+    root = _image_folder(tmp_path / "if2", sizes=((8, 6),))
+    rc, _, err = _train_bad(capsys, tmp_path, f"imagefolder:{root}")
+    _assert_one_line_error(rc, err, str(root / "train" / "a" / "0.png"), "not square")
+
+
+def test_bad_data_labels_out_of_range(tmp_path, capsys):
+    d = _idx_dir(tmp_path / "fm", bad_label=12)
+    rc, _, err = _train_bad(capsys, tmp_path, "fashion-mnist", "--data-dir", d)
+    _assert_one_line_error(rc, err, str(d / "train-labels-idx1-ubyte.gz"), "label 12 out of range")
+
+
+def test_bad_data_empty_imagefolder_and_unreadable_image(tmp_path, capsys):
+    root = tmp_path / "empty"
+    for split in ("train", "val"):
+        (root / split / "cls").mkdir(parents=True)
+    rc, _, err = _train_bad(capsys, tmp_path, f"imagefolder:{root}")
+    _assert_one_line_error(rc, err, str(root / "train"), "empty ImageFolder")
+
+    root = _image_folder(tmp_path / "if")
+    bad = root / "train" / "b" / "1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rc, _, err = _train_bad(capsys, tmp_path / "x", f"imagefolder:{root}")
+    _assert_one_line_error(rc, err, str(bad), "unreadable image")
+
+
+def _synthetic_ckpt(tmp_path, num_classes=10, in_channels=3, name="ck.pt"):
+    from crosslayer.models import create_model
+    model = create_model("resnet20", num_classes=num_classes, in_channels=in_channels)
+    path = tmp_path / name
+    save_checkpoint(path, {"format": 1, "model": model.state_dict(), "epoch": 1, "step": 1,
+                           "config": {"model": "resnet20", "data": "synthetic", "num_classes": num_classes,
+                                      "in_channels": in_channels, "model_kwargs": {}, "seed": 0}})
+    return path
+
+
+def test_model_data_mismatch_in_eval(tmp_path, capsys):
+    ck3 = _synthetic_ckpt(tmp_path)
+    d = _idx_dir(tmp_path / "fm")
+    rc, _, err = _cli(capsys, "eval", "--checkpoint", ck3, "--data", "fashion-mnist", "--data-dir", d,
+                      "--out", tmp_path / "e")
+    _assert_one_line_error(rc, err, str(ck3), "3-channel", "1-channel")
+    ck5 = _synthetic_ckpt(tmp_path, num_classes=5, name="ck5.pt")
+    rc, _, err = _cli(capsys, "eval", "--checkpoint", ck5, "--data", "synthetic", "--limit", "8",
+                      "--out", tmp_path / "e")
+    _assert_one_line_error(rc, err, str(ck5), "5 classes", "10")
+    rc, out, err = _cli(capsys, "eval", "--checkpoint", ck3, "--limit", "8", "--out", tmp_path / "e")
+    assert rc == 0, err  # the matching data set (from the checkpoint's config) works
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["images"] == 8
+
+
+def test_bad_checkpoints_in_eval(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {"model": "resnet20"}, "x": _Evil(str(marker))}, evil)
+    good = _synthetic_ckpt(tmp_path)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:5000])
+    for path, what in ((evil, "refusing to load"), (cut, "truncated or corrupt"),
+                       (tmp_path / "missing.pt", "no such checkpoint")):
+        rc, _, err = _cli(capsys, "eval", "--checkpoint", path, "--data", "synthetic", "--limit", "8")
+        _assert_one_line_error(rc, err, str(path), what)
+    assert not marker.exists()
+
+
+def test_resume_with_corrupt_last_falls_back_to_prev(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "densenet_bc40_k12", *TINY, "--limit", "32", "--epochs", "2", "--out", out]
+    rc, _, err = _cli(capsys, *args, "--max-steps", "3")  # checkpoints at steps 2 (epoch end) and 3
+    assert rc == 0, err
+    assert load_checkpoint(str(out / "last.pt") + ".prev")["step"] == 2
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])  # torn by a crash / bad disk
+    rc, stdout, err = _cli(capsys, "train", "--out", out, "--resume", "--no-progress")
+    assert rc == 0, err
+    warn = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(warn) == 1 and "warning" in warn[0] and str(out / "last.pt") in warn[0] and "truncated" in warn[0]
+    assert "last.pt.prev" in warn[0] and "Traceback" not in err
+    assert "resuming from" in stdout and "step 2" in stdout
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+
+    (out / "last.pt").write_bytes(b"")
+    (out / "last.pt.prev").write_bytes(b"junk")
+    rc, _, err = _cli(capsys, "train", "--out", out, "--resume", "--no-progress")
+    _assert_one_line_error(rc, err, str(out / "last.pt"), str(out / "last.pt.prev"), "no loadable checkpoint")

@@ -225,7 +225,8 @@ def _describe_load_error(exc: BaseException, is_zip: bool) -> str:
     if is_zip or isinstance(exc, EOFError) or "central directory" in msg:
         # a torch.save zip archive that does not read back: cut short or damaged
         return "truncated or corrupt file (incomplete write or damaged copy?)"
-    return f"corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc, 100)})"
+    kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
+    return f"corrupt or not a PyTorch checkpoint ({kind}: {_first_line(exc, 100)})"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
