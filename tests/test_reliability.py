@@ -85,10 +85,18 @@ def test_roundtrip_weights_only_and_contents(tmp_path):
 
 def test_numpy_and_paths_are_made_plain_and_unsafe_objects_refused(tmp_path):
     import pathlib
+    import enum
+
+    class Colour(enum.IntEnum):
+        RED = 1
+
     p = save_checkpoint(tmp_path / "a.pt", {"model": {}, "x": np.float32(1.5), "arr": np.arange(3),
-                                            "dir": pathlib.Path("/tmp")})
+                                            "dir": pathlib.Path("/tmp"), "f64": np.float64(0.25),
+                                            "version": torch.__version__, "enum": Colour.RED, "flag": True})
     s = load_checkpoint(p)
     assert s["x"] == 1.5 and torch.equal(s["arr"], torch.arange(3)) and s["dir"] == "/tmp"
+    assert type(s["f64"]) is float and type(s["version"]) is str and type(s["enum"]) is int
+    assert s["flag"] is True
 
     class Thing:
         pass

@@ -65,12 +65,15 @@ def _plain(obj, where: str = "state"):
     if isinstance(obj, torch.Tensor):
         # Parameters pickle as Parameter (allowed), but plain tensors are lighter.
         return obj.detach() if isinstance(obj, torch.nn.Parameter) else obj
-    if isinstance(obj, torch.Size) or isinstance(obj, _SCALARS):
+    if isinstance(obj, torch.Size) or type(obj) in _SCALARS or isinstance(obj, (torch.device, torch.dtype)):
         return obj
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
+    if isinstance(obj, np.generic):  # np.float64 is a float subclass, but pickles as a numpy object
         return obj.item()
+    for base in (str, bytes, int, float, complex):  # subclasses (TorchVersion, IntEnum...) -> plain values
+        if isinstance(obj, base):
+            return base(obj)
     if isinstance(obj, pathlib.PurePath):
         return str(obj)
     if isinstance(obj, dict):
