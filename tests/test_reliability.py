@@ -788,3 +788,60 @@ def test_resume_with_corrupt_last_falls_back_to_prev(tmp_path, capsys):
     (out / "last.pt.prev").write_bytes(b"junk")
     rc, _, err = _cli(capsys, "train", "--out", out, "--resume", "--no-progress")
     _assert_one_line_error(rc, err, str(out / "last.pt"), str(out / "last.pt.prev"), "no loadable checkpoint")
+
+
+def test_full_disk_during_training_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The disk fills up while a run saves its epoch-end checkpoint: one-line error, exit 2, the
+    previous last.pt intact and loadable, no temporary file left; --resume later continues."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "densenet_bc40_k12", *TINY, "--limit", "32", "--epochs", "2", "--out", out]
+    rc, _, err = _cli(capsys, *args, "--max-steps", "2")  # epoch 1 done: last.pt at step 2
+    assert rc == 0, err
+    before = (out / "last.pt").read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(ck.torch, "save", lambda obj, f, *a, **k: real_save(obj, _FullDisk(f, 4096), *a, **k))
+    rc, _, err = _cli(capsys, "train", "--out", out, "--resume", "--no-progress")
+    monkeypatch.undo()
+    _assert_one_line_error(rc, err, f"{out / 'last.pt'}: could not write checkpoint (No space left on device)")
+    assert (out / "last.pt").read_bytes() == before
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    rc, _, err = _cli(capsys, "train", "--out", out, "--resume", "--no-progress")  # space freed again
+    assert rc == 0, err
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+
+
+_WRITER = r"""
+import sys, torch
+from crosslayer.train.checkpoint import save_checkpoint
+out = sys.argv[1]
+big = torch.arange(4_000_000, dtype=torch.float32)  # 16 MB: writes take a while, kills land mid-write
+step = 0
+while True:
+    step += 1
+    save_checkpoint(out + "/last.pt", {"model": {"w": big + step}, "step": step})
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_during_checkpoint_writes_always_leaves_a_loadable_checkpoint(tmp_path):
+    """Kill a process that does nothing but write checkpoints, at several random moments: every
+    time the run directory still resumes (from last.pt or last.pt.prev) with a consistent state."""
+    rng = random.Random(0)
+    steps = []
+    for i in range(4):
+        p = subprocess.Popen([PY, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
+        try:
+            p.stdout.readline()  # at least one checkpoint written by this process
+            time.sleep(rng.uniform(0.0, 0.4))
+        finally:
+            p.kill()
+            p.wait()
+        found = load_resume_checkpoint(tmp_path)
+        assert found is not None
+        state, path = found
+        # a complete, consistent checkpoint: every weight belongs to the same step
+        assert torch.equal(state["model"]["w"], torch.arange(4_000_000, dtype=torch.float32) + state["step"])
+        steps.append(state["step"])
+        assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert all(s >= 1 for s in steps)
