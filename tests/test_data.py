@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
@@ -417,6 +416,14 @@ def test_imagefolder_errors(tmp_path):
     fx.make_imagefolder(tmp_path / "r", size=(12, 10))
     with pytest.raises(DataError, match=r"0.png: image is 12x10, not square"):
         load_dataset(f"imagefolder:{tmp_path / 'r'}")
+    fx.make_imagefolder(tmp_path / "m", size=(8, 8))
+    from PIL import Image
+
+    Image.new("RGB", (9, 9)).save(tmp_path / "m" / "val" / "dog" / "1.png")
+    b = load_dataset(f"imagefolder:{tmp_path / 'm'}")
+    with pytest.raises(DataError, match=r"val/dog/1.png: image is 9x9 but the data set's images are 8x8; pass image_size"):
+        list(build_loader(b, "test", 4, "cpu", train=False))
+    assert load_dataset(f"imagefolder:{tmp_path / 'm'}", image_size=8).test[4][0].shape == (3, 8, 8)
 
 
 def test_bad_image_one_line_error_from_workers(tmp_path):

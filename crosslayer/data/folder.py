@@ -9,6 +9,7 @@ after normalisation like the CIFAR variants. No tensors: the DataLoader path is 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,28 +18,17 @@ from torchvision.transforms import v2 as T
 from crosslayer.errors import DataError
 
 
-class _CheckSize(torch.nn.Module):
-    def __init__(self, size: int, root: Path):
-        super().__init__()
-        self.size, self.root = size, root
-
-    def forward(self, x):
-        if tuple(x.shape[-2:]) != (self.size, self.size):
-            raise DataError(f"{self.root}: image of size {tuple(x.shape[-2:])} but the data set is {self.size}x{self.size}; pass image_size to resize")
-        return x
-
-
 class _Subset(torch.utils.data.Subset):
     aug = None
 
 
-def _folder(root: Path, transform):
+def _folder(root: Path, transform, size: int | None = None):
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
         raise DataError(f"{root}: missing folder (expected class sub-folders with images)")
     try:
-        ds = ImageFolder(str(root), transform=transform, loader=_rgb_loader)
+        ds = ImageFolder(str(root), transform=transform, loader=partial(_rgb_loader, size=size))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: empty ImageFolder: {str(e).splitlines()[0]}") from e
     if len(ds) == 0:
@@ -46,14 +36,18 @@ def _folder(root: Path, transform):
     return ds
 
 
-def _rgb_loader(path):
+def _rgb_loader(path, size: int | None = None):
+    """PIL RGB image; with ``size`` (native-size data sets) it must be size x size."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            img = Image.open(f).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from e
+    if size is not None and img.size != (size, size):
+        raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]} but the data set's images are {size}x{size}; pass image_size to resize")
+    return img
 
 
 def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_size=None):
@@ -71,9 +65,9 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
         w, h = probe.loader(probe.samples[0][0]).size
         if w != h:
             raise DataError(f"{probe.samples[0][0]}: image is {w}x{h}, not square; pass image_size to resize and crop")
-        size, geo = w, [_CheckSize(w, root)]
+        size, geo, check = w, [], w
     else:
-        size, geo = int(image_size), [T.Resize(int(image_size), antialias=True), T.CenterCrop(int(image_size))]
+        size, geo, check = int(image_size), [T.Resize(int(image_size), antialias=True), T.CenterCrop(int(image_size))], None
     aug = Augment(pad=max(1, size // 8), flip=True) if augment else None
     mean, std = IMAGENET["mean"], IMAGENET["std"]
 
@@ -83,7 +77,7 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
         return T.Compose(ts + ([extra] if extra is not None else []))
 
     def make(split_dir, with_aug):
-        return _folder(split_dir, transform(with_aug))
+        return _folder(split_dir, transform(with_aug), check)
 
     train_a, test = make(root / "train", augment), make(test_dir, False)
     if test.classes != train_a.classes:
