@@ -671,23 +671,18 @@ def test_bad_data_truncated_archives(tmp_path, capsys):
     _assert_one_line_error(rc, err, str(d / "data_batch_3"), "truncated or corrupt")
 
 
-def test_bad_data_wrong_checksum(tmp_path, monkeypatch):
-    """A download whose md5 is wrong (a partial or tampered file): one-line DataError naming it.
-    (``crosslayer train`` has no --download flag, so this goes through the data API.)"""
+def test_bad_data_wrong_checksum(tmp_path, monkeypatch, capsys):
+    """--download fetches a file whose md5 is wrong (partial or tampered): one line naming it."""
+    from pathlib import Path
+
     import torchvision.datasets.utils as tvu
 
-    from crosslayer.data import load_dataset
-    from crosslayer.errors import DataError
-
-    def fake_download(url, root, filename=None, md5=None):
+    def fake_download(url, root, filename=None, md5=None):  # no network in tests: a bad "download"
         (Path(root) / filename).write_bytes(b"not the real archive")
 
-    from pathlib import Path
     monkeypatch.setattr(tvu, "download_url", fake_download)
-    with pytest.raises(DataError) as ei:
-        load_dataset("c10", data_dir=tmp_path, download=True)
-    msg = str(ei.value)
-    assert msg.startswith(str(tmp_path / "cifar-10-python.tar.gz")) and "checksum" in msg and "\n" not in msg
+    rc, _, err = _train_bad(capsys, tmp_path, "c10", "--data-dir", tmp_path / "dl", "--download")
+    _assert_one_line_error(rc, err, str(tmp_path / "dl" / "cifar-10-python.tar.gz"), "bad checksum")
 
 
 def test_bad_data_wrong_shapes(tmp_path, capsys):
