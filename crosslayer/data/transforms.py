@@ -34,14 +34,6 @@ def norm_affine(mean, std, device=None):
     return 1.0 / (255.0 * std), -mean / std
 
 
-def normalize_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N,C,H,W) or (C,H,W) -> normalised float32."""
-    scale, shift = norm_affine(mean, std, x.device)
-    if x.dim() == 3:
-        return (x.float().unsqueeze(0) * scale + shift).squeeze(0)
-    return x.float() * scale + shift
-
-
 def sample_transform(aug: Augment | None, size) -> T.Compose | None:
     """Per-sample torchvision transform applied AFTER normalisation (None = no augmentation)."""
     if aug is None:
