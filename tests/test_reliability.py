@@ -840,3 +840,16 @@ def test_sigkill_during_checkpoint_writes_always_leaves_a_loadable_checkpoint(tm
         steps.append(state["step"])
         assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     assert all(s >= 1 for s in steps)
+
+
+def test_new_run_into_existing_run_dir_is_refused(tmp_path, capsys):
+    """Starting a run (without --resume) into a directory that holds one would overwrite its
+    checkpoints: refused with one line, nothing touched."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "densenet_bc40_k12", *TINY, "--limit", "16", "--epochs", "1", "--out", out]
+    rc, _, err = _cli(capsys, *args)
+    assert rc == 0, err
+    before = (out / "last.pt").read_bytes()
+    rc, _, err = _cli(capsys, *args)
+    _assert_one_line_error(rc, err, str(out), "--resume")
+    assert (out / "last.pt").read_bytes() == before
