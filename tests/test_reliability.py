@@ -80,6 +80,7 @@ def test_roundtrip_weights_only_and_contents(tmp_path):
     raw = torch.load(p, weights_only=True)  # the format itself is weights_only-safe
     assert _same(raw, state)
     assert _same(load_checkpoint(p), state)
+    assert load_checkpoint(p)["model"]._metadata == state["model"]._metadata  # module versions kept
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 

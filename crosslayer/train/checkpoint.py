@@ -83,6 +83,9 @@ def _plain(obj, where: str = "state"):
             out = {}
         for k, v in obj.items():
             out[_plain(k, where)] = _plain(v, f"{where}[{k!r}]")
+        meta = getattr(obj, "_metadata", None)  # state_dict module versions, used by load_state_dict
+        if isinstance(meta, dict) and isinstance(out, collections.OrderedDict):
+            out._metadata = _plain(meta, f"{where}._metadata")
         return out
     if isinstance(obj, (list, tuple, set)):
         items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
