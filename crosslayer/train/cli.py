@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="data set: c10, c10+, c100, c100+, svhn, fashion-mnist(+), mnist(+), synthetic, "
                                   "imagefolder:ROOT")
     g.add_argument("--data-dir", default=None, help="folder with the data set files (default: the standard places)")
+    g.add_argument("--download", action="store_true", help="download missing data set files from the official URLs "
+                                                             "(md5-checked) into --data-dir or ~/.cache/crosslayer")
     g.add_argument("--preset", default="densenet", choices=list(PRESETS), help="training protocol (default densenet)")
     g.add_argument("--out", help="run directory (config.json, metrics.csv, last.pt, best.pt, results.json)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (or last.pt.prev)")
@@ -119,7 +121,8 @@ def build_config(args) -> dict:
     if args.epochs is not None and args.iterations is None:
         cfg["iterations"] = None
     cfg.update(
-        model=args.model, data=args.data, data_dir=args.data_dir, preset=args.preset, limit=args.limit,
+        model=args.model, data=args.data, data_dir=args.data_dir, download=args.download, preset=args.preset,
+        limit=args.limit,
         model_kwargs=dict(args.model_arg), seed=args.seed, deterministic=args.deterministic,
         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         memory_efficient=args.memory_efficient, sync_bn=args.sync_bn, device=args.device,

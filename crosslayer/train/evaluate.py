@@ -1,9 +1,113 @@
-"""Placeholder sub-command (being written)."""
+"""``crosslayer eval``: error %, per-class accuracy and the confusion matrix of a checkpoint.
+
+    crosslayer eval --checkpoint runs/demo/best.pt --data fashion-mnist [--out DIR]
+
+Prints a table and writes ``eval.json`` {"error", "accuracy", "per_class_accuracy", "confusion",
+...} and ``confusion.csv`` (rows = true class, columns = predicted class) into ``--out`` (default:
+the checkpoint's folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import torch
+
+from crosslayer.errors import CrosslayerError
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by `crosslayer train` (best.pt, last.pt)")
+    parser.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
+    parser.add_argument("--data-dir", default=None, help="folder with the data set files")
+    parser.add_argument("--split", default="test", choices=("test", "val", "train"), help="split to evaluate")
+    parser.add_argument("--val-size", type=int, default=None, help="validation split size (default: the run's)")
+    parser.add_argument("--out", default=None, help="where to write eval.json and confusion.csv (default: next to "
+                                                    "the checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--channels-last", action="store_true")
 
 
-def main(args):
-    raise SystemExit("not implemented yet")
+def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | None = None, split: str = "test",
+                        batch_size: int = 256, device: str = "auto", amp: str = "none", data_dir=None,
+                        limit: int | None = None, val_size: int | None = None, channels_last: bool = False,
+                        quiet: bool = False) -> dict:
+    """Evaluate ``checkpoint`` on ``data``; writes eval.json + confusion.csv into ``out``; returns the result."""
+    from crosslayer.data import build_loader, load_dataset
+    from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
+    from crosslayer.train.distributed import pick_device
+    from crosslayer.train.loop import evaluate, write_json
+
+    ckpt_cfg = (load_checkpoint(checkpoint).get("config") or {})
+    data = data or ckpt_cfg.get("data")
+    if not data:
+        raise CrosslayerError(f"{checkpoint}: the checkpoint does not name its data set; pass --data")
+    if val_size is None:
+        val_size = int(ckpt_cfg.get("val_size") or 0) if split == "val" or data == ckpt_cfg.get("data") else 0
+    if split == "val" and not val_size:
+        raise CrosslayerError(f"{checkpoint}: --split val needs a validation split (--val-size N)")
+    bundle = load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), val_size=val_size,
+                          seed=int(ckpt_cfg.get("seed") or 0), limit=limit)
+    dev = pick_device(device)
+    model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu", num_classes=bundle.num_classes,
+                                             in_channels=bundle.in_channels, data=f"data {bundle.name}")
+    model.to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = build_loader(bundle, split, batch_size, dev, train=False, channels_last=channels_last)
+    try:
+        res = evaluate(model, loader, amp, dev, bundle.num_classes, confusion=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise CrosslayerError(f"{checkpoint}: model {ckpt_cfg.get('model')} cannot take data {bundle.name} "
+                              f"({bundle.in_channels}x{bundle.image_size}x{bundle.image_size}): {first}") from None
+    conf = res["confusion"]
+    classes = [str(c) for c in bundle.classes]
+    support = conf.sum(1)
+    per_class = {c: (float(conf[i, i]) / float(support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    acc = 100.0 - res["err"]
+    result = {"checkpoint": os.path.abspath(checkpoint), "model": ckpt_cfg.get("model"), "data": bundle.name,
+              "split": split, "images": res["count"], "error": res["err"], "accuracy": acc, "loss": res["loss"],
+              "epoch": ckpt.get("epoch"), "per_class_accuracy": per_class, "classes": classes,
+              "confusion": conf.tolist()}
+    out = out or os.path.dirname(os.path.abspath(checkpoint))
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "eval.json"), result)
+    with open(os.path.join(out, "confusion.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true\\pred"] + classes)
+        for c, row in zip(classes, conf.tolist()):
+            w.writerow([c] + row)
+    if not quiet:
+        print(format_eval(result))
+        print(f"wrote {os.path.join(out, 'eval.json')} and {os.path.join(out, 'confusion.csv')}")
+    return result
+
+
+def format_eval(r: dict) -> str:
+    classes = r["classes"]
+    width = max(8, max(len(c) for c in classes) + 1)
+    lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['images']} images): error {r['error']:.2f}%  "
+             f"accuracy {r['accuracy']:.2f}%  loss {r['loss']:.4f}", "",
+             f"{'class':<{width}} {'accuracy':>8}"]
+    for c in classes:
+        a = r["per_class_accuracy"][c]
+        lines.append(f"{c:<{width}} {'-' if a is None else f'{100 * a:.2f}%':>8}")
+    lines.append("")
+    lines.append("confusion matrix (rows: true class, columns: predicted)")
+    short = [c[:6] for c in classes]
+    lines.append(" " * width + " ".join(f"{s:>6}" for s in short))
+    for c, row in zip(classes, r["confusion"]):
+        lines.append(f"{c:<{width}}" + " ".join(f"{v:>6}" for v in row))
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    evaluate_checkpoint(args.checkpoint, args.data, out=args.out, split=args.split, batch_size=args.batch_size,
+                        device=args.device, amp=args.amp, data_dir=args.data_dir, limit=args.limit,
+                        val_size=args.val_size, channels_last=args.channels_last)
+    return 0

@@ -37,7 +37,7 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_err", "test_loss", "test_e
 # Options that only control how a run executes: on --resume they come from the command line,
 # everything else (the hyper-parameters) from the checkpoint's config.
 RUN_CONTROL = ("max_steps", "checkpoint_every", "progress", "tensorboard", "compile", "num_workers",
-               "device", "command", "data_dir", "quiet")
+               "device", "command", "data_dir", "download", "quiet")
 
 
 class TrainingError(CrosslayerError):
@@ -322,7 +322,7 @@ class Trainer:
         set_deterministic(cfg["deterministic"], self.device)
 
         bundle = load_dataset(cfg["data"], data_dir=cfg.get("data_dir"), val_size=int(cfg.get("val_size") or 0),
-                              seed=int(cfg["seed"]), limit=cfg.get("limit"))
+                              seed=int(cfg["seed"]), limit=cfg.get("limit"), download=bool(cfg.get("download")))
         self.bundle = bundle
         if cfg.get("num_classes") is not None and int(cfg["num_classes"]) != bundle.num_classes:
             raise TrainingError(f"{cfg['model']} was set up for {cfg['num_classes']} classes but data {bundle.name} "
@@ -374,7 +374,7 @@ class Trainer:
                        params=count_params(model),
                        macs=count_macs_at(cfg["model"], bundle.num_classes, bundle.in_channels, bundle.image_size,
                                           cfg["model_kwargs"]),
-                       torch_version=torch.__version__, _resolved=True)
+                       torch_version=str(torch.__version__), _resolved=True)
         elif int(cfg.get("steps_per_epoch", spe)) != spe:
             raise TrainingError(f"{self.out_dir}: the checkpoint was trained with {cfg['steps_per_epoch']} batches per "
                                 f"epoch but this launch gives {spe} (different --limit, data or number of processes)")
@@ -414,7 +414,8 @@ class Trainer:
             self.optimizer.load_state_dict(st["optimizer"])
             if st.get("scheduler"):
                 sd = dict(st["scheduler"])
-                sd.pop("lr_lambdas", None)
+                # LambdaLR.load_state_dict pops "lr_lambdas" (None for plain functions): supply it
+                sd["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)
                 self.scheduler.load_state_dict(sd)
             if self.scaler is not None and st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
