@@ -444,7 +444,6 @@ def _assert_one_line_error(rc, err, *needles):
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
-    print("ONE-LINE:", lines[0], file=sys.__stderr__)
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
     return lines[0]
@@ -518,12 +517,13 @@ def test_sigterm_sigint_save_a_checkpoint_then_resume(tmp_path, sig, code):
     one-line note; --resume then completes the run."""
     out = tmp_path / "run"
     # no --checkpoint-every: the only mid-epoch checkpoint can come from the signal
-    # 96 images / batch 16 = 6 steps per epoch
-    p = subprocess.Popen(_train_cmd(out, "--epochs", "2", "--limit", "96"), stdout=subprocess.PIPE,
+    # 128 images / batch 16 = 8 steps per epoch
+    p = subprocess.Popen(_train_cmd(out, "--epochs", "2", "--limit", "128"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        _wait_for(lambda: (out / "last.pt").exists(), p, every=0.01)  # epoch 1 done (step 6)
-        time.sleep(0.3)  # into epoch 2 (a signal at the epoch end stops there, with nothing to save)
+        _wait_for(lambda: (out / "last.pt").exists(), p, every=0.01)  # epoch 1 done (step 8)
+        # past the epoch-end saves, into epoch 2 (a signal at an epoch end stops there, nothing to save)
+        time.sleep(0.25)
         p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=60)
     finally:
@@ -533,12 +533,12 @@ def test_sigterm_sigint_save_a_checkpoint_then_resume(tmp_path, sig, code):
     assert p.returncode == code, stderr
     assert "Traceback" not in stderr
     step, batch = _ckpt_step(out / "last.pt")
-    assert step > 6 and batch > 0, (step, batch)  # saved on the signal, inside epoch 2
+    assert step > 8 and batch > 0, (step, batch)  # saved on the signal, inside epoch 2
     assert f"stopped by {sig.name} at epoch 2, batch {batch}, step {step}" in stdout and "--resume" in stdout
     assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
     r = _run([PY, "-m", "crosslayer", "train", "--out", str(out), "--resume", "--no-progress"])
     assert r.returncode == 0, r.stderr
-    assert _ckpt_step(out / "last.pt") == (12, 0)
+    assert _ckpt_step(out / "last.pt") == (16, 0)
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
 
 
