@@ -67,4 +67,8 @@ def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update_stats: bool = True) -
     (the bug of torchvision's ``memory_efficient`` DenseNet, pytorch/pytorch#96136)."""
     if update_stats or not bn.training:
         return bn(x)
-    return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    # throw-away copies of the running statistics: the recomputation must save the same tensors
+    # as the original forward (non-reentrant checkpoint checks their number), but update nothing
+    rm = bn.running_mean.clone() if bn.running_mean is not None else None
+    rv = bn.running_var.clone() if bn.running_var is not None else None
+    return F.batch_norm(x, rm, rv, bn.weight, bn.bias, True, 0.0, bn.eps)

@@ -26,6 +26,226 @@ from crosslayer.models._registry import register_model
 PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"
 
 
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _like(shape, ref: torch.Tensor, dtype=None, zero=False) -> torch.Tensor:
+    """A new tensor of ``shape`` in ``ref``'s memory format (channels_last or contiguous)."""
+    fmt = (torch.channels_last if ref.dim() == 4 and not ref.is_contiguous()
+           and ref.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    make = torch.zeros if zero else torch.empty
+    return make(shape, dtype=dtype or ref.dtype, device=ref.device).contiguous(memory_format=fmt)
+
+
+class _SharedNorm:
+    """Shared normalisation of one dense block (training mode).
+
+    Every consumer of a feature map (each later dense layer, the transition, the final norm) would
+    batch-normalise it with the same batch statistics, so each feature map is normalised ONCE, as
+    it is produced, into a preallocated block buffer ``hat`` (N, C_total, H, W); a consumer reading
+    the first C channels takes the view ``hat[:, :C]`` (no concatenation copy) and applies only its
+    own affine + ReLU. In backward each consumer adds its gradient into one block gradient buffer
+    in place, and each feature map's normalisation backward reads its slice of that buffer once
+    (no per-consumer gradient tensors, no autograd accumulation). Outputs, gradients and running
+    statistics equal the plain per-layer form (tests/test_memory_efficient.py).
+    """
+
+    def __init__(self, x0: torch.Tensor, total_channels: int, eps: float):
+        n, _, h, w = x0.shape
+        self.eps, self.total, self.width = eps, total_channels, 0
+        self.hat = _like((n, total_channels, h, w), x0)
+        self.grad: torch.Tensor | None = None  # allocated by the first consumer's backward
+        self.scratch: torch.Tensor | None = None  # reused ReLU output of the memory-efficient mode
+        self.means = torch.zeros(total_channels, device=x0.device, dtype=torch.float32)
+        self.vars = torch.zeros(total_channels, device=x0.device, dtype=torch.float32)
+        self.handles: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        self.handles.append(_NormalizeInto.apply(x, self))
+
+    def grad_slice(self, c0: int, c1: int) -> torch.Tensor:
+        if self.grad is None:
+            self.grad = _like(self.hat.shape, self.hat, torch.promote_types(self.hat.dtype, torch.float32), zero=True)
+        return self.grad[:, c0:c1]
+
+    def relu_out(self, c: int, recompute: bool) -> torch.Tensor:
+        """Where a consumer's ReLU output goes: a fresh tensor (fast mode: it is kept for backward)
+        or a slice of one block scratch buffer (memory-efficient mode: it is recomputed)."""
+        n, _, h, w = self.hat.shape
+        if not recompute:
+            return _like((n, c, h, w), self.hat)
+        if self.scratch is None:
+            self.scratch = torch.empty(self.hat.numel(), dtype=self.hat.dtype, device=self.hat.device)
+        flat = self.scratch[:n * c * h * w]
+        if self.hat.is_contiguous():
+            return flat.view(n, c, h, w)
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+
+    def consume(self, bn: nn.BatchNorm2d, conv: nn.Conv2d | None, recompute: bool) -> torch.Tensor:
+        """conv(relu(bn(cat(features)))) with ``bn``'s running statistics updated exactly as its
+        own training-mode forward would (one update per step)."""
+        c = self.width
+        if bn.training and bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.mul_(1 - f).add_(self.means[:c].to(bn.running_mean.dtype), alpha=f)
+                bn.running_var.mul_(1 - f).add_(self.vars[:c].to(bn.running_var.dtype), alpha=f)
+        if conv is None:
+            return _AffineReLUConv.apply(bn.weight, bn.bias, None, None, self, c, recompute, *self.handles)
+        if conv.stride != (1, 1) or conv.groups != 1 or conv.bias is not None or conv.dilation != (1, 1):
+            raise ValueError("shared normalisation expects a stride-1, bias-free convolution")
+        return _AffineReLUConv.apply(bn.weight, bn.bias, conv.weight, conv.padding, self, c, recompute, *self.handles)
+
+
+class _NormalizeInto(torch.autograd.Function):
+    """Affine-free training-mode batch norm of one feature map, written into its slice of the block
+    buffer. Returns an empty handle tensor that links the consumers to this node in the graph; the
+    gradient arrives through the block gradient buffer, after every consumer's backward has run."""
+
+    @staticmethod
+    def forward(ctx, x, state):
+        ctx.set_materialize_grads(False)
+        c0, c1 = state.width, state.width + x.shape[1]
+        # momentum 1: the "running" slices receive exactly the batch mean and unbiased variance
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, None, None, state.means[c0:c1], state.vars[c0:c1], True, 1.0, state.eps)
+        state.hat[:, c0:c1].copy_(out)
+        state.width = c1
+        saved = (x, mean, invstd)
+        if c1 == state.total:  # the buffer is complete: let saved-tensor hooks see (and count) it once
+            saved += (state.hat,)
+        ctx.save_for_backward(*saved)
+        ctx.state, ctx.c0, ctx.c1 = state, c0, c1
+        return x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _unused):
+        x, mean, invstd = ctx.saved_tensors[:3]
+        state = ctx.state
+        if state.grad is None:
+            return None, None
+        g = state.grad[:, ctx.c0:ctx.c1]
+        gx = torch.ops.aten.native_batch_norm_backward(g.to(x.dtype), x, None, None, None, mean, invstd, True,
+                                                       state.eps, [True, False, False])[0]
+        return gx, None
+
+
+class _AffineReLUConv(torch.autograd.Function):
+    """out = conv(relu(hat[:, :C] * weight + bias)): one consumer of a block's shared normalisation.
+
+    Stores the ReLU output (``recompute=False``) or nothing (``recompute=True``: the affine + ReLU
+    of the buffer view is recomputed in backward; the convolution is not re-run). Both settings
+    give bit-identical results.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, conv_weight, padding, state, c, recompute, *handles):
+        ctx.set_materialize_grads(False)
+        ctx.padding, ctx.recompute, ctx.n, ctx.state, ctx.c = padding, recompute, len(handles), state, c
+        ctx.dtype = _autocast_dtype(state.hat)
+        with torch.autocast(state.hat.device.type, enabled=False):
+            y = _AffineReLUConv.affine_relu(state, c, weight, bias, recompute)
+            out = y
+            if conv_weight is not None:
+                dt = ctx.dtype or y.dtype
+                out = F.conv2d(y.to(dt), conv_weight.to(dt), None, 1, padding)
+            elif recompute:
+                out = y.clone()  # the caller keeps it; the scratch buffer is reused
+        ctx.save_for_backward(weight, bias, conv_weight, *(() if recompute else (y,)))
+        return out
+
+    @staticmethod
+    def affine_relu(state, c, weight, bias, recompute):
+        z = state.hat[:, :c]
+        y = state.relu_out(c, recompute)
+        torch.addcmul(bias.to(z.dtype)[:, None, None], z, weight.to(z.dtype)[:, None, None], out=y)
+        return y.relu_()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, bias, conv_weight, *rest = ctx.saved_tensors
+        state, c = ctx.state, ctx.c
+        none = (None,) * (4 + ctx.n)
+        if grad_out is None:
+            return (None, None, None) + none
+        with torch.autocast(state.hat.device.type, enabled=False):
+            y = _AffineReLUConv.affine_relu(state, c, weight, bias, True) if ctx.recompute else rest[0]
+            grad_cw = None
+            if conv_weight is not None:
+                dt = ctx.dtype or y.dtype
+                grad_y, grad_cw, _ = torch.ops.aten.convolution_backward(
+                    grad_out.to(dt), y.to(dt), conv_weight.to(dt), None, [1, 1], list(ctx.padding), [1, 1], False,
+                    [0, 0], 1, [True, ctx.needs_input_grad[2], False])
+                grad_cw = grad_cw.to(conv_weight.dtype) if grad_cw is not None else None
+                grad_y = grad_y.to(y.dtype)
+                grad_a = torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+            else:
+                grad_a = torch.ops.aten.threshold_backward(grad_out.to(y.dtype), y, 0)
+            z = state.hat[:, :c]
+            mixed = z.dtype != weight.dtype
+            _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_a.float() if mixed else grad_a, z.float() if mixed else z, weight, torch.zeros_like(weight),
+                torch.ones_like(weight), None, None, False, 0.0, [False, True, True])
+            state.grad_slice(0, c).addcmul_(grad_a, weight[:, None, None])
+        return (grad_w, grad_b, grad_cw) + none
+
+
+class _BNReLUConv(torch.autograd.Function):
+    """out = conv(relu(batch_norm(x))) in training mode (the bottleneck's norm2-relu2-conv2), with
+    the running statistics updated once in forward. Stores x and the batch statistics, plus the
+    ReLU output unless ``recompute`` (memory-efficient mode: recomputed in backward, same formula,
+    so both modes are bit-identical)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_weight, bn, padding, recompute):
+        ctx.set_materialize_grads(False)
+        ctx.padding, ctx.recompute, ctx.eps = padding, recompute, bn.eps
+        ctx.dtype = _autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+            invstd = torch.rsqrt(var + bn.eps)
+            if bn.track_running_stats:
+                bn.num_batches_tracked.add_(1)
+                f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                n = x.numel() // x.shape[1]
+                bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
+                bn.running_var.mul_(1 - f).add_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), alpha=f)
+            y = _BNReLUConv.normalize_relu(x, weight, bias, mean, invstd)
+            dt = ctx.dtype or y.dtype
+            out = F.conv2d(y.to(dt), conv_weight.to(dt), None, 1, padding)
+        ctx.save_for_backward(x, weight, bias, conv_weight, mean, invstd, *(() if recompute else (y,)))
+        return out
+
+    @staticmethod
+    def normalize_relu(x, weight, bias, mean, invstd):
+        alpha = invstd * weight
+        beta = bias - mean * alpha
+        return torch.addcmul(beta.to(x.dtype)[:, None, None], x, alpha.to(x.dtype)[:, None, None]).relu_()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, conv_weight, mean, invstd, *rest = ctx.saved_tensors
+        if grad_out is None:
+            return (None,) * 7
+        with torch.autocast(x.device.type, enabled=False):
+            y = _BNReLUConv.normalize_relu(x, weight, bias, mean, invstd) if ctx.recompute else rest[0]
+            dt = ctx.dtype or y.dtype
+            grad_y, grad_cw, _ = torch.ops.aten.convolution_backward(
+                grad_out.to(dt), y.to(dt), conv_weight.to(dt), None, [1, 1], list(ctx.padding), [1, 1], False,
+                [0, 0], 1, [True, ctx.needs_input_grad[3], False])
+            grad_cw = grad_cw.to(conv_weight.dtype) if grad_cw is not None else None
+            grad_y = grad_y.to(y.dtype)
+            grad_a = torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+            mixed = x.dtype != weight.dtype
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad_a.float() if mixed else grad_a, x.float() if mixed else x, weight, None, None, mean, invstd,
+                True, ctx.eps, [True, True, True])
+        return gx.to(x.dtype), gw, gb, grad_cw, None, None, None
+
+
 class DenseLayer(nn.Module):
     """Composite function H_l of Eq. (2), x_l = H_l([x_0, x_1, ..., x_{l-1}]).
 
@@ -40,6 +260,7 @@ class DenseLayer(nn.Module):
                  drop_rate: float = 0.0, memory_efficient: bool = False):
         super().__init__()
         self.bottleneck = bottleneck
+        self.growth_rate = growth_rate
         self.drop_rate = drop_rate
         self.memory_efficient = memory_efficient
         self.norm1 = nn.BatchNorm2d(in_channels)
@@ -73,11 +294,22 @@ class DenseLayer(nn.Module):
             out = self._first_checkpointed(features)
         else:
             out = self._first(features)
+        return self._second(out)
+
+    def _second(self, out: torch.Tensor) -> torch.Tensor:
         out = F.dropout(out, self.drop_rate, self.training) if self.drop_rate > 0 else out
         if self.bottleneck:
             out = self.conv2(self.relu2(self.norm2(out)))
             out = F.dropout(out, self.drop_rate, self.training) if self.drop_rate > 0 else out
         return out
+
+    def forward_shared(self, feats: _SharedNorm) -> torch.Tensor:
+        """Training-mode forward on the block's shared normalised features (same math as ``forward``)."""
+        out = feats.consume(self.norm1, self.conv1, self.memory_efficient)
+        if not self.bottleneck or self.drop_rate > 0 or not self.norm2.training:
+            return self._second(out)
+        c2, n2 = self.conv2, self.norm2
+        return _BNReLUConv.apply(out, n2.weight, n2.bias, c2.weight, n2, c2.padding, self.memory_efficient)
 
 
 class DenseBlock(nn.ModuleDict):
@@ -95,6 +327,14 @@ class DenseBlock(nn.ModuleDict):
             features.append(layer(features))
         return torch.cat(features, 1)
 
+    def forward_shared(self, x: torch.Tensor, eps: float) -> _SharedNorm:
+        layers = list(self.values())
+        feats = _SharedNorm(x, x.shape[1] + sum(layer.growth_rate for layer in layers), eps)
+        feats.add(x)
+        for layer in self.values():
+            feats.add(layer.forward_shared(feats))
+        return feats
+
 
 class Transition(nn.Sequential):
     """Transition layer (Sec. 3 "Pooling layers", "Compression"): BN-ReLU-Conv1x1(floor(theta*m))
@@ -108,6 +348,12 @@ class Transition(nn.Sequential):
         if drop_rate > 0:
             self.add_module("drop", nn.Dropout(drop_rate))
         self.add_module("pool", nn.AvgPool2d(2, 2))
+
+    def forward_shared(self, feats: _SharedNorm, recompute: bool) -> torch.Tensor:
+        out = feats.consume(self.norm, self.conv, recompute)
+        if hasattr(self, "drop"):
+            out = self.drop(out)
+        return self.pool(out)
 
 
 class DenseNet(ClassifierMixin, nn.Module):
@@ -149,18 +395,47 @@ class DenseNet(ClassifierMixin, nn.Module):
         self.features.add_module("norm5", nn.BatchNorm2d(channels))  # torchvision's name, any depth
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = nn.Linear(channels, num_classes)
+        self.memory_efficient = memory_efficient
+        # Training mode: normalise every feature map once and share it among its consumers
+        # (identical math; see _SharedNorm). False = the plain per-layer cat-BN-ReLU-conv form.
+        self.shared_norm = True
         init_he_fan_out(self)
 
     def set_memory_efficient(self, enabled: bool = True) -> None:
-        """Switch the checkpointed (memory-efficient) mode on or off; weights are unchanged."""
+        """Switch the memory-efficient mode on or off; weights are unchanged. With shared
+        normalisation nothing quadratic in the block depth is stored: the concatenation and each
+        consumer's affine + ReLU are recomputed in backward. BatchNorm running statistics are
+        updated once per step in either mode."""
+        self.memory_efficient = enabled
         for m in self.modules():
             if isinstance(m, DenseLayer):
                 m.memory_efficient = enabled
 
     set_grad_checkpointing = set_memory_efficient  # timm's name
 
+    def _use_shared_norm(self) -> bool:
+        if not (self.shared_norm and self.training) or torch.compiler.is_compiling():
+            return False  # torch.compile / torch.export trace the plain form, which they fuse themselves
+        consumers = [m.norm1 for m in self.modules() if isinstance(m, DenseLayer)]
+        consumers += [m.norm for m in self.features.children() if isinstance(m, Transition)] + [self.features.norm5]
+        eps = consumers[0].eps
+        return all(bn.affine and bn.eps == eps for bn in consumers)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.features(x))
+        if not self._use_shared_norm():
+            return F.relu(self.features(x))
+        eps = self.features.norm5.eps
+        feats = None
+        for name, module in self.features.named_children():
+            if isinstance(module, DenseBlock):
+                feats = module.forward_shared(x, eps)
+            elif isinstance(module, Transition):
+                x = module.forward_shared(feats, self.memory_efficient)
+            elif name == "norm5":
+                return feats.consume(module, None, self.memory_efficient)
+            else:
+                x = module(x)
+        raise RuntimeError("DenseNet.features must end with norm5")
 
 
 def densenet_cifar(depth: int, growth_rate: int, bottleneck: bool, compression: float,

@@ -1,0 +1,92 @@
+"""DelugeNet-146 (CIFAR 32x32): our shared-normalisation implementation against the straightforward
+per-consumer form (every cross-layer depthwise convolution normalises each of its inputs itself, as
+the official Lua module does; ``tests/reference_delugenet.py``), same weights, in one run.
+
+    python -m benchmarks.delugenet [--quick] [--device cuda --amp bf16 --channels-last --compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import crosslayer
+from crosslayer.models.cli import count_macs
+from benchmarks import core
+
+MODEL = "delugenet146"
+PARAMS = 6_686_250
+
+
+def reference(num_classes: int = 10):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.reference_delugenet import ReferenceDelugeNet  # the per-consumer form the tests prove equal
+
+    return ReferenceDelugeNet(crosslayer.create_model(MODEL, num_classes=num_classes))
+
+
+def configs() -> dict[str, core.Config]:
+    return {
+        "reference": core.Config("reference", "per-consumer normalisation (tests/reference_delugenet.py)", reference,
+                                 note="its parameter count includes a second copy of the CLDC weights"),
+        "ours": core.Config("ours", "crosslayer delugenet146 (shared normalisation)",
+                            lambda n: crosslayer.create_model(MODEL, num_classes=n)),
+        "ours_me": core.Config("ours_me", "crosslayer delugenet146 (memory_efficient=True)",
+                               lambda n: crosslayer.create_model(MODEL, num_classes=n, memory_efficient=True)),
+    }
+
+
+def summarize(res: dict) -> tuple[str, dict]:
+    r = lambda a, b, k: core.ratio(res, a, b, k)  # noqa: E731
+    goals = {"train_speedup_vs_reference": r("ours", "reference", "train_img_s"),
+             "infer_speedup_vs_reference": r("ours", "reference", "infer_img_s"),
+             "me_slowdown_vs_fast": 1 - r("ours_me", "ours", "train_img_s")}
+    lines = [f"- training throughput, shared / per-consumer normalisation: **{goals['train_speedup_vs_reference']:.2f}×** "
+             f"(goal ≥ 2×); inference {goals['infer_speedup_vs_reference']:.2f}×",
+             f"- memory-efficient slowdown vs our fast mode: {goals['me_slowdown_vs_fast'] * 100:.0f}%"]
+    if "peak_mb" in res["configs"]["ours"]:
+        goals["peak_vs_reference"] = r("ours", "reference", "peak_mb")
+        goals["me_peak_vs_reference"] = r("ours_me", "reference", "peak_mb")
+        goals["me_peak_vs_fast"] = r("ours_me", "ours", "peak_mb")
+        lines.append(f"- peak step memory vs the reference: ours {goals['peak_vs_reference'] * 100:.0f}%, "
+                     f"memory-efficient {goals['me_peak_vs_reference'] * 100:.0f}% "
+                     f"({goals['me_peak_vs_fast'] * 100:.0f}% of our fast mode)")
+    return "\n".join(lines), goals
+
+
+def run(opts: core.Options, log=print) -> dict:
+    cfgs = configs()
+    macs = count_macs(MODEL, opts.num_classes)
+    res = core.run_suite("delugenet", cfgs, opts, {k: 2 * macs for k in cfgs}, log=log)
+    if opts.num_classes == 10 and res["configs"]["ours"]["params"] != PARAMS:
+        raise AssertionError(f"delugenet146 has {res['configs']['ours']['params']:,} parameters, expected {PARAMS:,}")
+    res["summary"], res["goals"] = summarize(res)
+    return res
+
+
+def markdown(res: dict, command: str) -> str:
+    return "\n\n".join([core.report_header(res, command), core.format_results(res, "reference"), res["summary"]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    core.add_common_arguments(p)
+    args = p.parse_args(argv)
+    res = run(core.options_from_args(args))
+    command = "python -m benchmarks.delugenet " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(res, command.strip())
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.write_docs:
+        core.update_markdown_section(args.write_docs, "bench:delugenet", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

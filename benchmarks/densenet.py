@@ -1,0 +1,120 @@
+"""DenseNet-BC-100 (k=12, CIFAR 32x32) against torchvision's DenseNet code built to the identical
+architecture: training / inference images per second and peak memory, in one run, side by side.
+
+    python -m benchmarks.densenet [--quick] [--device cuda --amp bf16 --channels-last --compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch.nn as nn
+
+import crosslayer
+from crosslayer.models.cli import count_macs
+from benchmarks import core
+
+MODEL = "densenet_bc100_k12"
+PARAMS = 769_162  # densenet.md §3, 10 classes
+
+
+def torchvision_densenet_bc100(num_classes: int = 10, memory_efficient: bool = False) -> nn.Module:
+    """torchvision's DenseNet class with our CIFAR DenseNet-BC-100 geometry: growth 12, blocks
+    (16, 16, 16), 24 initial features, bottleneck 4k, compression 0.5 (torchvision's transitions
+    always halve), and its ImageNet stem (7x7/2 conv, BN, ReLU, max-pool) replaced by one 3x3
+    conv with 24 outputs. Same parameter count as ours (769,162 at 10 classes)."""
+    from torchvision.models.densenet import DenseNet
+
+    m = DenseNet(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, bn_size=4, drop_rate=0,
+                 num_classes=num_classes, memory_efficient=memory_efficient)
+    m.features.conv0 = nn.Conv2d(3, 24, 3, padding=1, bias=False)
+    del m.features.norm0, m.features.relu0, m.features.pool0
+    nn.init.kaiming_normal_(m.features.conv0.weight)
+    return m
+
+
+def _ours(memory_efficient: bool = False, shared_norm: bool = True):
+    def build(num_classes):
+        m = crosslayer.create_model(MODEL, num_classes=num_classes, memory_efficient=memory_efficient)
+        m.shared_norm = shared_norm
+        return m
+    return build
+
+
+def configs() -> dict[str, core.Config]:
+    return {
+        "torchvision": core.Config("torchvision", "torchvision DenseNet (memory_efficient=False, its default)",
+                                   lambda n: torchvision_densenet_bc100(n, False)),
+        "torchvision_me": core.Config("torchvision_me", "torchvision DenseNet (memory_efficient=True)",
+                                      lambda n: torchvision_densenet_bc100(n, True)),
+        "ours": core.Config("ours", "crosslayer densenet_bc100_k12 (fast: shared normalisation)", _ours()),
+        "ours_me": core.Config("ours_me", "crosslayer densenet_bc100_k12 (memory_efficient=True)", _ours(True)),
+        "ours_plain": core.Config("ours_plain", "crosslayer, plain per-layer cat-BN-ReLU (shared_norm=False)",
+                                  _ours(False, False)),
+    }
+
+
+def summarize(res: dict) -> tuple[str, dict]:
+    r = lambda a, b, k: core.ratio(res, a, b, k)  # noqa: E731
+    goals = {
+        "train_speedup_vs_torchvision": r("ours", "torchvision", "train_img_s"),
+        "infer_speedup_vs_torchvision": r("ours", "torchvision", "infer_img_s"),
+        "train_speedup_vs_plain": r("ours", "ours_plain", "train_img_s"),
+        "me_slowdown_vs_fast": 1 - r("ours_me", "ours", "train_img_s"),
+        "torchvision_me_slowdown": 1 - r("torchvision_me", "torchvision", "train_img_s"),
+    }
+    if "peak_mb" in res["configs"]["ours"]:
+        goals["me_peak_vs_torchvision_naive"] = r("ours_me", "torchvision", "peak_mb")
+        goals["fast_peak_vs_torchvision_naive"] = r("ours", "torchvision", "peak_mb")
+        goals["torchvision_me_peak_vs_naive"] = r("torchvision_me", "torchvision", "peak_mb")
+        goals["me_saved_vs_torchvision_naive"] = r("ours_me", "torchvision", "saved_mb")
+    lines = [f"- training throughput, ours / torchvision (defaults): **{goals['train_speedup_vs_torchvision']:.2f}×** "
+             f"(goal ≥ 1.3×); inference {goals['infer_speedup_vs_torchvision']:.2f}×; "
+             f"ours / our plain form {goals['train_speedup_vs_plain']:.2f}×",
+             f"- memory-efficient slowdown vs our fast mode: **{goals['me_slowdown_vs_fast'] * 100:.0f}%** (goal ≤ 25%); "
+             f"torchvision's memory_efficient costs it {goals['torchvision_me_slowdown'] * 100:.0f}%"]
+    if "me_peak_vs_torchvision_naive" in goals:
+        lines.append(f"- peak step memory, ours memory-efficient / torchvision naive: "
+                     f"**{goals['me_peak_vs_torchvision_naive'] * 100:.0f}%** (goal ≤ 40%); saved-for-backward bytes "
+                     f"{goals['me_saved_vs_torchvision_naive'] * 100:.0f}%; ours fast "
+                     f"{goals['fast_peak_vs_torchvision_naive'] * 100:.0f}%; torchvision memory_efficient "
+                     f"{goals['torchvision_me_peak_vs_naive'] * 100:.0f}%")
+    return "\n".join(lines), goals
+
+
+def run(opts: core.Options, log=print) -> dict:
+    cfgs = configs()
+    macs = count_macs(MODEL, opts.num_classes)  # per image, conv + linear
+    res = core.run_suite("densenet", cfgs, opts, {k: 2 * macs for k in cfgs}, log=log)
+    for k, c in res["configs"].items():
+        if c["params"] != PARAMS and opts.num_classes == 10:
+            raise AssertionError(f"{k} has {c['params']:,} parameters, expected {PARAMS:,}")
+    res["summary"], res["goals"] = summarize(res)
+    return res
+
+
+def markdown(res: dict, command: str) -> str:
+    return "\n\n".join([core.report_header(res, command), core.format_results(res, "torchvision"), res["summary"]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    core.add_common_arguments(p)
+    args = p.parse_args(argv)
+    opts = core.options_from_args(args)
+    res = run(opts)
+    command = "python -m benchmarks.densenet " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(res, command.strip())
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.write_docs:
+        core.update_markdown_section(args.write_docs, "bench:densenet", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

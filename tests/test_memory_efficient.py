@@ -1,0 +1,233 @@
+"""Fast and memory-efficient training paths (GitHub issue #5).
+
+DenseNet's training forward normalises every feature map once and shares it among its consumers
+(``shared_norm``); the memory-efficient mode recomputes each consumer's affine + ReLU in backward.
+Both must compute exactly what the plain per-layer cat-BN-ReLU-conv form computes, update every
+BatchNorm's running statistics once per step (torchvision's memory_efficient does it twice), and
+keep the torchvision-compatible state_dict.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import crosslayer
+
+
+def _densenet(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("growth_rate", 4)
+    net = crosslayer.create_model("densenet_bc40_k12", **kw)
+    with torch.no_grad():  # non-trivial BN affine so a wrong gamma/beta path would show
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return net
+
+
+def _train_steps(net, x, y, steps=2, lr=0.1):
+    """Plain SGD steps; returns the outputs and gradients of the last step."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = net(x)
+        F.cross_entropy(out, y).backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        opt.step()
+    return out, grads
+
+
+def _data(n=8, classes=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _buffers(net):
+    return {k: v for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_shared_normalisation_equals_plain_form():
+    fast = _densenet()
+    plain = copy.deepcopy(fast)
+    plain.shared_norm = False
+    x, y = _data()
+    out_f, g_f = _train_steps(fast, x, y)
+    out_p, g_p = _train_steps(plain, x, y)
+    assert torch.allclose(out_f, out_p, atol=1e-5, rtol=1e-4)
+    for name in g_f:
+        assert torch.allclose(g_f[name], g_p[name], atol=1e-5, rtol=1e-3), name
+    bf, bp = _buffers(fast), _buffers(plain)
+    assert bf.keys() == bp.keys()
+    for k in bf:
+        if "num_batches" in k:
+            assert bf[k].item() == bp[k].item() == 2, k
+        else:
+            assert torch.allclose(bf[k], bp[k], atol=1e-5, rtol=1e-4), k
+    fast.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(fast(x), plain(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shared_norm", [True, False])
+def test_densenet_memory_efficient_is_bit_identical_to_fast_mode(shared_norm):
+    fast = _densenet(drop_rate=0.0)
+    fast.shared_norm = shared_norm
+    me = copy.deepcopy(fast)
+    me.set_memory_efficient(True)
+    assert me.memory_efficient and all(m.memory_efficient for m in me.modules() if hasattr(m, "bottleneck"))
+    x, y = _data()
+    out_f, g_f = _train_steps(fast, x, y)
+    out_m, g_m = _train_steps(me, x, y)
+    assert torch.equal(out_f, out_m)
+    for name in g_f:
+        assert torch.equal(g_f[name], g_m[name]), name
+    bf, bm = _buffers(fast), _buffers(me)
+    for k in bf:  # running statistics updated once per step, exactly as in the fast mode
+        assert torch.equal(bf[k], bm[k]), k
+    assert bm["features.denseblock1.denselayer1.norm1.num_batches_tracked"].item() == 2
+    assert fast.state_dict().keys() == me.state_dict().keys()
+
+
+def test_memory_efficient_override_and_state_dict_keys():
+    a = crosslayer.create_model("densenet_bc40_k12", memory_efficient=True)
+    b = crosslayer.create_model("densenet_bc40_k12")
+    assert a.memory_efficient and not b.memory_efficient
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert "features.denseblock1.denselayer1.norm1.running_mean" in a.state_dict()
+    b.set_grad_checkpointing(True)  # timm's name
+    assert b.memory_efficient
+
+
+def _tv_pair():
+    tvm = pytest.importorskip("torchvision.models.densenet")
+    torch.manual_seed(0)
+    naive = tvm.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=10)
+    eff = copy.deepcopy(naive)
+    for m in eff.modules():
+        if hasattr(m, "memory_efficient"):
+            m.memory_efficient = True
+    return naive, eff
+
+
+def test_torchvision_memory_efficient_updates_bn_statistics_twice():
+    """The bug we avoid (pytorch/pytorch#96136): torchvision's checkpointed layers re-run norm1 in
+    backward, so its running statistics move twice per step."""
+    naive, eff = _tv_pair()
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    for net in (naive, eff):
+        net.train()
+        F.cross_entropy(net(x), y).backward()
+    n1 = "features.denseblock1.denselayer2.norm1"
+    sn, se = naive.state_dict(), eff.state_dict()
+    assert sn[n1 + ".num_batches_tracked"].item() == 1
+    assert se[n1 + ".num_batches_tracked"].item() == 2
+    assert not torch.allclose(sn[n1 + ".running_mean"], se[n1 + ".running_mean"])
+    # ...and ours does not (compare: test_densenet_memory_efficient_is_bit_identical_to_fast_mode)
+    ours = _densenet()
+    ours.set_memory_efficient(True)
+    F.cross_entropy(ours(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))).backward()
+    assert ours.state_dict()["features.denseblock1.denselayer2.norm1.num_batches_tracked"].item() == 1
+
+
+def _saved_bytes(net, x):
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x).sum().backward()
+    return sum(saved.values())
+
+
+def test_memory_efficient_saves_less_for_backward():
+    x, _ = _data(4)
+    plain = _densenet(growth_rate=12)
+    plain.shared_norm = False
+    fast = _densenet(growth_rate=12)
+    me = _densenet(growth_rate=12, memory_efficient=True)
+    b_plain, b_fast, b_me = _saved_bytes(plain, x), _saved_bytes(fast, x), _saved_bytes(me, x)
+    assert b_me < 0.6 * b_plain and b_fast < b_plain, (b_plain, b_fast, b_me)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_channels_last_and_bf16_training_step(memory_efficient):
+    """CPU stand-ins of the CUDA benchmark flags (--channels-last, --amp bf16) on the shared path."""
+    net = _densenet(memory_efficient=memory_efficient)
+    x, y = _data()
+    state = copy.deepcopy(net.state_dict())
+    F.cross_entropy(net(x), y).backward()
+    ref = torch.cat([p.grad.flatten() for p in net.parameters()])
+    net.load_state_dict(state)
+    net.zero_grad()
+    net = net.to(memory_format=torch.channels_last)
+    F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), y).backward()
+    cl = torch.cat([p.grad.flatten() for p in net.parameters()])
+    # same function; the plain form shows the same ~2e-4 channels_last rounding differences
+    assert torch.allclose(ref, cl, atol=1e-3) and F.cosine_similarity(ref, cl, dim=0) > 0.9999
+    net.load_state_dict(state)
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.bfloat16
+    F.cross_entropy(out.float(), y).backward()
+    bf = torch.cat([p.grad.flatten() for p in net.parameters()])
+    assert torch.isfinite(bf).all()
+    assert F.cosine_similarity(ref, bf, dim=0) > 0.95
+
+
+def test_delugenet_memory_efficient_matches_fast_mode():
+    torch.manual_seed(0)
+    fast = crosslayer.create_model("delugenet20")
+    with torch.no_grad():
+        for c in fast.cross_layer_convs():
+            c["module"].weight.uniform_(-1, 1)
+    me = copy.deepcopy(fast)
+    me.set_memory_efficient(True)
+    x, y = _data(4)
+    out_f, g_f = _train_steps(fast, x, y, steps=1)
+    out_m, g_m = _train_steps(me, x, y, steps=1)
+    assert torch.allclose(out_f, out_m, atol=1e-6)
+    for name in g_f:
+        assert torch.allclose(g_f[name], g_m[name], atol=1e-5, rtol=1e-4), name
+    bf, bm = _buffers(fast), _buffers(me)
+    for k in bf:
+        assert torch.equal(bf[k], bm[k]), k  # no double update of running statistics
+    assert all(v.item() == 1 for k, v in bm.items() if "num_batches" in k)
+
+
+def test_benchmark_harness_smoke():
+    """benchmarks/ code path on CPU with tiny models: interleaved timing, FLOPs, bf16 + channels_last."""
+    from benchmarks import core
+
+    cfgs = {"a": core.Config("a", "A", lambda n: _densenet(num_classes=n)),
+            "b": core.Config("b", "B", lambda n: _densenet(num_classes=n, memory_efficient=True))}
+    for amp, cl in (("none", False), ("bf16", True)):
+        opts = core.Options(batch_size=2, reps=1, warmup=1, memory=False, amp=amp, channels_last=cl)
+        res = core.run_suite("test", cfgs, opts, log=lambda *a: None)
+        assert res["configs"]["a"]["train_img_s"] > 0 and res["configs"]["b"]["fwd_flops_per_image"] > 0
+        assert "| A |" in core.format_results(res, "a")
+    mem = core.measure_memory_inprocess(cfgs["b"], core.Options(batch_size=2))
+    assert mem["saved_mb"] > 0
+
+
+def test_benchmark_torchvision_twin_has_our_parameter_count():
+    pytest.importorskip("torchvision")
+    from benchmarks.densenet import PARAMS, torchvision_densenet_bc100
+
+    with torch.device("meta"):
+        tv = torchvision_densenet_bc100(10)
+        ours = crosslayer.create_model("densenet_bc100_k12")
+    n_tv, n_ours = (sum(p.numel() for p in m.parameters()) for m in (tv, ours))
+    assert n_tv == n_ours == PARAMS == 769_162
+    shapes = sorted(tuple(p.shape) for p in tv.parameters())
+    assert shapes == sorted(tuple(p.shape) for p in ours.parameters())
