@@ -76,8 +76,7 @@ def demo_config(args) -> dict:
     p = argparse.ArgumentParser()
     train_args(p)
     argv = ["--model", args.model, "--data", args.data, "--preset", "demo", "--out", args.out,
-            "--epochs", str(epochs), "--batch-size", str(bs), "--lr", str(lr), "--amp", amp, "--device", args.device,
-            "--deterministic"]
+            "--epochs", str(epochs), "--batch-size", str(bs), "--lr", str(lr), "--amp", amp, "--device", args.device]
     if limit:
         argv += ["--limit", str(limit)]
     if args.data_dir:

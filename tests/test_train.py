@@ -29,6 +29,15 @@ CONFIG_KEYS = {"model", "data", "preset", "num_classes", "in_channels", "model_k
                "deterministic", "amp", "channels_last", "compile", "memory_efficient", "world_size", "command"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 cores shared by several people: one thread avoids OpenMP oversubscription stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg(*argv):
     import argparse
 
@@ -104,6 +113,7 @@ def test_step_schedule_equals_multisteplr():
     for epoch in range(6):
         for b in range(5):
             assert f(epoch * 5 + b) * 0.1 == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
         ref.step()
     warm = lr_lambda(dict(cfg, warmup_steps=3, warmup_lr=0.01), 5)
     assert [warm(i) for i in range(4)] == [pytest.approx(0.1)] * 3 + [1.0]
@@ -237,7 +247,8 @@ def test_sigterm_saves_and_exits_143(tmp_path):
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "crosslayer", "train", "--model", "resnet20", "--data", "synthetic",
            "--epochs", "1000", "--batch-size", "16", "--limit", "64", "--out", str(out), "--no-progress"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0 = time.time()
     while not (out / "config.json").exists() and time.time() - t0 < 60 and p.poll() is None:
         time.sleep(0.1)
@@ -254,7 +265,8 @@ def test_sigterm_saves_and_exits_143(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Fashion-MNIST files not installed")
 def test_short_real_fashion_mnist_run_learns(tmp_path):
     out = tmp_path / "r"
+    # measured: 69.5% test accuracy (2,000 train / 2,000 test images, 63 steps)
     assert cli(["train", "--model", "resnet20", "--data", "fashion-mnist", "--preset", "demo", "--epochs", "1",
-                "--batch-size", "64", "--limit", "3000", "--amp", "bf16", "--out", str(out), "--quiet"]) == 0
+                "--batch-size", "32", "--lr", "0.05", "--limit", "2000", "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["test_err"] < 40, res  # chance is 90% error

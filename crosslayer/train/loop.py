@@ -547,6 +547,9 @@ class Trainer:
             t_prev = float(es["time"])
             self.net.train()
             bar = self._progress(epoch, b0)
+            # no terminal (a log file, CI): a plain line every quarter epoch instead of the bar
+            self._log_lines = (max(1, self.spe // 4) if bar.disable and self.cfg.get("progress", True)
+                               and not sys.stderr.isatty() else 0)
             t0 = time.perf_counter()
             done, stopped, lr_now = b0, None, self.optimizer.param_groups[0]["lr"]
             for batch, (x, y) in enumerate(self.train_loader, start=b0):
@@ -583,6 +586,12 @@ class Trainer:
                         bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}%",
                                         img_s=f"{(s[2] - es['count']) * info.world_size / max(el, 1e-9):.0f}",
                                         lr=f"{lr_now:.3g}", refresh=False)
+                elif self._log_lines and done % self._log_lines == 0 and done < self.spe:
+                    s_ = sums.tolist()
+                    el = time.perf_counter() - t0
+                    self.log(f"  epoch {epoch + 1}: {done}/{self.spe} steps  loss {s_[0] / s_[2]:.4f}  "
+                             f"err {100 - 100 * s_[1] / s_[2]:.2f}%  "
+                             f"{(s_[2] - es['count']) * info.world_size / max(el, 1e-9):.0f} img/s")
                 if flags[1].item() > 0:
                     stopped = "signal"
                 elif max_steps and self.step >= max_steps:

@@ -1,0 +1,46 @@
+"""``crosslayer demo --quick`` writes the README's files (small limit so the test stays fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from crosslayer.cli import main as cli
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_demo_quick_writes_its_files(tmp_path, capsys):
+    out = tmp_path / "demo"
+    data = "fashion-mnist" if os.path.isdir(FMNIST) else "synthetic"  # same code path without the files
+    assert cli(["demo", "--quick", "--limit", "128", "--data", data, "--out", str(out), "--no-progress",
+                "--amp", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "test accuracy" in text
+    for name in ("config.json", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "results.json", "eval.json",
+                 "confusion.csv"):
+        assert (out / name).exists(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "densenet_bc40_k12" and cfg["preset"] == "demo"
+    ev = json.loads((out / "eval.json").read_text())
+    assert sum(map(sum, ev["confusion"])) == 128
+    try:
+        import crosslayer.analysis  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "curves.png").exists() and (out / "confusion.png").exists()
+    assert any(p.suffix == ".png" for p in (out / "reuse").iterdir())
+    # running it again reuses the finished run instead of failing
+    assert cli(["demo", "--quick", "--limit", "128", "--data", data, "--out", str(out), "--no-progress", "--amp", "none",
+                "--no-plots"]) == 0
