@@ -270,3 +270,15 @@ def test_short_real_fashion_mnist_run_learns(tmp_path):
                 "--batch-size", "32", "--lr", "0.05", "--limit", "2000", "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["test_err"] < 40, res  # chance is 90% error
+
+
+def test_memory_efficient_flag(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli(["train", *TINY, "--epochs", "1", "--batch-size", "32", "--limit", "32", "--memory-efficient",
+                "--out", str(out), "--quiet"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["memory_efficient"] is True and cfg["model_kwargs"]["memory_efficient"] is True
+    assert cli(["train", "--model", "resnet20", "--data", "synthetic", "--memory-efficient", "--epochs", "1",
+                "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no memory-efficient mode" in err and "\n" not in err

@@ -271,16 +271,21 @@ class Trainer:
                 kwargs["drop_rate"] = drop
             if cfg.get("memory_efficient"):
                 kwargs["memory_efficient"] = True
-            try:
-                with torch.device("meta"):
-                    create_model(cfg["model"], num_classes=bundle.num_classes, in_channels=bundle.in_channels, **kwargs)
-            except CrosslayerError as e:
-                if "drop_rate" in kwargs and not explicit_drop and "drop_rate" in str(e):
-                    self.log(f"note: {cfg['model']} has no drop_rate option; the preset's dropout "
-                             f"{kwargs.pop('drop_rate')} is not applied")
-                elif "memory_efficient" in kwargs and "memory_efficient" in str(e):
-                    raise TrainingError(f"--memory-efficient: model {cfg['model']} has no memory-efficient mode "
-                                        f"(DenseNets and DelugeNets have)") from None
+            for _ in range(3):
+                try:
+                    with torch.device("meta"):
+                        create_model(cfg["model"], num_classes=bundle.num_classes, in_channels=bundle.in_channels,
+                                     **kwargs)
+                    break
+                except CrosslayerError as e:
+                    if "drop_rate" in kwargs and not explicit_drop and "'drop_rate'" in str(e):
+                        self.log(f"note: {cfg['model']} has no drop_rate option; the preset's dropout "
+                                 f"{kwargs.pop('drop_rate')} is not applied")
+                    elif "memory_efficient" in kwargs and "'memory_efficient'" in str(e):
+                        raise TrainingError(f"--memory-efficient: model {cfg['model']} has no memory-efficient "
+                                            f"mode (DenseNets and DelugeNets have)") from None
+                    else:
+                        break
             cfg["model_kwargs"] = kwargs
             cfg["drop_rate"] = kwargs.get("drop_rate")
         model_info(cfg["model"])  # unknown model -> one-line error
