@@ -8,7 +8,7 @@ Peak memory (CPU): each configuration runs in a FRESH subprocess (``python -m be
 --memory-child ...``) with glibc's mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so freed
 tensors go back to the OS. After one warm-up step the process trims its heap, resets the kernel's
 peak-RSS counter (``/proc/self/clear_refs`` = 5) and runs one training step; the reported number is
-peak RSS (``ru_maxrss``) during that step minus the RSS just before it. The same child also reports
+peak RSS (``VmHWM``; not ``ru_maxrss``, which Linux inherits from the parent across exec) during that step minus the RSS just before it. The same child also reports
 the bytes the autograd graph saves for backward (``torch.autograd.graph.saved_tensors_hooks``,
 distinct storages, parameters excluded). On CUDA: ``torch.cuda.max_memory_allocated`` minus the
 allocated bytes before the step.
@@ -170,9 +170,9 @@ def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, warmup: in
     return times
 
 
-def _rss_kb() -> int:
+def _rss_kb(field: str = "VmRSS:") -> int:
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1])
     return 0
 
@@ -212,9 +212,10 @@ def measure_memory_inprocess(config: Config, opts: Options) -> dict:
                 reset = False
             base_kb = _rss_kb()
             train_step()
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork+exec
+            peak_kb = _rss_kb("VmHWM:")
             out["peak_mb"] = (peak_kb - base_kb) / 1024 if reset else float("nan")
-            out["method"] = "peak RSS during one step - RSS before it (fresh process, clear_refs reset)"
+            out["method"] = "peak RSS (VmHWM) during one step - RSS before it (fresh process, clear_refs reset)"
     out["saved_mb"] = sum(saved.values()) / 2 ** 20
     return out
 
