@@ -1,7 +1,8 @@
 """Fast and memory-efficient training paths (GitHub issue #5).
 
-DenseNet's training forward normalises every feature map once and shares it among its consumers
-(``shared_norm``); the memory-efficient mode recomputes each consumer's affine + ReLU in backward.
+DenseNet's training forward can normalise every feature map once and share it among its consumers
+(``shared_norm=True``; off by default, slower on CPU); the memory-efficient mode recomputes the
+concatenation-BN-ReLU(-conv1) (plain form) or each consumer's affine + ReLU (shared form) in backward.
 Both must compute exactly what the plain per-layer cat-BN-ReLU-conv form computes, update every
 BatchNorm's running statistics once per step (torchvision's memory_efficient does it twice), and
 keep the torchvision-compatible state_dict.
@@ -52,7 +53,7 @@ def _buffers(net):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_shared_normalisation_equals_plain_form(channels_last):
-    fast = _densenet()
+    fast = _densenet(shared_norm=True)
     fast.cpu_channels_last = channels_last
     plain = copy.deepcopy(fast)
     plain.shared_norm = False
@@ -158,16 +159,18 @@ def test_memory_efficient_saves_less_for_backward():
     x, _ = _data(4)
     plain = _densenet(growth_rate=12)
     plain.shared_norm = False
-    fast = _densenet(growth_rate=12)
+    fast = _densenet(growth_rate=12, shared_norm=True)
     me = _densenet(growth_rate=12, memory_efficient=True)
-    b_plain, b_fast, b_me = _saved_bytes(plain, x), _saved_bytes(fast, x), _saved_bytes(me, x)
-    assert b_me < 0.6 * b_plain and b_fast < b_plain, (b_plain, b_fast, b_me)
+    me_shared = _densenet(growth_rate=12, memory_efficient=True, shared_norm=True)
+    b_plain, b_fast, b_me, b_mes = (_saved_bytes(n, x) for n in (plain, fast, me, me_shared))
+    assert b_me < 0.6 * b_plain and b_mes < b_me and b_fast < b_plain, (b_plain, b_fast, b_me, b_mes)
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
-def test_channels_last_and_bf16_training_step(memory_efficient):
-    """CPU stand-ins of the CUDA benchmark flags (--channels-last, --amp bf16) on the shared path."""
-    net = _densenet(memory_efficient=memory_efficient)
+@pytest.mark.parametrize("shared_norm", [False, True])
+def test_channels_last_and_bf16_training_step(memory_efficient, shared_norm):
+    """CPU stand-ins of the CUDA benchmark flags (--channels-last, --amp bf16) on both paths."""
+    net = _densenet(memory_efficient=memory_efficient, shared_norm=shared_norm)
     x, y = _data()
     state = copy.deepcopy(net.state_dict())
     F.cross_entropy(net(x), y).backward()

@@ -367,7 +367,7 @@ class DenseNet(ClassifierMixin, nn.Module):
     def __init__(self, block_config: tuple[int, ...], growth_rate: int = 12, num_init_features: int = 24,
                  bottleneck: bool = True, compression: float = 0.5, bn_size: int = 4, drop_rate: float = 0.0,
                  num_classes: int = 10, in_channels: int = 3, stem: str = "cifar",
-                 memory_efficient: bool = False):
+                 memory_efficient: bool = False, shared_norm: bool = False):
         super().__init__()
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
@@ -397,8 +397,10 @@ class DenseNet(ClassifierMixin, nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
         self.memory_efficient = memory_efficient
         # Training mode: normalise every feature map once and share it among its consumers
-        # (identical math; see _SharedNorm). False = the plain per-layer cat-BN-ReLU-conv form.
-        self.shared_norm = True
+        # (identical math; see _SharedNorm). It stores the least (with memory_efficient: nothing
+        # quadratic in the block depth) but on 2 CPU cores it is ~1.4x slower than the plain
+        # per-layer cat-BN-ReLU-conv form (docs/benchmarks.md), hence off by default.
+        self.shared_norm = shared_norm
         # On CPU, run the feature extractor in channels_last (NHWC): oneDNN's convolutions skip
         # their per-call layout reorders of the (ever wider) concatenated inputs, ~1.8x faster
         # here. Same math; weights and state_dict keys unchanged. False = the input's own layout.
