@@ -565,9 +565,11 @@ class Trainer:
                 flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop.signum else 0.0], device=dev)
                 D.all_reduce_sum(flags, info)
                 if flags[0].item() > 0:
+                    kept = (f"the last good checkpoint in {self.out_dir} is kept"
+                            if os.path.exists(os.path.join(self.out_dir, "last.pt"))
+                            else "no checkpoint had been written yet")
                     raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {self.step + 1}, "
-                                        f"batch {batch}; stopped without saving (the last good checkpoint in "
-                                        f"{self.out_dir} is kept); try a lower --lr")
+                                        f"batch {batch}; stopped without saving ({kept}); try a lower --lr")
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
