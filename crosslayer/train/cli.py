@@ -150,6 +150,11 @@ def main(args) -> int:
         return 0
     if not args.out:
         raise CrosslayerError("--out DIR is required")
+    if args.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise CrosslayerError("--tensorboard needs the tensorboard package: pip install 'crosslayer[tensorboard]'")
     if args.resume and not (args.model and args.data):
         import os
 
