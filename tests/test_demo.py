@@ -13,12 +13,7 @@ from crosslayer.cli import main as cli
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_quick_writes_its_files(tmp_path, capsys):

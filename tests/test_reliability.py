@@ -423,13 +423,7 @@ def _wait_for(pred, proc, timeout=90, every=0.02):
     pytest.fail("timed out waiting for the training run")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process runs share 2 CPU cores with other jobs: one thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(capsys, *argv):

@@ -29,13 +29,7 @@ CONFIG_KEYS = {"model", "data", "preset", "num_classes", "in_channels", "model_k
                "deterministic", "amp", "channels_last", "compile", "memory_efficient", "world_size", "command"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared by several people: one thread avoids OpenMP oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(*argv):
