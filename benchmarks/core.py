@@ -356,6 +356,24 @@ def report_header(res: dict, command: str) -> str:
             f"matmul rate {res['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (float32 2048² torch.mm).")
 
 
+def benchmark_main(suite: str, doc: str, run, markdown, argv=None) -> int:
+    """The command line shared by the benchmarks: run the suite, print its Markdown table, and
+    optionally save the raw results (--json) and rewrite its section of docs (--write-docs)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p)
+    args = p.parse_args(argv)
+    res = run(options_from_args(args))
+    command = f"python -m benchmarks.{suite} " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(res, command.strip())
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.write_docs:
+        update_markdown_section(args.write_docs, f"bench:{suite}", text)
+    return 0
+
+
 def _child_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--memory-child", nargs=2, metavar=("SUITE", "CONFIG"), required=True)

@@ -7,8 +7,6 @@ the official Lua module does; ``tests/reference_delugenet.py``), same weights, i
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -73,19 +71,7 @@ def markdown(res: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    core.add_common_arguments(p)
-    args = p.parse_args(argv)
-    res = run(core.options_from_args(args))
-    command = "python -m benchmarks.delugenet " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(res, command.strip())
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    if args.write_docs:
-        core.update_markdown_section(args.write_docs, "bench:delugenet", text)
-    return 0
+    return core.benchmark_main("delugenet", __doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ architecture: training / inference images per second and peak memory, in one run
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
@@ -128,20 +126,7 @@ def markdown(res: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    core.add_common_arguments(p)
-    args = p.parse_args(argv)
-    opts = core.options_from_args(args)
-    res = run(opts)
-    command = "python -m benchmarks.densenet " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(res, command.strip())
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    if args.write_docs:
-        core.update_markdown_section(args.write_docs, "bench:densenet", text)
-    return 0
+    return core.benchmark_main("densenet", __doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":
