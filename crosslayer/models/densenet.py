@@ -39,6 +39,18 @@ def _like(shape, ref: torch.Tensor, dtype=None, zero=False) -> torch.Tensor:
     return make(shape, dtype=dtype or ref.dtype, device=ref.device).contiguous(memory_format=fmt)
 
 
+def _relu_conv_backward(grad_out, y, conv_weight, padding, dtype, need_weight_grad):
+    """Backward of ``conv2d(y.to(dtype), conv_weight.to(dtype), padding=padding)`` with ``y`` a ReLU
+    output: returns (gradient before the ReLU, in y's dtype; conv weight gradient or None)."""
+    dt = dtype or y.dtype
+    grad_y, grad_cw, _ = torch.ops.aten.convolution_backward(
+        grad_out.to(dt), y.to(dt), conv_weight.to(dt), None, [1, 1], list(padding), [1, 1], False,
+        [0, 0], 1, [True, need_weight_grad, False])
+    grad_cw = grad_cw.to(conv_weight.dtype) if grad_cw is not None else None
+    grad_y = grad_y.to(y.dtype)
+    return torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y), grad_cw
+
+
 class _SharedNorm:
     """Shared normalisation of one dense block (training mode).
 
@@ -173,17 +185,11 @@ class _AffineReLUConv(torch.autograd.Function):
             return (None, None, None) + none
         with torch.autocast(state.hat.device.type, enabled=False):
             y = _AffineReLUConv.affine_relu(state, c, weight, bias, True) if ctx.recompute else rest[0]
-            grad_cw = None
             if conv_weight is not None:
-                dt = ctx.dtype or y.dtype
-                grad_y, grad_cw, _ = torch.ops.aten.convolution_backward(
-                    grad_out.to(dt), y.to(dt), conv_weight.to(dt), None, [1, 1], list(ctx.padding), [1, 1], False,
-                    [0, 0], 1, [True, ctx.needs_input_grad[2], False])
-                grad_cw = grad_cw.to(conv_weight.dtype) if grad_cw is not None else None
-                grad_y = grad_y.to(y.dtype)
-                grad_a = torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+                grad_a, grad_cw = _relu_conv_backward(grad_out, y, conv_weight, ctx.padding, ctx.dtype,
+                                                      ctx.needs_input_grad[2])
             else:
-                grad_a = torch.ops.aten.threshold_backward(grad_out.to(y.dtype), y, 0)
+                grad_a, grad_cw = torch.ops.aten.threshold_backward(grad_out.to(y.dtype), y, 0), None
             z = state.hat[:, :c]
             mixed = z.dtype != weight.dtype
             _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
@@ -232,13 +238,8 @@ class _BNReLUConv(torch.autograd.Function):
             return (None,) * 7
         with torch.autocast(x.device.type, enabled=False):
             y = _BNReLUConv.normalize_relu(x, weight, bias, mean, invstd) if ctx.recompute else rest[0]
-            dt = ctx.dtype or y.dtype
-            grad_y, grad_cw, _ = torch.ops.aten.convolution_backward(
-                grad_out.to(dt), y.to(dt), conv_weight.to(dt), None, [1, 1], list(ctx.padding), [1, 1], False,
-                [0, 0], 1, [True, ctx.needs_input_grad[3], False])
-            grad_cw = grad_cw.to(conv_weight.dtype) if grad_cw is not None else None
-            grad_y = grad_y.to(y.dtype)
-            grad_a = torch.ops.aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=grad_y)
+            grad_a, grad_cw = _relu_conv_backward(grad_out, y, conv_weight, ctx.padding, ctx.dtype,
+                                                  ctx.needs_input_grad[3])
             mixed = x.dtype != weight.dtype
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 grad_a.float() if mixed else grad_a, x.float() if mixed else x, weight, None, None, mean, invstd,
