@@ -30,6 +30,8 @@ def count_macs(name: str, num_classes: int | None = None) -> int:
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes, in_channels=info.input_size[0]).eval()
         x = torch.empty(1, *info.input_size)
+    if hasattr(model, "fused"):  # count the architecture as the paper does: the transition pools
+        model.fused = False      # after its 1x1 conv (fused DenseNet blocks pool first: fewer MACs)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() // 2
