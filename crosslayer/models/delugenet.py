@@ -43,7 +43,9 @@ class CrossLayerDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(torch.full((channels, num_inputs), 1.0 / num_inputs))
         self.bias = nn.Parameter(torch.zeros(channels, num_inputs))
 
-    def forward(self, normalized: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, normalized: list[torch.Tensor], bank: "_GradBank | None" = None) -> torch.Tensor:
+        """``normalized``: the stage's outputs after the shared normalisation, newest first.
+        ``bank``: where their gradients are summed (training; see :class:`_SharedBatchNorm`)."""
         if len(normalized) != self.num_inputs:
             raise ValueError(f"CLDC expects {self.num_inputs} inputs, got {len(normalized)}")
         if torch.compiler.is_compiling():  # traced form; the compiler fuses it itself
@@ -52,26 +54,78 @@ class CrossLayerDepthwiseConv(nn.Module):
             for i in range(1, self.num_inputs):
                 out = torch.addcmul(out, normalized[i], w[:, i, None, None])
             return out + self.bias.sum(1).to(out.dtype)[:, None, None]
-        return _WeightedSum.apply(self.weight, self.bias, *normalized)
+        return _WeightedSum.apply(self.weight, self.bias, bank, *normalized)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_inputs={self.num_inputs}"
 
 
-class _WeightedSum(torch.autograd.Function):
-    """out = sum_i weight[:, i] * x_i + sum_i bias[:, i] (per channel), the CLDC's arithmetic, in
-    one autograd node: forward accumulates in place into one output (no temporary per input);
-    backward produces each input's gradient and its weight column in one pass per input (the
-    per-input ``addcmul`` autograd graph needs four: two products, a scalar product and a sum)."""
+class _GradBank:
+    """Gradients of one stage's normalised outputs, each summed over its consumers in place (one
+    buffer per output instead of one product tensor per consumer plus autograd's additions).
+    Keys: output index in the stage, 0 = oldest."""
+
+    def __init__(self):
+        self.grads: dict[int, torch.Tensor] = {}
+
+    def add(self, j: int, grad: torch.Tensor, w: torch.Tensor) -> None:
+        """grads[j] += grad * w (w per channel)."""
+        if j in self.grads:
+            self.grads[j].addcmul_(grad, w[:, None, None])
+        else:
+            self.grads[j] = grad * w[:, None, None]
+
+    def pop(self, j: int) -> torch.Tensor | None:
+        return self.grads.pop(j, None)
+
+
+class _SharedBatchNorm(torch.autograd.Function):
+    """Training-mode affine-free batch norm of stage output j (``bn``: its shared BatchNorm2d, whose
+    running statistics are updated exactly as its own forward would). The gradient of the result
+    arrives through ``bank`` (its consumers, the CLDCs, add into it), plus any ordinary one; this
+    node runs after all of them because each consumer takes the result as an input."""
 
     @staticmethod
-    def forward(ctx, weight, bias, *xs):
+    def forward(ctx, x, bn, bank, j):
+        ctx.set_materialize_grads(False)
+        f = 0.0
+        if bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        out, mean, invstd = torch.native_batch_norm(x, None, None, bn.running_mean, bn.running_var, True, f, bn.eps)
+        ctx.save_for_backward(x, mean, invstd)
+        ctx.bank, ctx.j, ctx.eps = bank, j, bn.eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, invstd = ctx.saved_tensors
+        banked = ctx.bank.pop(ctx.j)
+        grad = banked if grad is None else grad if banked is None else grad + banked
+        if grad is None:
+            return None, None, None, None
+        gx = torch.ops.aten.native_batch_norm_backward(grad, x, None, None, None, mean, invstd, True, ctx.eps,
+                                                       [True, False, False])[0]
+        return gx, None, None, None
+
+
+class _WeightedSum(torch.autograd.Function):
+    """out = sum_i weight[:, i] * x_i + sum_i bias[:, i] (per channel), the CLDC's arithmetic, in
+    one autograd node: forward accumulates in place into one output (no temporary per input).
+    Backward adds weight[:, i] * grad into input i's gradient in ``bank`` in place (or returns it,
+    without a bank), and computes weight column i with one temporary-free reduction; the per-input
+    ``addcmul`` autograd graph needs two products, a product by the scalar 1, a sum and autograd's
+    gradient additions. Inputs are a stage's outputs newest first: input i is output L-1-i."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, bank, *xs):
         w = weight.to(xs[0].dtype)
         out = torch.mul(xs[0], w[:, 0, None, None])
         for i in range(1, len(xs)):
             out.addcmul_(xs[i], w[:, i, None, None])
         out.add_(bias.sum(1).to(out.dtype)[:, None, None])
         ctx.save_for_backward(weight, *xs)
+        ctx.bank = bank
         return out
 
     @staticmethod
@@ -83,13 +137,17 @@ class _WeightedSum(torch.autograd.Function):
         one = torch.ones_like(zero)
         w = weight.to(grad.dtype)
         for i, x in enumerate(xs):
-            grad_xs.append(grad * w[:, i, None, None] if ctx.needs_input_grad[2 + i] else None)
+            if ctx.bank is not None:
+                ctx.bank.add(len(xs) - 1 - i, grad, w[:, i])
+                grad_xs.append(None)
+            else:
+                grad_xs.append(grad * w[:, i, None, None] if ctx.needs_input_grad[3 + i] else None)
             # sum over N, H, W of grad * x_i without a temporary: the weight gradient of an eval-mode
             # batch norm with mean 0, variance 1, eps 0
             grad_weight[:, i] = torch.ops.aten.native_batch_norm_backward(
                 grad, x, one, zero, one, None, None, False, 0.0, [False, True, False])[1]
         grad_bias = grad.sum((0, 2, 3), dtype=weight.dtype)[:, None].expand_as(weight).clone()
-        return (grad_weight, grad_bias, *grad_xs)
+        return (grad_weight, grad_bias, None, *grad_xs)
 
 
 class Bottleneck(nn.Sequential):
@@ -120,22 +178,22 @@ class CompositeLayer(nn.Module):
         self.body = Bottleneck(in_channels, width, out_channels)
         self.memory_efficient = memory_efficient
 
-    def _pre(self, inputs: list[torch.Tensor], update_stats: bool = True) -> torch.Tensor:
-        x = inputs[0] if self.cldc is None else self.cldc(inputs)
+    def _pre(self, inputs: list[torch.Tensor], update_stats: bool = True, bank=None) -> torch.Tensor:
+        x = inputs[0] if self.cldc is None else self.cldc(inputs, bank)
         return self.body.conv1(F.relu(batch_norm(self.norm, x, update_stats)))
 
-    def forward(self, raw: list[torch.Tensor], normalized: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, raw: list[torch.Tensor], normalized: list[torch.Tensor], bank=None) -> torch.Tensor:
         inputs = raw[:1] if self.cldc is None else normalized
         if self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
             calls = [0]
 
             def run(*xs):
                 calls[0] += 1  # second call = recomputation in backward: BN statistics already updated
-                return self._pre(list(xs), update_stats=calls[0] == 1)
+                return self._pre(list(xs), update_stats=calls[0] == 1, bank=bank)
 
             x = checkpoint(run, *inputs, use_reentrant=False)
         else:
-            x = self._pre(inputs)
+            x = self._pre(inputs, bank=bank)
         b = self.body
         x = b.relu1(b.bn1(x))
         x = b.relu2(b.bn2(b.conv2(x)))
@@ -153,7 +211,7 @@ class Transition(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
 
     def forward(self, normalized: list[torch.Tensor]) -> torch.Tensor:
-        return self.conv(self.norm(self.cldc(normalized)))
+        return self.conv(self.norm(self.cldc(normalized, getattr(normalized, "bank", None))))
 
 
 class DelugeStage(nn.Module):
@@ -169,13 +227,25 @@ class DelugeStage(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm2d(channels, affine=False) for _ in range(num_layers + 1))
 
     def forward(self, x) -> list[torch.Tensor]:
+        normalized = _StageOutputs()
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            normalized.bank = _GradBank()
         raw = [self.entry(x)]  # newest first
-        normalized = [self.norms[0](raw[0])]
+        normalized.append(self._normalize(0, raw[0], normalized.bank))
         for j, layer in enumerate(self.layers, start=1):
-            out = layer(raw, normalized)
+            out = layer(raw, normalized, normalized.bank)
             raw.insert(0, out)
-            normalized.insert(0, self.norms[j](out))
+            normalized.insert(0, self._normalize(j, out, normalized.bank))
         return normalized
+
+    def _normalize(self, j: int, x: torch.Tensor, bank: _GradBank | None) -> torch.Tensor:
+        return self.norms[j](x) if bank is None else _SharedBatchNorm.apply(x, self.norms[j], bank, j)
+
+
+class _StageOutputs(list):
+    """A stage's normalised outputs, newest first, and the bank their consumers' gradients go to."""
+
+    bank: _GradBank | None = None
 
 
 class DelugeNet(ClassifierMixin, nn.Module):
@@ -215,19 +285,20 @@ class DelugeNet(ClassifierMixin, nn.Module):
         self.head_norm = nn.BatchNorm2d(widths[-1])
         self.num_features, self.num_classes = widths[-1], num_classes
         self.classifier = nn.Linear(widths[-1], num_classes)
-        # On CPU, run in channels_last (NHWC): oneDNN's convolutions and batch norms are faster
-        # there (~1.2x a training step, docs/benchmarks.md). Same math and state_dict; False = the
-        # input's own layout.
+        # On CPU, train in channels_last (NHWC): oneDNN's convolutions and batch norms are faster
+        # there (1.18x a training step; inference is faster in NCHW: docs/benchmarks.md). Same
+        # math and state_dict; False = the input's own layout.
         self.cpu_channels_last = True
         init_he_fan_out(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_channels_last and x.device.type == "cpu" and x.dim() == 4 and not torch.compiler.is_compiling():
+        if (self.cpu_channels_last and self.training and x.device.type == "cpu" and x.dim() == 4
+                and not torch.compiler.is_compiling()):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
-        return F.relu(self.head_norm(self.head_cldc(x)))
+        return F.relu(self.head_norm(self.head_cldc(x, getattr(x, "bank", None))))
 
     def set_memory_efficient(self, enabled: bool = True) -> None:
         for m in self.modules():
