@@ -9,7 +9,7 @@ plots, all into ``--out`` (default ``runs/demo``):
 
 Default recipe (docs/benchmarks.md): 2 epochs, batch 64, a one-cycle LR (linear warm-up over 15%
 of the first epoch, then linear decay to 0), peak LR 0.1, Nesterov, bf16 autocast on CPUs with
-native bf16 (avx512_bf16/AMX; measured ~1.55x the fp32 step rate of the per-layer DenseNet), else
+native bf16 (avx512_bf16/AMX; measured 1.29x the fp32 step rate of the fused DenseNet), else
 fp32. The reference it replaces (2 epochs, constant-then-step LR, fp32) took ~14 min for 90.6%.
 ``--quick`` is a ~1-minute smoke version (3,000 images, one epoch). Re-running with the same
 ``--out`` resumes/reuses the run (also after Ctrl-C); ``--fresh`` starts over.
