@@ -108,6 +108,19 @@ def test_fused_blocks_float32_and_frozen_parameters():
     assert fused.features.denseblock1.denselayer1.conv1.weight.grad is None
 
 
+def test_sync_batchnorm_takes_the_module_path():
+    """--sync-bn converts every BatchNorm to SyncBatchNorm; the fused DenseNet blocks and the
+    DelugeNet gradient bank would compute local statistics, so both step aside."""
+    dense = nn.SyncBatchNorm.convert_sync_batchnorm(_densenet())
+    assert not dense._use_fused()
+    deluge = crosslayer.create_model("delugenet20").train()
+    x, _ = _data(2)
+    assert deluge.stages[0](deluge.stem(x)).bank is not None
+    deluge = nn.SyncBatchNorm.convert_sync_batchnorm(deluge)
+    assert deluge.stages[0](deluge.stem(x)).bank is None
+    deluge(x).sum().backward()  # single process: SyncBatchNorm acts as BatchNorm
+
+
 def test_fused_path_is_taken_in_training_and_inference_only():
     net = _densenet()
     calls = []

@@ -228,7 +228,8 @@ class DelugeStage(nn.Module):
 
     def forward(self, x) -> list[torch.Tensor]:
         normalized = _StageOutputs()
-        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and all(type(n) is nn.BatchNorm2d for n in self.norms)):  # not SyncBatchNorm (--sync-bn)
             normalized.bank = _GradBank()
         raw = [self.entry(x)]  # newest first
         normalized.append(self._normalize(0, raw[0], normalized.bank))

@@ -429,15 +429,17 @@ class DenseNet(ClassifierMixin, nn.Module):
 
     def _use_fused(self) -> bool:
         """Fused blocks cover training (with or without autograd) and inference; eval mode with
-        autograd, dropout, and modified modules take the plain path, as does torch.compile."""
+        autograd, dropout, SyncBatchNorm and other modified modules take the plain path, as does
+        torch.compile."""
         if not self.fused or torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self.training):
             return False
         if self.drop_rate > 0:
             return False
         eps = self.features.norm5.eps
         for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d) and not (m.affine and m.eps == eps):
-                return False
+            if isinstance(m, nn.modules.batchnorm._NormBase) and not (type(m) is nn.BatchNorm2d and m.affine
+                                                                      and m.eps == eps):
+                return False  # e.g. SyncBatchNorm (--sync-bn): its statistics are not the local ones
             if isinstance(m, nn.Conv2d) and (m.stride != (1, 1) or m.groups != 1 or m.dilation != (1, 1)
                                              or m.bias is not None) and m is not getattr(self.features, "conv0", None):
                 return False
