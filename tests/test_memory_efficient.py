@@ -121,6 +121,19 @@ def test_sync_batchnorm_takes_the_module_path():
     deluge(x).sum().backward()  # single process: SyncBatchNorm acts as BatchNorm
 
 
+def test_forward_hooks_fire_in_training():
+    """A hook on a layer inside a dense block (feature extraction, debugging) must see the layer's
+    output, so a registered hook selects the module path."""
+    net = _densenet()
+    seen = []
+    handle = net.features.denseblock2.denselayer3.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x, y = _data(2)
+    F.cross_entropy(net(x), y[:2]).backward()
+    assert seen == [torch.Size([2, 4, 16, 16])]
+    handle.remove()
+    assert net._use_fused()
+
+
 def test_fused_path_is_taken_in_training_and_inference_only():
     net = _densenet()
     calls = []

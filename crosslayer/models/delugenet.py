@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.models._base import ClassifierMixin, batch_norm, init_he_fan_out
+from crosslayer.models._base import ClassifierMixin, batch_norm, has_hooks, init_he_fan_out
 from crosslayer.models._registry import register_model
 
 PAPER = "Kuen et al., DelugeNets: Deep Networks with Massive and Flexible Cross-layer Information Inflows, 2016"
@@ -229,7 +229,8 @@ class DelugeStage(nn.Module):
     def forward(self, x) -> list[torch.Tensor]:
         normalized = _StageOutputs()
         if (self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and all(type(n) is nn.BatchNorm2d for n in self.norms)):  # not SyncBatchNorm (--sync-bn)
+                and all(type(n) is nn.BatchNorm2d for n in self.norms)  # not SyncBatchNorm (--sync-bn)
+                and not has_hooks(self.norms)):  # the bank bypasses the norms' module calls
             normalized.bank = _GradBank()
         raw = [self.entry(x)]  # newest first
         normalized.append(self._normalize(0, raw[0], normalized.bank))

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.models._base import ClassifierMixin, batch_norm, init_he_fan_out
+from crosslayer.models._base import ClassifierMixin, batch_norm, has_hooks, init_he_fan_out
 from crosslayer.models._registry import register_model
 
 PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"
@@ -433,8 +433,8 @@ class DenseNet(ClassifierMixin, nn.Module):
         torch.compile."""
         if not self.fused or torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self.training):
             return False
-        if self.drop_rate > 0:
-            return False
+        if self.drop_rate > 0 or has_hooks(self.features):
+            return False  # hooks on the block's modules would not fire inside the fused node
         eps = self.features.norm5.eps
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase) and not (type(m) is nn.BatchNorm2d and m.affine
