@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,6 +236,25 @@ def test_eval_writes_outputs_and_rejects_mismatch(tmp_path, capsys):
         assert cli(["eval", "--checkpoint", str(out / "best.pt"), "--data", "fashion-mnist", "--limit", "10"]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "3-channel" in err and "1-channel" in err
+
+
+def test_eval_download_reaches_the_downloader(tmp_path, capsys, monkeypatch):
+    """`crosslayer eval --download` fetches a missing data set like `train --download` (offline
+    here: the fake download writes a wrong file, so the md5 check must name it)."""
+    import torchvision.datasets.utils as U
+
+    out = tmp_path / "r"
+    assert cli(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "1", "--batch-size", "64",
+                "--limit", "64", "--out", str(out), "--quiet"]) == 0
+    calls = []
+    monkeypatch.setattr(U, "download_url", lambda url, root, filename=None, md5=None: (
+        calls.append(url), (Path(root) / filename).write_bytes(b"not the archive")))
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(out / "best.pt"), "--data", "c10", "--data-dir", str(tmp_path / "c"),
+                "--download"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert calls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+    assert "\n" not in err and "cifar-10-python.tar.gz: bad checksum" in err
 
 
 def test_sigterm_saves_and_exits_143(tmp_path):

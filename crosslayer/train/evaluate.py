@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by `crosslayer train` (best.pt, last.pt)")
     parser.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
     parser.add_argument("--data-dir", default=None, help="folder with the data set files")
+    parser.add_argument("--download", action="store_true", help="download missing data set files from the official "
+                        "URLs (md5-checked) into --data-dir")
     parser.add_argument("--split", default="test", choices=("test", "val", "train"), help="split to evaluate")
     parser.add_argument("--val-size", type=int, default=None, help="validation split size (default: the run's)")
     parser.add_argument("--out", default=None, help="where to write eval.json and confusion.csv (default: next to "
@@ -35,7 +37,7 @@ def add_arguments(parser) -> None:
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | None = None, split: str = "test",
                         batch_size: int = 256, device: str = "auto", amp: str = "none", data_dir=None,
                         limit: int | None = None, val_size: int | None = None, channels_last: bool = False,
-                        quiet: bool = False) -> dict:
+                        quiet: bool = False, download: bool = False) -> dict:
     """Evaluate ``checkpoint`` on ``data``; writes eval.json + confusion.csv into ``out``; returns the result."""
     from crosslayer.data import build_loader, load_dataset
     from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
@@ -50,8 +52,8 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
         val_size = int(ckpt_cfg.get("val_size") or 0) if split == "val" or data == ckpt_cfg.get("data") else 0
     if split == "val" and not val_size:
         raise CrosslayerError(f"{checkpoint}: --split val needs a validation split (--val-size N)")
-    bundle = load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), val_size=val_size,
-                          seed=int(ckpt_cfg.get("seed") or 0), limit=limit)
+    bundle = load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), download=download,
+                          val_size=val_size, seed=int(ckpt_cfg.get("seed") or 0), limit=limit)
     dev = pick_device(device)
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu", num_classes=bundle.num_classes,
                                              in_channels=bundle.in_channels, data=f"data {bundle.name}")
@@ -109,5 +111,5 @@ def format_eval(r: dict) -> str:
 def main(args) -> int:
     evaluate_checkpoint(args.checkpoint, args.data, out=args.out, split=args.split, batch_size=args.batch_size,
                         device=args.device, amp=args.amp, data_dir=args.data_dir, limit=args.limit,
-                        val_size=args.val_size, channels_last=args.channels_last)
+                        val_size=args.val_size, channels_last=args.channels_last, download=args.download)
     return 0
