@@ -220,6 +220,22 @@ def test_report_cli_table_and_plots(tmp_path, capsys):
     assert (a / "results.md").exists() and not (a / "training_curves.png").exists()
 
 
+def test_report_compares_svhn_at_the_best_validation_epoch(tmp_path):
+    """The DenseNet paper reports SVHN as the test error at the epoch of lowest validation error:
+    the difference column uses that epoch (and says so), not the last one."""
+    run = _write_run(tmp_path / "sv", data="svhn", final=2.5)
+    cols = "epoch,lr,train_loss,train_err,test_loss,test_err,val_err,epoch_time_s,images_per_s"
+    rows = [(1, 3.0, 4.0), (2, 1.9, 2.2), (3, 2.5, 2.6)]  # epoch, test_err, val_err: best val at epoch 2
+    (run / "metrics.csv").write_text("\n".join([cols] + [f"{e},0.1,1,1,1,{t},{v},1,1" for e, t, v in rows]) + "\n")
+    out = tmp_path / "rep"
+    assert cli(["report", str(run), "--out", str(out), "--no-plots"]) == 0
+    with open(out / "results.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["paper_err"]) == 1.76 and float(row["test_err_at_best_val"]) == 1.9
+    assert float(row["diff"]) == pytest.approx(1.9 - 1.76) and row["diff_basis"] == "at best val"
+    assert "+0.14 (at best val)" in (out / "results.md").read_text()
+
+
 def test_report_errors_are_one_line(tmp_path, capsys):
     assert cli(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
