@@ -9,7 +9,8 @@ crafted file can never run code::
 
     {"format": 1, "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... | None,
      "epoch": completed epochs, "batch_in_epoch": batches done in the current epoch,
-     "step": global step, "rng": capture_rng_state(), "config": {"model", "num_classes",
+     "step": global step, "rng": capture_rng_state(), "rng_ranks": [every rank's, under DDP] | None,
+     "config": {"model", "num_classes",
      "in_channels", "model_kwargs", ...}, "best_test_err": ..., "history": [...]}
 
 Atomic write scheme (:func:`save_checkpoint`)

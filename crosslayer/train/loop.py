@@ -435,13 +435,16 @@ class Trainer:
         self.best_sel = st.get("best_selection_err", self.best_test_err)
         self.wall_before = float(st.get("wall_time_s") or 0.0)
         self.epoch_stats = st.get("epoch_stats") if self.batch_in_epoch else None
-        if self.info.world_size == 1 or self.info.is_main:
+        per_rank = st.get("rng_ranks")
+        if per_rank and len(per_rank) == self.info.world_size:  # each rank continues its own stream
+            restore_rng_state(per_rank[self.info.rank])
+        elif self.info.world_size == 1 or self.info.is_main:
             restore_rng_state(st.get("rng"))
-        else:
+        else:  # a checkpoint from another world size: a fresh, rank- and step-dependent stream
             set_seed(int(self.cfg["seed"]) + self.info.rank + 7919 * self.step)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _state(self, epoch: int, batch_in_epoch: int, epoch_stats: dict | None) -> dict:
+    def _state(self, epoch: int, batch_in_epoch: int, epoch_stats: dict | None, rng_ranks=None) -> dict:
         from crosslayer.train.checkpoint import capture_rng_state
 
         cfg = {k: v for k, v in self.cfg.items() if k != "_explicit"}
@@ -449,17 +452,22 @@ class Trainer:
                 "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step,
-                "rng": capture_rng_state(), "config": cfg, "best_test_err": self.best_test_err,
+                "rng": capture_rng_state(), "rng_ranks": rng_ranks, "config": cfg,
+                "best_test_err": self.best_test_err,
                 "best_selection_err": self.best_sel, "history": self.history, "epoch_stats": epoch_stats,
                 "wall_time_s": self.wall_before + (time.perf_counter() - self.t_start)}
 
     def save(self, name: str, epoch: int, batch_in_epoch: int, epoch_stats: dict | None = None) -> None:
         from crosslayer.train.checkpoint import save_checkpoint
 
+        from crosslayer.train.checkpoint import capture_rng_state
+
+        # every rank's RNG (dropout, stochastic depth draw from it), so that each resumes its own stream
+        rng_ranks = D.gather_objects(capture_rng_state(), self.info) if self.info.enabled else None
         D.barrier(self.info)
         if self.info.is_main:
-            save_checkpoint(os.path.join(self.out_dir, name), self._state(epoch, batch_in_epoch, epoch_stats),
-                            keep_previous=name == "last.pt")
+            save_checkpoint(os.path.join(self.out_dir, name),
+                            self._state(epoch, batch_in_epoch, epoch_stats, rng_ranks), keep_previous=name == "last.pt")
         D.barrier(self.info)
 
     # -- outputs --------------------------------------------------------------------------------
