@@ -60,6 +60,16 @@ def init_he_fan_out(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def count_batch(bn: nn.BatchNorm2d) -> float:
+    """What a training-mode BatchNorm forward does before normalising: count the batch and return
+    the running-average factor (``momentum``, or 1/num_batches for ``momentum=None``; 0 without
+    running statistics). For implementations that update a BatchNorm's statistics themselves."""
+    if not bn.track_running_stats:
+        return 0.0
+    bn.num_batches_tracked.add_(1)
+    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+
+
 def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update_stats: bool = True) -> torch.Tensor:
     """``bn(x)``, but with ``update_stats=False`` a training-mode call normalises with the batch
     statistics without touching the running statistics. Used when a checkpointed region is

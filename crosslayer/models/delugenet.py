@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.models._base import ClassifierMixin, batch_norm, has_hooks, init_he_fan_out
+from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out
 from crosslayer.models._registry import register_model
 
 PAPER = "Kuen et al., DelugeNets: Deep Networks with Massive and Flexible Cross-layer Information Inflows, 2016"
@@ -88,10 +88,7 @@ class _SharedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bn, bank, j):
         ctx.set_materialize_grads(False)
-        f = 0.0
-        if bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        f = count_batch(bn)
         out, mean, invstd = torch.native_batch_norm(x, None, None, bn.running_mean, bn.running_var, True, f, bn.eps)
         ctx.save_for_backward(x, mean, invstd)
         ctx.bank, ctx.j, ctx.eps = bank, j, bn.eps

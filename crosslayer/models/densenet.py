@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.models._base import ClassifierMixin, batch_norm, has_hooks, init_he_fan_out
+from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out
 from crosslayer.models._registry import register_model
 
 PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"
@@ -118,8 +118,7 @@ class _Features:
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
     """What ``bn``'s own training-mode forward does to its running statistics (``var`` biased)."""
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        f = count_batch(bn)
         bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
         bn.running_var.mul_(1 - f).add_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), alpha=f)
 
@@ -370,6 +369,9 @@ class DenseNet(ClassifierMixin, nn.Module):
 
     Args follow the paper: ``growth_rate`` k, ``bottleneck`` (B), ``compression`` theta (C),
     ``num_init_features`` c_0 (16 for basic DenseNet, 2k for DenseNet-BC), ``drop_rate``.
+    ``memory_efficient``: recompute the BN-ReLU of the concatenations in backward instead of
+    storing them. ``fused``: run each block as one autograd node over a shared feature buffer
+    (:class:`_DenseBlockFunction`, the default; same function, faster); False = the per-layer modules.
     """
 
     def __init__(self, block_config: tuple[int, ...], growth_rate: int = 12, num_init_features: int = 24,
