@@ -108,6 +108,34 @@ def test_fused_blocks_float32_and_frozen_parameters():
     assert fused.features.denseblock1.denselayer1.conv1.weight.grad is None
 
 
+def test_frozen_batchnorm_fine_tuning_gets_the_right_gradients():
+    """model.train() with every BatchNorm put in eval mode (frozen statistics, a common fine-tuning
+    recipe): gradients must be those of eval-mode BatchNorms, in DenseNet and DelugeNet."""
+    for name in ("densenet_bc40_k12", "delugenet20"):
+        torch.manual_seed(0)
+        kw = dict(growth_rate=4) if name.startswith("densenet") else {}
+        net = crosslayer.create_model(name, **kw).double().train()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+                m.eval()
+        ref = copy.deepcopy(net)  # the reference: eval-mode modules and autograd's own backward
+        if name.startswith("densenet"):
+            ref.fused = False
+        else:  # a hook forces DelugeNet's module path (no gradient bank)
+            for stage in ref.stages:
+                stage.norms[0].register_forward_hook(lambda *args: None)
+        x, y = _data(4)
+        grads = []
+        for model in (net, ref):
+            F.cross_entropy(model(x.double()), y).backward()
+            grads.append([p.grad for p in model.parameters()])
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+
+
 def test_sync_batchnorm_takes_the_module_path():
     """--sync-bn converts every BatchNorm to SyncBatchNorm; the fused DenseNet blocks and the
     DelugeNet gradient bank would compute local statistics, so both step aside."""

@@ -225,8 +225,8 @@ class DelugeStage(nn.Module):
 
     def forward(self, x) -> list[torch.Tensor]:
         normalized = _StageOutputs()
-        if (self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and all(type(n) is nn.BatchNorm2d for n in self.norms)  # not SyncBatchNorm (--sync-bn)
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and all(type(n) is nn.BatchNorm2d and n.training for n in self.norms)  # not SyncBatchNorm, not frozen
                 and not has_hooks(self.norms)):  # the bank bypasses the norms' module calls
             normalized.bank = _GradBank()
         raw = [self.entry(x)]  # newest first

@@ -430,13 +430,15 @@ class DenseNet(ClassifierMixin, nn.Module):
     set_grad_checkpointing = set_memory_efficient  # timm's name
 
     def _use_fused(self) -> bool:
-        """Fused blocks cover training (with or without autograd) and inference; eval mode with
-        autograd, dropout, SyncBatchNorm and other modified modules take the plain path, as does
-        torch.compile."""
-        if not self.fused or torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self.training):
-            return False
-        if self.drop_rate > 0 or has_hooks(self.features):
+        """Fused blocks cover training (with or without autograd) and inference. The plain path
+        takes: autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input gradients: the
+        fused backward is the batch-statistics one), BatchNorms in mixed modes, dropout, hooks,
+        SyncBatchNorm and other modified modules, and torch.compile."""
+        if not self.fused or torch.compiler.is_compiling() or self.drop_rate > 0 or has_hooks(self.features):
             return False  # hooks on the block's modules would not fire inside the fused node
+        modes = {m.training for m in self.features.modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+        if len(modes) != 1 or (torch.is_grad_enabled() and modes != {True}):
+            return False
         eps = self.features.norm5.eps
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase) and not (type(m) is nn.BatchNorm2d and m.affine
