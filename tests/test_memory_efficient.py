@@ -141,6 +141,9 @@ def test_sync_batchnorm_takes_the_module_path():
     DelugeNet gradient bank would compute local statistics, so both step aside."""
     dense = nn.SyncBatchNorm.convert_sync_batchnorm(_densenet())
     assert not dense._use_fused()
+    no_stats = _densenet()
+    no_stats.features.denseblock1.denselayer2.norm1.track_running_stats = False  # batch statistics in eval too
+    assert no_stats._use_fused() is False
     deluge = crosslayer.create_model("delugenet20").train()
     x, _ = _data(2)
     assert deluge.stages[0](deluge.stem(x)).bank is not None

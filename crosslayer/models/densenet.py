@@ -442,7 +442,7 @@ class DenseNet(ClassifierMixin, nn.Module):
         eps = self.features.norm5.eps
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase) and not (type(m) is nn.BatchNorm2d and m.affine
-                                                                      and m.eps == eps):
+                                                                      and m.track_running_stats and m.eps == eps):
                 return False  # e.g. SyncBatchNorm (--sync-bn): its statistics are not the local ones
             if isinstance(m, nn.Conv2d) and (m.stride != (1, 1) or m.groups != 1 or m.dilation != (1, 1)
                                              or m.bias is not None) and m is not getattr(self.features, "conv0", None):
