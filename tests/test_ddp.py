@@ -33,7 +33,9 @@ def _worker(rank: int, world_size: int, port: int, out: str, hashes: str) -> Non
     p = argparse.ArgumentParser()
     add_arguments(p)
     cfg = build_config(p.parse_args([
-        "--model", "resnet20", "--data", "synthetic+", "--preset", "densenet", "--epochs", "2", "--batch-size", "32",
+        # a DenseNet: gradients come out of the fused block autograd nodes, which DDP must reduce like any other
+        "--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", "synthetic+", "--preset", "densenet",
+        "--epochs", "2", "--batch-size", "32",
         "--limit", "64", "--device", "cpu", "--quiet", "--checkpoint-every", "1"]))
     trainer = Trainer(cfg, out)
     assert trainer.run() == 0
