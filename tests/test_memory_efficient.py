@@ -139,13 +139,13 @@ def test_frozen_batchnorm_fine_tuning_gets_the_right_gradients():
 def test_sync_batchnorm_takes_the_module_path():
     """--sync-bn converts every BatchNorm to SyncBatchNorm; the fused DenseNet blocks and the
     DelugeNet gradient bank would compute local statistics, so both step aside."""
+    x, _ = _data(2)
     dense = nn.SyncBatchNorm.convert_sync_batchnorm(_densenet())
-    assert not dense._use_fused()
+    assert not dense._use_fused(x)
     no_stats = _densenet()
     no_stats.features.denseblock1.denselayer2.norm1.track_running_stats = False  # batch statistics in eval too
-    assert no_stats._use_fused() is False
+    assert no_stats._use_fused(x) is False
     deluge = crosslayer.create_model("delugenet20").train()
-    x, _ = _data(2)
     assert deluge.stages[0](deluge.stem(x)).bank is not None
     deluge = nn.SyncBatchNorm.convert_sync_batchnorm(deluge)
     assert deluge.stages[0](deluge.stem(x)).bank is None
@@ -162,14 +162,14 @@ def test_forward_hooks_fire_in_training():
     F.cross_entropy(net(x), y[:2]).backward()
     assert seen == [torch.Size([2, 4, 16, 16])]
     handle.remove()
-    assert net._use_fused()
+    assert net._use_fused(x)
 
 
 def test_fused_path_is_taken_in_training_and_inference_only():
     net = _densenet()
     calls = []
     orig = type(net)._use_fused
-    net._use_fused = lambda: calls.append(orig(net)) or calls[-1]
+    net._use_fused = lambda x: calls.append(orig(net, x)) or calls[-1]
     x, _ = _data(2)
     net.train()
     net(x)

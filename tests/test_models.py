@@ -254,3 +254,25 @@ def test_channels_last_and_bf16_autocast_paths(name):
     assert torch.isfinite(bf16).all()
     # bf16 keeps ~3 significant digits; BN over small batches amplifies that noise in the gradients
     assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.95
+
+
+@pytest.mark.parametrize("name,node", [("densenet_bc40_k12", "features.denseblock2.cat"),
+                                       ("delugenet20", "stages.1.layers.0.body.conv3")])
+def test_torchvision_feature_extractor_traces_the_module_path(name, node):
+    """torchvision's create_feature_extractor (FX symbolic tracing) sees the plain modules, in
+    train and eval mode alike, and returns the model's own logits."""
+    import warnings
+
+    fx = pytest.importorskip("torchvision.models.feature_extraction")
+    torch.manual_seed(0)
+    m = crosslayer.create_model(name, num_classes=10).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchvision warns when train- and eval-mode graphs differ
+        train_nodes, eval_nodes = fx.get_graph_node_names(m)
+    assert train_nodes == eval_nodes and node in eval_nodes
+    fe = fx.create_feature_extractor(m, {node: "feat", "classifier": "logits"})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, ref = fe(x), m(x)
+    assert out["feat"].dim() == 4 and torch.allclose(out["logits"], ref, atol=1e-5)
+

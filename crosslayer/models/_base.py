@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -82,6 +83,12 @@ def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update_stats: bool = True) -
     rm = bn.running_mean.clone() if bn.running_mean is not None else None
     rv = bn.running_var.clone() if bn.running_var is not None else None
     return F.batch_norm(x, rm, rv, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+
+def is_tracing(x) -> bool:
+    """Whether ``x`` flows through a tracer (torch.compile / torch.export, or FX symbolic tracing as
+    in torchvision's create_feature_extractor): models then take their plain module path."""
+    return torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)
 
 
 def has_hooks(root: nn.Module) -> bool:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out
+from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out, is_tracing
 from crosslayer.models._registry import register_model
 
 PAPER = "Kuen et al., DelugeNets: Deep Networks with Massive and Flexible Cross-layer Information Inflows, 2016"
@@ -48,7 +48,7 @@ class CrossLayerDepthwiseConv(nn.Module):
         ``bank``: where their gradients are summed (training; see :class:`_SharedBatchNorm`)."""
         if len(normalized) != self.num_inputs:
             raise ValueError(f"CLDC expects {self.num_inputs} inputs, got {len(normalized)}")
-        if torch.compiler.is_compiling():  # traced form; the compiler fuses it itself
+        if is_tracing(normalized[0]):  # traced form (torch.compile fuses it itself; FX records it)
             w = self.weight.to(normalized[0].dtype)
             out = normalized[0] * w[:, 0, None, None]
             for i in range(1, self.num_inputs):
@@ -224,12 +224,12 @@ class DelugeStage(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm2d(channels, affine=False) for _ in range(num_layers + 1))
 
     def forward(self, x) -> list[torch.Tensor]:
+        raw = [self.entry(x)]  # newest first
         normalized = _StageOutputs()
-        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if (torch.is_grad_enabled() and not is_tracing(raw[0])
                 and all(type(n) is nn.BatchNorm2d and n.training for n in self.norms)  # not SyncBatchNorm, not frozen
                 and not has_hooks(self.norms)):  # the bank bypasses the norms' module calls
             normalized.bank = _GradBank()
-        raw = [self.entry(x)]  # newest first
         normalized.append(self._normalize(0, raw[0], normalized.bank))
         for j, layer in enumerate(self.layers, start=1):
             out = layer(raw, normalized, normalized.bank)
@@ -291,8 +291,7 @@ class DelugeNet(ClassifierMixin, nn.Module):
         init_he_fan_out(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.cpu_channels_last and self.training and x.device.type == "cpu" and x.dim() == 4
-                and not torch.compiler.is_compiling()):
+        if not is_tracing(x) and self.cpu_channels_last and self.training and x.device.type == "cpu" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         for stage in self.stages:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out
+from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out, is_tracing
 from crosslayer.models._registry import register_model
 
 PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"
@@ -429,12 +429,12 @@ class DenseNet(ClassifierMixin, nn.Module):
 
     set_grad_checkpointing = set_memory_efficient  # timm's name
 
-    def _use_fused(self) -> bool:
+    def _use_fused(self, x: torch.Tensor) -> bool:
         """Fused blocks cover training (with or without autograd) and inference. The plain path
         takes: autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input gradients: the
         fused backward is the batch-statistics one), BatchNorms in mixed modes, dropout, hooks,
         SyncBatchNorm and other modified modules, and torch.compile."""
-        if not self.fused or torch.compiler.is_compiling() or self.drop_rate > 0 or has_hooks(self.features):
+        if not self.fused or is_tracing(x) or self.drop_rate > 0 or has_hooks(self.features):
             return False  # hooks on the block's modules would not fire inside the fused node
         modes = {m.training for m in self.features.modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
         if len(modes) != 1 or (torch.is_grad_enabled() and modes != {True}):
@@ -452,9 +452,9 @@ class DenseNet(ClassifierMixin, nn.Module):
         return True
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_channels_last and x.device.type == "cpu" and x.dim() == 4 and not torch.compiler.is_compiling():
+        if not is_tracing(x) and self.cpu_channels_last and x.device.type == "cpu" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if not self._use_fused():
+        if not self._use_fused(x):
             return F.relu(self.features(x))
         modules = list(self.features.children())
         i = 0
