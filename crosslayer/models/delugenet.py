@@ -49,15 +49,21 @@ class CrossLayerDepthwiseConv(nn.Module):
         if len(normalized) != self.num_inputs:
             raise ValueError(f"CLDC expects {self.num_inputs} inputs, got {len(normalized)}")
         if is_tracing(normalized[0]):  # traced form (torch.compile fuses it itself; FX records it)
-            w = self.weight.to(normalized[0].dtype)
-            out = normalized[0] * w[:, 0, None, None]
-            for i in range(1, self.num_inputs):
-                out = torch.addcmul(out, normalized[i], w[:, i, None, None])
-            return out + self.bias.sum(1).to(out.dtype)[:, None, None]
+            return _weighted_sum(self.weight, self.bias, normalized)
         return _WeightedSum.apply(self.weight, self.bias, bank, *normalized)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_inputs={self.num_inputs}"
+
+
+def _weighted_sum(weight: torch.Tensor, bias: torch.Tensor, xs) -> torch.Tensor:
+    """sum_i weight[:, i] * xs[i] + sum_i bias[:, i], per channel, accumulated in place into one output
+    (each in-place result is reassigned, so an FX trace chains the steps instead of pruning them)."""
+    w = weight.to(xs[0].dtype)
+    out = torch.mul(xs[0], w[:, 0, None, None])
+    for i in range(1, len(xs)):
+        out = out.addcmul_(xs[i], w[:, i, None, None])
+    return out.add_(bias.sum(1).to(out.dtype)[:, None, None])
 
 
 class _GradBank:
@@ -116,11 +122,7 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, bank, *xs):
-        w = weight.to(xs[0].dtype)
-        out = torch.mul(xs[0], w[:, 0, None, None])
-        for i in range(1, len(xs)):
-            out.addcmul_(xs[i], w[:, i, None, None])
-        out.add_(bias.sum(1).to(out.dtype)[:, None, None])
+        out = _weighted_sum(weight, bias, xs)
         ctx.save_for_backward(weight, *xs)
         ctx.bank = bank
         return out

@@ -182,11 +182,12 @@ class _DenseBlockFunction(torch.autograd.Function):
         norm = tail.norm if isinstance(tail, Transition) else tail
         total = x.shape[1] + sum(layer.growth_rate for layer in layers)
         dtype = _autocast_dtype(x) or x.dtype
-        saved = []
+        saved, starts = [], []  # starts[i]: where layer i's saved tensors begin
         with torch.autocast(x.device.type, enabled=False):
             feats = _Features(x, total, norm.training, norm.eps, dtype)
             feats.put(x)
             for layer in layers:
+                starts.append(len(saved))
                 y = feats.consume(layer.norm1, feats.width)
                 out = F.conv2d(feats.nchw(y), layer.conv1.weight.to(dtype), None, 1, layer.conv1.padding)
                 if layer.bottleneck:
@@ -205,6 +206,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 out = feats.nchw(y)
                 saved.append(y)
         ctx.feats, ctx.layers, ctx.tail, ctx.norm, ctx.recompute, ctx.dtype = feats, layers, tail, norm, recompute, dtype
+        ctx.starts = starts
         ctx.save_for_backward(feats.buf, *saved)
         feats.buf = None  # held by the saved tensors only (freed with the graph, counted by saved-tensor hooks)
         return out
@@ -230,12 +232,8 @@ class _DenseBlockFunction(torch.autograd.Function):
                 feats.nchw(gy).copy_(grad)
                 tail_grads = list(feats.consumer_backward(gy, y, norm))
             layer_grads = []
-            i, c1 = 0, total
-            starts = []
-            for layer in layers:  # where each layer's saved tensors start
-                starts.append(i)
-                i += (3 if layer.bottleneck else 0) + (0 if recompute else 2 if layer.bottleneck else 1)
-            for layer, start in zip(reversed(layers), reversed(starts)):
+            c1 = total
+            for layer, start in zip(reversed(layers), reversed(ctx.starts)):
                 c = c1 - layer.growth_rate
                 g = feats.normalization_backward(c, c1)
                 y = feats.consume(layer.norm1, c, update_stats=False) if recompute else None
@@ -436,20 +434,19 @@ class DenseNet(ClassifierMixin, nn.Module):
         SyncBatchNorm and other modified modules, and torch.compile."""
         if not self.fused or is_tracing(x) or self.drop_rate > 0 or has_hooks(self.features):
             return False  # hooks on the block's modules would not fire inside the fused node
-        modes = {m.training for m in self.features.modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
-        if len(modes) != 1 or (torch.is_grad_enabled() and modes != {True}):
-            return False
-        eps = self.features.norm5.eps
+        eps, modes = self.features.norm5.eps, set()
         for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase) and not (type(m) is nn.BatchNorm2d and m.affine
-                                                                      and m.track_running_stats and m.eps == eps):
-                return False  # e.g. SyncBatchNorm (--sync-bn): its statistics are not the local ones
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                if not (type(m) is nn.BatchNorm2d and m.affine and m.track_running_stats and m.eps == eps):
+                    return False  # e.g. SyncBatchNorm (--sync-bn): its statistics are not the local ones
+                modes.add(m.training)
             if isinstance(m, nn.Conv2d) and (m.stride != (1, 1) or m.groups != 1 or m.dilation != (1, 1)
                                              or m.bias is not None) and m is not getattr(self.features, "conv0", None):
                 return False
             if isinstance(m, nn.AvgPool2d) and (m.kernel_size, m.stride, m.padding) != (2, 2, 0):
                 return False
-        return True
+        # one BatchNorm mode for all, and autograd only through training-mode ones
+        return len(modes) == 1 and (modes == {True} or not torch.is_grad_enabled())
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not is_tracing(x) and self.cpu_channels_last and x.device.type == "cpu" and x.dim() == 4:

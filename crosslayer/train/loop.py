@@ -444,15 +444,14 @@ class Trainer:
             set_seed(int(self.cfg["seed"]) + self.info.rank + 7919 * self.step)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _state(self, epoch: int, batch_in_epoch: int, epoch_stats: dict | None, rng_ranks=None) -> dict:
-        from crosslayer.train.checkpoint import capture_rng_state
-
+    def _state(self, epoch: int, batch_in_epoch: int, epoch_stats: dict | None, rngs: list) -> dict:
+        """The checkpoint; ``rngs``: every rank's RNG state (capture_rng_state), in rank order."""
         cfg = {k: v for k, v in self.cfg.items() if k != "_explicit"}
         return {"format": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step,
-                "rng": capture_rng_state(), "rng_ranks": rng_ranks, "config": cfg,
+                "rng": rngs[0], "rng_ranks": rngs if len(rngs) > 1 else None, "config": cfg,
                 "best_test_err": self.best_test_err,
                 "best_selection_err": self.best_sel, "history": self.history, "epoch_stats": epoch_stats,
                 "wall_time_s": self.wall_before + (time.perf_counter() - self.t_start)}
@@ -463,11 +462,11 @@ class Trainer:
         from crosslayer.train.checkpoint import capture_rng_state
 
         # every rank's RNG (dropout, stochastic depth draw from it), so that each resumes its own stream
-        rng_ranks = D.gather_objects(capture_rng_state(), self.info) if self.info.enabled else None
+        rngs = D.gather_objects(capture_rng_state(), self.info)
         D.barrier(self.info)
         if self.info.is_main:
-            save_checkpoint(os.path.join(self.out_dir, name),
-                            self._state(epoch, batch_in_epoch, epoch_stats, rng_ranks), keep_previous=name == "last.pt")
+            save_checkpoint(os.path.join(self.out_dir, name), self._state(epoch, batch_in_epoch, epoch_stats, rngs),
+                            keep_previous=name == "last.pt")
         D.barrier(self.info)
 
     # -- outputs --------------------------------------------------------------------------------
