@@ -1,6 +1,6 @@
 """DelugeNet-146 (CIFAR 32x32): our shared-normalisation implementation against the straightforward
 per-consumer form (every cross-layer depthwise convolution normalises each of its inputs itself, as
-the official Lua module does; ``tests/reference_delugenet.py``), same weights, in one run.
+the official Lua module does; ``crosslayer/models/reference.py``), same weights, in one run.
 
     python -m benchmarks.delugenet [--quick] [--device cuda --amp bf16 --channels-last --compile]
 """
@@ -11,8 +11,8 @@ import os
 import sys
 
 import crosslayer
-from crosslayer.models.cli import count_macs
 from benchmarks import core
+from crosslayer.counting import count_macs
 
 MODEL = "delugenet146"
 PARAMS = 6_686_250
@@ -22,14 +22,14 @@ def reference(num_classes: int = 10):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in sys.path:
         sys.path.insert(0, root)
-    from tests.reference_delugenet import ReferenceDelugeNet  # the per-consumer form the tests prove equal
+    from crosslayer.models.reference import ReferenceDelugeNet  # the per-consumer form the tests prove equal
 
     return ReferenceDelugeNet(crosslayer.create_model(MODEL, num_classes=num_classes))
 
 
 def configs() -> dict[str, core.Config]:
     return {
-        "reference": core.Config("reference", "per-consumer normalisation (tests/reference_delugenet.py)", reference,
+        "reference": core.Config("reference", "per-consumer normalisation (crosslayer/models/reference.py)", reference,
                                  note="its parameter count includes a second copy of the CLDC weights"),
         "ours": core.Config("ours", "crosslayer delugenet146 (defaults: shared normalisation, channels_last in training on CPU)",
                             lambda n: crosslayer.create_model(MODEL, num_classes=n)),

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import crosslayer
-from crosslayer.models.cli import count_macs
 from benchmarks import core
+from crosslayer.counting import count_macs
 
 MODEL = "densenet_bc100_k12"
 PARAMS = 769_162  # densenet.md §3, 10 classes

@@ -281,7 +281,7 @@ def test_curves_and_confusion_api(tmp_path):
 
 
 def test_import_crosslayer_does_not_load_matplotlib():
-    code = ("import sys, crosslayer, crosslayer.analysis, crosslayer.analysis.reuse_cli, crosslayer.analysis.report; "
+    code = ("import sys, crosslayer, crosslayer.analysis, crosslayer.cli.reuse, crosslayer.analysis.report; "
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

@@ -27,7 +27,7 @@ def _worker(rank: int, world_size: int, port: int, out: str, hashes: str) -> Non
     torch.set_num_threads(1)
     import argparse
 
-    from crosslayer.train.cli import add_arguments, build_config
+    from crosslayer.cli.train import add_arguments, build_config
     from crosslayer.train.loop import Trainer
 
     p = argparse.ArgumentParser()
@@ -74,7 +74,7 @@ def _resume_worker(rank: int, world_size: int, port: int, out: str, hashes: str,
     torch.set_num_threads(1)
     import argparse
 
-    from crosslayer.train.cli import add_arguments, build_config
+    from crosslayer.cli.train import add_arguments, build_config
     from crosslayer.train.loop import Trainer
 
     p = argparse.ArgumentParser()

@@ -5,7 +5,7 @@ import torch
 
 import crosslayer
 from crosslayer.models.delugenet import CrossLayerDepthwiseConv
-from tests.reference_delugenet import ReferenceDelugeNet
+from crosslayer.models.reference import ReferenceDelugeNet
 
 
 def _pair(seed=0, **kw):

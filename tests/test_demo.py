@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from crosslayer.cli import main as cli
 

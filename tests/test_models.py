@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 import crosslayer
+from crosslayer.cli.models import format_table, zoo_rows
+from crosslayer.counting import count_macs
 from crosslayer.errors import CrosslayerError
-from crosslayer.models.cli import count_macs, format_table, zoo_rows
 
 # Exact counts computed in shared/specs (densenet.md §3 and §1.3, delugenet.md §5, baselines_ecosystem.md A.0).
 CIFAR_COUNTS = {  # name: (10 classes, 100 classes or None = derive)

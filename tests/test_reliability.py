@@ -26,10 +26,15 @@ import torch.nn as nn
 
 from crosslayer.errors import CheckpointError
 from crosslayer.train import checkpoint as ck
-from crosslayer.train.checkpoint import (capture_rng_state, export_safetensors, load_checkpoint,
-                                         load_model_from_checkpoint, load_resume_checkpoint,
-                                         restore_rng_state, save_checkpoint)
-
+from crosslayer.train.checkpoint import (
+    capture_rng_state,
+    export_safetensors,
+    load_checkpoint,
+    load_model_from_checkpoint,
+    load_resume_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -85,8 +90,8 @@ def test_roundtrip_weights_only_and_contents(tmp_path):
 
 
 def test_numpy_and_paths_are_made_plain_and_unsafe_objects_refused(tmp_path):
-    import pathlib
     import enum
+    import pathlib
 
     class Colour(enum.IntEnum):
         RED = 1

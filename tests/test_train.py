@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from crosslayer.cli import main as cli
-from crosslayer.train.cli import add_arguments, build_config
+from crosslayer.cli.train import add_arguments, build_config
 from crosslayer.train.loop import METRIC_COLUMNS, lr_lambda
 from crosslayer.train.presets import PRESETS, get_preset, resolve_milestones
 

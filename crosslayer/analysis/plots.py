@@ -9,7 +9,7 @@ here is first called, so ``import crosslayer`` stays light.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -191,8 +191,15 @@ def draw_reuse(checkpoint_or_model, out_dir: str, layers: Iterable[str] | None =
     keys; default: the head) ``delugenet_layer{S}_{I}.png/.csv`` (|w|, rows = channels).
     Returns the written paths.
     """
-    from crosslayer.analysis.reuse import (deluge_weight_maps, densenet_reuse, densenet_reuse_labels, is_delugenet,
-                                           is_densenet, load_for_analysis, parse_layer_key)
+    from crosslayer.analysis.reuse import (
+        deluge_weight_maps,
+        densenet_reuse,
+        densenet_reuse_labels,
+        is_delugenet,
+        is_densenet,
+        load_for_analysis,
+        parse_layer_key,
+    )
 
     if scale not in SCALES:
         raise CrosslayerError(f"scale {scale!r}: choose one of {', '.join(SCALES)}")

@@ -1,5 +1,5 @@
-"""``crosslayer report``: results table (Markdown + CSV) and plots from run directories, with
-the papers' published errors beside the measured ones; ``--zoo`` prints the params/MACs table."""
+"""Results table (Markdown + CSV) and plots from run directories, with the papers' published
+errors beside the measured ones (``crosslayer report``)."""
 
 from __future__ import annotations
 
@@ -53,34 +53,3 @@ def write_report(run_dirs, out_dir: str, plots: bool = True) -> list[str]:
         f.write(format_markdown(rows, figures))
     csv_path = write_results_csv(rows, os.path.join(out_dir, "results.csv"))
     return [md, csv_path] + figures
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories written by `crosslayer train`")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: the run directory for one run, ./report for several)")
-    parser.add_argument("--no-plots", action="store_true", help="write only results.md / results.csv")
-    parser.add_argument("--zoo", nargs="?", const="*", default=None, metavar="PATTERN",
-                        help="print the model zoo's params / multiply-adds table (optionally filtered) and exit")
-
-
-def main(args) -> int:
-    if args.zoo is not None:
-        from crosslayer.models.cli import format_table, zoo_rows
-
-        rows = zoo_rows(args.zoo)
-        if not rows:
-            raise CrosslayerError(f"--zoo {args.zoo!r}: no model matches")
-        print(format_table(rows))
-        if not args.runs:
-            return 0
-    if not args.runs:
-        raise CrosslayerError("give at least one RUN_DIR (or --zoo)")
-    out = args.out or (args.runs[0] if len(args.runs) == 1 else "report")
-    files = write_report(args.runs, out, plots=not args.no_plots)
-    with open(files[0]) as f:
-        print(f.read().rstrip())
-    print()
-    for p in files:
-        print(p)
-    return 0

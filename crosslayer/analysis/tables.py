@@ -229,8 +229,8 @@ def _count_params(run: dict) -> float | None:
     try:
         import torch
 
+        from crosslayer.counting import count_params
         from crosslayer.models import create_model
-        from crosslayer.models.cli import count_params
 
         cfg = run["config"]
         with torch.device("meta"):
@@ -246,11 +246,11 @@ def _count_macs(run: dict) -> float | None:
         if src.get("macs") is not None:
             return float(src["macs"])
     try:
-        from crosslayer.models.cli import count_macs
+        from crosslayer.counting import count_macs
 
-        if run["config"].get("model_kwargs"):
-            return None  # count_macs builds the registered configuration only
-        return float(count_macs(run["model"], run["config"].get("num_classes")))
+        cfg = run["config"]
+        return float(count_macs(run["model"], cfg.get("num_classes"), cfg.get("in_channels"), cfg.get("image_size"),
+                                **(cfg.get("model_kwargs") or {})))
     except Exception:  # noqa: BLE001
         return None
 

@@ -11,9 +11,9 @@ so a crafted file cannot run code.
 from __future__ import annotations
 
 import io
-import zlib
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np

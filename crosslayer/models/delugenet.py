@@ -43,7 +43,7 @@ class CrossLayerDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(torch.full((channels, num_inputs), 1.0 / num_inputs))
         self.bias = nn.Parameter(torch.zeros(channels, num_inputs))
 
-    def forward(self, normalized: list[torch.Tensor], bank: "_GradBank | None" = None) -> torch.Tensor:
+    def forward(self, normalized: list[torch.Tensor], bank: _GradBank | None = None) -> torch.Tensor:
         """``normalized``: the stage's outputs after the shared normalisation, newest first.
         ``bank``: where their gradients are summed (training; see :class:`_SharedBatchNorm`)."""
         if len(normalized) != self.num_inputs:

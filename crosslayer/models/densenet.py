@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out, is_tracing
 from crosslayer.models._registry import register_model
+from crosslayer.ops.defaults import use_fused
 
 PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"
 
@@ -262,7 +263,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         return (grad_x, None, None, None, *flat)  # autograd casts grad_x to x's dtype
 
 
-def _block_parameters(block: "DenseBlock", tail: nn.Module) -> list[nn.Parameter]:
+def _block_parameters(block: DenseBlock, tail: nn.Module) -> list[nn.Parameter]:
     """The tensors _DenseBlockFunction differentiates, in the order its backward returns them."""
     params = []
     for layer in block.values():
@@ -369,13 +370,14 @@ class DenseNet(ClassifierMixin, nn.Module):
     ``num_init_features`` c_0 (16 for basic DenseNet, 2k for DenseNet-BC), ``drop_rate``.
     ``memory_efficient``: recompute the BN-ReLU of the concatenations in backward instead of
     storing them. ``fused``: run each block as one autograd node over a shared feature buffer
-    (:class:`_DenseBlockFunction`, the default; same function, faster); False = the per-layer modules.
+    (:class:`_DenseBlockFunction`; same function, faster); False = the per-layer modules; None (the
+    default) = the device kind's default (:mod:`crosslayer.ops.defaults`).
     """
 
     def __init__(self, block_config: tuple[int, ...], growth_rate: int = 12, num_init_features: int = 24,
                  bottleneck: bool = True, compression: float = 0.5, bn_size: int = 4, drop_rate: float = 0.0,
                  num_classes: int = 10, in_channels: int = 3, stem: str = "cifar",
-                 memory_efficient: bool = False, fused: bool = True):
+                 memory_efficient: bool = False, fused: bool | None = None):
         super().__init__()
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
@@ -407,7 +409,8 @@ class DenseNet(ClassifierMixin, nn.Module):
         # Each dense block + the BN-ReLU(-conv-pool) after it runs as one autograd node over a
         # shared NHWC feature buffer (_DenseBlockFunction: no concatenation copies, every feature
         # map normalised once). Same math as the per-layer form, ~1.5x faster on CPU
-        # (docs/benchmarks.md). False = the plain per-layer modules (what torch.compile traces).
+        # (docs/benchmarks.md). False = the plain per-layer modules (what torch.compile traces);
+        # None = the device kind's default (crosslayer.ops.defaults: fused on CPU, plain on CUDA).
         self.fused = fused
         # On CPU, run the feature extractor in channels_last (NHWC): oneDNN's convolutions skip
         # their per-call layout reorders of the (ever wider) concatenated inputs, ~1.8x faster
@@ -432,7 +435,7 @@ class DenseNet(ClassifierMixin, nn.Module):
         takes: autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input gradients: the
         fused backward is the batch-statistics one), BatchNorms in mixed modes, dropout, hooks,
         SyncBatchNorm and other modified modules, and torch.compile."""
-        if not self.fused or is_tracing(x) or self.drop_rate > 0 or has_hooks(self.features):
+        if not use_fused(self.fused, x.device.type) or is_tracing(x) or self.drop_rate > 0 or has_hooks(self.features):
             return False  # hooks on the block's modules would not fire inside the fused node
         eps, modes = self.features.norm5.eps, set()
         for m in self.modules():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from crosslayer.models._base import ClassifierMixin
 from crosslayer.models._registry import register_model

@@ -1,6 +1,6 @@
 """The training loop: plain PyTorch, one process or many (torchrun + DDP).
 
-:class:`Trainer` takes a config dict (built by ``crosslayer.train.cli`` from a preset and the
+:class:`Trainer` takes a config dict (built by ``crosslayer.cli.train`` from a preset and the
 command line), trains, evaluates every epoch and writes the run directory described in
 ``contracts.md``: config.json, metrics.csv/.jsonl, last.pt, best.pt, results.json (+ tb/).
 
@@ -105,20 +105,11 @@ def lr_lambda(cfg: dict, steps_per_epoch: int):
 
 
 def count_macs_at(name: str, num_classes: int, in_channels: int, image_size: int, model_kwargs: dict) -> int | None:
-    """Multiply-accumulates of one forward pass at the data's input size (FlopCounterMode, conv +
-    linear, FLOPs/2), on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Architecture multiply-adds of one forward pass at the data's input size (None if uncountable)."""
+    from crosslayer.counting import count_macs
 
-    from crosslayer.models import create_model
-
-    kwargs = {k: v for k, v in model_kwargs.items() if k != "memory_efficient"}
     try:
-        with torch.device("meta"):
-            m = create_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs).eval()
-            x = torch.empty(1, in_channels, image_size, image_size)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            m(x)
-        return int(counter.get_total_flops() // 2)
+        return count_macs(name, num_classes, in_channels, image_size, **model_kwargs)
     except Exception:  # noqa: BLE001 - MACs are informational
         return None
 
@@ -355,7 +346,7 @@ class Trainer:
         self._check_fits(model, bundle, self.train_loader)
 
         if not cfg.get("_resolved"):
-            from crosslayer.models.cli import count_params
+            from crosslayer.counting import count_params
 
             if cfg.get("iterations") and not cfg.get("epochs_explicit"):
                 cfg["epochs"] = max(1, math.ceil(int(cfg["iterations"]) / spe))
@@ -457,9 +448,7 @@ class Trainer:
                 "wall_time_s": self.wall_before + (time.perf_counter() - self.t_start)}
 
     def save(self, name: str, epoch: int, batch_in_epoch: int, epoch_stats: dict | None = None) -> None:
-        from crosslayer.train.checkpoint import save_checkpoint
-
-        from crosslayer.train.checkpoint import capture_rng_state
+        from crosslayer.train.checkpoint import capture_rng_state, save_checkpoint
 
         # every rank's RNG (dropout, stochastic depth draw from it), so that each resumes its own stream
         rngs = D.gather_objects(capture_rng_state(), self.info)

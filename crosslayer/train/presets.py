@@ -49,7 +49,7 @@ class Preset:
     # per-data-set deviations, keyed by data-set name without "+" (e.g. "svhn")
     per_dataset: dict[str, dict] = field(default_factory=dict)
 
-    def for_dataset(self, data: str) -> "Preset":
+    def for_dataset(self, data: str) -> Preset:
         """This preset with the paper's per-data-set changes applied (e.g. SVHN: 40 epochs)."""
         key = data.split(":")[0].rstrip("+").lower()
         changes = self.per_dataset.get(key)

@@ -66,8 +66,8 @@ def cpu_has_bf16() -> bool:
 
 def demo_config(args) -> dict:
     """The train config of the demo (a `crosslayer train` config built from the `demo` preset)."""
-    from crosslayer.train.cli import add_arguments as train_args
-    from crosslayer.train.cli import build_config
+    from crosslayer.cli.train import add_arguments as train_args
+    from crosslayer.cli.train import build_config
 
     base = QUICK if args.quick else DEFAULTS
     epochs = args.epochs or base["epochs"]

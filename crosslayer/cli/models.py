@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from crosslayer.counting import count_macs, count_params
 from crosslayer.models._registry import create_model, list_models, model_info
 
-# Known errors in the seed tables, printed as footnotes (shared/specs/baselines_ecosystem.md, "Corrections").
+# Known errors in the papers' tables, printed as footnotes (docs/architecture.md, "Errata").
 CORRECTIONS = [
     "Stochastic-depth ResNet-1202 has 19.4M parameters; both tables print 10.2M (ResNet-1001's figure).",
     "FractalNet's released configuration (C=3, B=5) has 33.7M parameters; the 38.6M printed is not reproducible.",
@@ -14,27 +15,6 @@ CORRECTIONS = [
     "The DelugeNet table's stochastic-depth row is ResNet-110 (not depth 32); its C100+ error is 24.58, not 24.98.",
     "The tables' SVHN errors for ResNet / SD-ResNet (2.01 / 1.75) come from the 152-layer network.",
 ]
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(name: str, num_classes: int | None = None) -> int:
-    """Multiply-accumulates of one forward pass at the model's native input size, counted by
-    PyTorch's FlopCounterMode (conv + linear only; MACs = FLOPs / 2) on the meta device, so even the
-    ImageNet models cost no real compute."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    info = model_info(name)
-    with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes, in_channels=info.input_size[0]).eval()
-        x = torch.empty(1, *info.input_size)
-    if hasattr(model, "fused"):  # count the architecture as the paper does: the transition pools
-        model.fused = False      # after its 1x1 conv (fused DenseNet blocks pool first: fewer MACs)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 def zoo_rows(pattern: str | None = None, num_classes: int | None = None, macs: bool = True) -> list[dict]:

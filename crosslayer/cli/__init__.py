@@ -1,6 +1,6 @@
-"""The ``crosslayer`` command line: one sub-command per module.
+"""The ``crosslayer`` command line: one sub-command per module of this package.
 
-Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
+Each sub-command lives in its own module (``crosslayer/cli/<verb>.py``) exposing ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only dispatches, so sub-commands stay independent.
 """
 
@@ -15,12 +15,12 @@ from crosslayer.errors import CrosslayerError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "models": ("crosslayer.models.cli", "list the model zoo: depth, params, multiply-adds, paper params"),
-    "train": ("crosslayer.train.cli", "train a model (resumes with --resume)"),
-    "eval": ("crosslayer.train.evaluate", "evaluate a checkpoint: error %, per-class accuracy, confusion matrix"),
-    "reuse": ("crosslayer.analysis.reuse_cli", "draw the feature-reuse / cross-layer weight heatmaps of a checkpoint"),
-    "report": ("crosslayer.analysis.report", "results table and plots from run directories"),
-    "demo": ("crosslayer.demo", "train + evaluate a DenseNet-BC on Fashion-MNIST with its plots (the README's main job)"),
+    "models": ("crosslayer.cli.models", "list the model zoo: depth, params, multiply-adds, paper params"),
+    "train": ("crosslayer.cli.train", "train a model (resumes with --resume)"),
+    "eval": ("crosslayer.cli.eval", "evaluate a checkpoint: error %, per-class accuracy, confusion matrix"),
+    "reuse": ("crosslayer.cli.reuse", "draw the feature-reuse / cross-layer weight heatmaps of a checkpoint"),
+    "report": ("crosslayer.cli.report", "results table and plots from run directories"),
+    "demo": ("crosslayer.cli.demo", "train + evaluate a DenseNet-BC on Fashion-MNIST with its plots (the README's main job)"),
 }
 
 
