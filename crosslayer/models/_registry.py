@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -28,7 +28,6 @@ class ModelInfo:
     paper_params_m: float | None = None  # as printed in the paper's table
     paper: str = ""
     note: str = ""  # correction footnote for the printed figure, if any
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}

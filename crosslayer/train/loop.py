@@ -2,7 +2,7 @@
 
 :class:`Trainer` takes a config dict (built by ``crosslayer.cli.train`` from a preset and the
 command line), trains, evaluates every epoch and writes the run directory described in
-``contracts.md``: config.json, metrics.csv/.jsonl, last.pt, best.pt, results.json (+ tb/).
+docs/protocols.md ("Run directory"): config.json, metrics.csv/.jsonl, last.pt, best.pt, results.json (+ tb/).
 
 Reproducibility: the data order and augmentation are functions of (seed, epoch, batch) (fast
 loader path), the model's own randomness (dropout, drop-path, stochastic depth) uses torch's
