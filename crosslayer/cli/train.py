@@ -18,12 +18,12 @@ import shlex
 import sys
 
 from crosslayer.errors import CrosslayerError
-from crosslayer.train.presets import PRESETS, format_presets, get_preset
+from crosslayer.train.presets import PRESETS, format_presets, preset_for
 
 # argparse dest -> config key, for the preset values the command line overrides
 OVERRIDES = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
              "milestone_shift", "gamma", "schedule_unit", "iterations", "warmup_epochs", "warmup_steps", "warmup_lr",
-             "label_smoothing", "drop_rate", "val_size", "select_on")
+             "label_smoothing", "drop_rate", "val_size", "select_on", "pad_mode")
 
 
 def _floats(text: str) -> list[float]:
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what to train")
     g.add_argument("--model", help="model name (`crosslayer models` lists them)")
     g.add_argument("--data", help="data set: c10, c10+, c100, c100+, svhn, fashion-mnist(+), mnist(+), synthetic, "
-                                  "imagefolder:ROOT")
+                                  "imagefolder:ROOT, imagenet:ROOT")
     g.add_argument("--data-dir", default=None, help="folder with the data set files (default: the standard places)")
     g.add_argument("--download", action="store_true", help="download missing data set files from the official URLs "
                                                              "(md5-checked) into --data-dir or ~/.cache/crosslayer")
@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="extra model constructor argument, e.g. growth_rate=12 (repeatable)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N train and test images (smoke runs)")
+    g.add_argument("--crop-size", type=int, default=None,
+                   help="imagenet:ROOT only: crop size (default 224; evaluation resizes to crop x 256/224 first)")
     g.add_argument("--list-presets", action="store_true", help="print the presets with their sources and exit")
     g.add_argument("--print-config", action="store_true", help="print the resolved preset + overrides and exit")
 
@@ -83,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--label-smoothing", type=float)
     h.add_argument("--drop-rate", type=float, help="dropout passed to the model (DenseNet, WRN)")
     h.add_argument("--val-size", type=int, help="hold out this many training images as a validation split")
-    h.add_argument("--select-on", choices=("final", "best_val"), help="which test error results.json reports")
+    h.add_argument("--select-on", choices=("final", "best_val", "best_test"),
+                   help="which test error results.json reports (docs/protocols.md)")
+    h.add_argument("--pad-mode", choices=("zero", "reflect"), help="padding of the random crop (WRN preset: reflect)")
     h.add_argument("--seed", type=int, default=0)
 
     r = parser.add_argument_group("execution")
@@ -108,9 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args) -> dict:
     """Preset (adjusted for the data set) + explicit command-line overrides -> config dict."""
-    preset = get_preset(args.preset).for_dataset(args.data or "")
+    preset = preset_for(args.preset, args.data, args.model)
     cfg = preset.as_dict()
-    for k in ("name", "per_dataset", "description", "source"):
+    for k in ("name", "per_dataset", "per_model", "description", "source", "select_evidence", "table_rows",
+              "lr_reference_batch"):
         cfg.pop(k)
     explicit = {}
     for k in OVERRIDES:
@@ -118,11 +123,13 @@ def build_config(args) -> dict:
         if v is not None:
             cfg[k] = list(v) if isinstance(v, tuple) else v
             explicit[k] = cfg[k]
+    if "lr" not in explicit:  # protocols whose lr is defined for a reference global batch (ImageNet)
+        cfg["lr"] = preset.lr_for_batch(int(cfg["batch_size"]))
     if args.epochs is not None and args.iterations is None:
         cfg["iterations"] = None
     cfg.update(
         model=args.model, data=args.data, data_dir=args.data_dir, download=args.download, preset=args.preset,
-        limit=args.limit,
+        limit=args.limit, crop_size=args.crop_size,
         model_kwargs=dict(args.model_arg), seed=args.seed, deterministic=args.deterministic,
         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         memory_efficient=args.memory_efficient, sync_bn=args.sync_bn, device=args.device,

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: error %, per-class accuracy and the confusion matrix.
+"""Evaluate a checkpoint: top-1 and top-5 error %, per-class accuracy and the confusion matrix.
 
 :func:`evaluate_checkpoint` prints a table and writes ``eval.json`` {"error", "accuracy", "per_class_accuracy", "confusion",
 ...} and ``confusion.csv`` (rows = true class, columns = predicted class) into ``--out`` (default:
@@ -54,7 +54,8 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     per_class = {c: (float(conf[i, i]) / float(support[i]) if support[i] else None) for i, c in enumerate(classes)}
     acc = 100.0 - res["err"]
     result = {"checkpoint": os.path.abspath(checkpoint), "model": ckpt_cfg.get("model"), "data": bundle.name,
-              "split": split, "images": res["count"], "error": res["err"], "accuracy": acc, "loss": res["loss"],
+              "split": split, "images": res["count"], "error": res["err"], "top5_error": res["err5"],
+              "accuracy": acc, "loss": res["loss"],
               "epoch": ckpt.get("epoch"), "per_class_accuracy": per_class, "classes": classes,
               "confusion": conf.tolist()}
     out = out or os.path.dirname(os.path.abspath(checkpoint))
@@ -74,7 +75,8 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
 def format_eval(r: dict) -> str:
     classes = r["classes"]
     width = max(8, max(len(c) for c in classes) + 1)
-    lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['images']} images): error {r['error']:.2f}%  "
+    top5 = f"  top-5 error {r['top5_error']:.2f}%" if r.get("top5_error") is not None else ""
+    lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['images']} images): error {r['error']:.2f}%{top5}  "
              f"accuracy {r['accuracy']:.2f}%  loss {r['loss']:.4f}", "",
              f"{'class':<{width}} {'accuracy':>8}"]
     for c in classes:

@@ -32,7 +32,7 @@ from crosslayer.train import distributed as D
 from crosslayer.train.presets import resolve_milestones
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_err",
-                  "epoch_time_s", "images_per_s"]
+                  "epoch_time_s", "images_per_s", "test_top5_err"]
 
 # Options that only control how a run executes: on --resume they come from the command line,
 # everything else (the hyper-parameters) from the checkpoint's config.
@@ -117,12 +117,12 @@ def count_macs_at(name: str, num_classes: int, in_channels: int, image_size: int
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_classes: int, info=None,
              confusion: bool = False) -> dict:
-    """Loss, error % (and optionally the confusion matrix, rows = true class) over ``loader``,
-    summed over DDP ranks."""
+    """Loss, top-1 error % (``err``), top-5 error % (``err5``; top-k with k = min(5, classes)) and
+    optionally the confusion matrix (rows = true class) over ``loader``, summed over DDP ranks."""
     was_training = model.training
     model.eval()
     loader.set_epoch(0)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, count, top-5 correct
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if confusion else None
     for x, y in loader:
         with amp_context(amp, device):
@@ -132,6 +132,7 @@ def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_class
         pred = out.argmax(1)
         sums[1] += (pred == y).sum()
         sums[2] += y.numel()
+        sums[3] += (out.topk(min(5, out.shape[1]), 1).indices == y[:, None]).any(1).sum()
         if conf is not None:
             conf += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
     if info is not None:
@@ -140,7 +141,8 @@ def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_class
             D.all_reduce_sum(conf, info)
     model.train(was_training)
     n = max(1.0, sums[2].item())
-    res = {"loss": sums[0].item() / n, "err": 100.0 * (1 - sums[1].item() / n), "count": int(sums[2].item())}
+    res = {"loss": sums[0].item() / n, "err": 100.0 * (1 - sums[1].item() / n), "count": int(sums[2].item()),
+           "err5": 100.0 * (1 - sums[3].item() / n)}
     if conf is not None:
         res["confusion"] = conf.cpu()
     return res
@@ -318,7 +320,9 @@ class Trainer:
         set_deterministic(cfg["deterministic"], self.device)
 
         bundle = load_dataset(cfg["data"], data_dir=cfg.get("data_dir"), val_size=int(cfg.get("val_size") or 0),
-                              seed=int(cfg["seed"]), limit=cfg.get("limit"), download=bool(cfg.get("download")))
+                              seed=int(cfg["seed"]), limit=cfg.get("limit"), download=bool(cfg.get("download")),
+                              pad_mode=cfg.get("pad_mode"), normalize=cfg.get("normalize"),
+                              val_split=cfg.get("val_split"), crop_size=cfg.get("crop_size"))
         self.bundle = bundle
         if cfg.get("num_classes") is not None and int(cfg["num_classes"]) != bundle.num_classes:
             raise TrainingError(f"{cfg['model']} was set up for {cfg['num_classes']} classes but data {bundle.name} "
@@ -385,7 +389,10 @@ class Trainer:
             net = torch.compile(net)
         self.net = net
 
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+        # a model may define its paper's parameter groups (FractalNet: biases at 2x lr, no weight decay)
+        params = (self.model.param_groups(cfg["lr"], cfg["weight_decay"]) if hasattr(self.model, "param_groups")
+                  else self.model.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
                                          nesterov=bool(cfg["nesterov"]) and cfg["momentum"] > 0,
                                          weight_decay=cfg["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, spe))
@@ -471,13 +478,16 @@ class Trainer:
                "params": self.cfg.get("params"), "macs": self.cfg.get("macs"),
                "wall_time_s": round(self.wall_before + (time.perf_counter() - self.t_start), 2),
                "val_err": last.get("val_err"), "step": self.step, "status": status,
-               "select_on": self.cfg.get("select_on", "final")}
+               "select_on": self.cfg.get("select_on", "final"), "test_top5_err": last.get("test_top5_err")}
+        if self.history:  # fb.resnet.torch prints the top-5 error of the best top-1 epoch
+            res["best_test_top5_err"] = min(self.history, key=lambda r: r["test_err"]).get("test_top5_err")
         if any(r.get("val_err") is not None for r in self.history):
             best = min((r for r in self.history if r.get("val_err") is not None), key=lambda r: r["val_err"])
             res["test_err_at_best_val"] = best["test_err"]
             res["best_val_epoch"] = best["epoch"]
         res["reported_test_err"] = (res.get("test_err_at_best_val") if res["select_on"] == "best_val"
-                                    and "test_err_at_best_val" in res else res["test_err"])
+                                    and "test_err_at_best_val" in res else
+                                    res["best_test_err"] if res["select_on"] == "best_test" else res["test_err"])
         return res
 
     def write_results(self, status: str) -> dict:
@@ -622,7 +632,7 @@ class Trainer:
                    "train_err": 100.0 * (1 - s[1] / max(1, s[2])), "test_loss": test["loss"], "test_err": test["err"],
                    "val_err": val["err"] if val is not None else None,
                    "epoch_time_s": round(train_time + eval_time, 3),
-                   "images_per_s": round(s[2] / max(train_time, 1e-9), 1)}
+                   "images_per_s": round(s[2] / max(train_time, 1e-9), 1), "test_top5_err": test["err5"]}
             self.history.append(row)
             self.epoch, self.batch_in_epoch, self.epoch_stats = epoch + 1, 0, None
             improved_test = self.best_test_err is None or test["err"] < self.best_test_err
