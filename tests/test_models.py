@@ -11,7 +11,7 @@ from crosslayer.cli.models import format_table, zoo_rows
 from crosslayer.counting import count_macs
 from crosslayer.errors import CrosslayerError
 
-# Exact counts computed in shared/specs (densenet.md §3 and §1.3, delugenet.md §5, baselines_ecosystem.md A.0).
+# Exact counts: docs/architecture.md derives each one.
 CIFAR_COUNTS = {  # name: (10 classes, 100 classes or None = derive)
     "densenet40_k12": (1_019_722, 1_060_132),
     "densenet100_k12": (6_979_642, 7_084_852),
@@ -24,7 +24,7 @@ CIFAR_COUNTS = {  # name: (10 classes, 100 classes or None = derive)
     "wide_delugenet146": (20_150_658, 20_191_068),
     "resnet20": (269_722, None),
     "resnet110": (1_727_962, None),
-    "preact_resnet110": (1_730_522, None),
+    "preact_resnet110": (1_727_962, None),  # zero-padding shortcuts (fb.resnet.torch preresnet.lua)
     "preact_resnet164": (1_703_258, None),
     "preact_resnet1001": (10_327_706, None),
     "resnet110_sd": (1_732_010, None),
@@ -33,7 +33,7 @@ CIFAR_COUNTS = {  # name: (10 classes, 100 classes or None = derive)
     "wrn16_8": (10_961_370, None),
     "wrn28_10": (36_479_194, None),
     "wrn40_4": (8_949_210, None),
-    "fractalnet20": (33_734_922, None),
+    "fractalnet20": (33_714_314, None),  # BN without scale/shift (Caffe BatchNorm, no Scale layer)
 }
 IMAGENET_COUNTS = {
     "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,

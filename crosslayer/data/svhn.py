@@ -67,7 +67,7 @@ def balanced_val_indices(labels, n_train: int, seed: int = 0, per_class: tuple[i
     ``svhn-dataset.lua``): ``per_class[0]`` images of each class from the train file (the first
     ``n_train`` of ``labels``) and ``per_class[1]`` of each class from extra (the rest), each drawn
     at random (the official code shuffles both files, then takes the first ones of each class).
-    With fewer images of a class than asked (small ``--limit`` runs), half of them. Sorted int64."""
+    With fewer images of a class than asked (small ``--limit`` runs), all but one. Sorted int64."""
     import torch
 
     labels = torch.as_tensor(labels)
@@ -77,7 +77,7 @@ def balanced_val_indices(labels, n_train: int, seed: int = 0, per_class: tuple[i
         part = labels[lo:hi]
         for c in range(10):
             idx = (part == c).nonzero().flatten()
-            take = min(k, idx.numel() // 2)
+            take = min(k, max(0, idx.numel() - 1))
             picked.append(idx[torch.randperm(idx.numel(), generator=g)[:take]] + lo)
     return torch.cat(picked).sort().values
 

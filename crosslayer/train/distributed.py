@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N -m crosslayer train ...`` exports RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT; :func:`init_distributed` reads them, picks the device
 (``cuda:LOCAL_RANK`` with NCCL, or the CPU with Gloo) and joins the process group. Conventions
-(baselines_ecosystem.md C.3): the ``--batch-size`` is the GLOBAL batch, split evenly over the
+(as torchvision's and timm's reference scripts; docs/protocols.md): the ``--batch-size`` is the GLOBAL batch, split evenly over the
 ranks; BatchNorm statistics stay per rank unless ``--sync-bn``; only rank 0 prints, logs and
 writes checkpoints; metrics are summed over ranks with ``all_reduce``. torchrun restarts failed
 workers with the same arguments, so pass ``--resume`` when launching under torchrun with restarts.
