@@ -404,7 +404,7 @@ class DenseNet(ClassifierMixin, nn.Module):
                 channels = out
         self.features.add_module("norm5", nn.BatchNorm2d(channels))  # torchvision's name, any depth
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         self.memory_efficient = memory_efficient
         # Each dense block + the BN-ReLU(-conv-pool) after it runs as one autograd node over a
         # shared NHWC feature buffer (_DenseBlockFunction: no concatenation copies, every feature
