@@ -20,6 +20,9 @@ COMMANDS = {
     "eval": ("crosslayer.cli.eval", "evaluate a checkpoint: error %, per-class accuracy, confusion matrix"),
     "reuse": ("crosslayer.cli.reuse", "draw the feature-reuse / cross-layer weight heatmaps of a checkpoint"),
     "report": ("crosslayer.cli.report", "results table and plots from run directories"),
+    "predict": ("crosslayer.cli.predict", "classify image files with a checkpoint: class names and probabilities"),
+    "export": ("crosslayer.cli.export", "export a checkpoint to ONNX, safetensors, TorchScript or torch.export, "
+                                        "each checked against eager"),
     "demo": ("crosslayer.cli.demo", "train + evaluate a DenseNet-BC on Fashion-MNIST with its plots (the README's main job)"),
 }
 
