@@ -70,7 +70,7 @@ def _run_safetensors(path: str, cfg: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def _write_torchscript(model: nn.Module, x: torch.Tensor, path: str, cfg: dict) -> None:
-    with warnings.catch_warnings():  # TracerWarnings (Python branches on shapes), the deprecation of jit.save
+    with warnings.catch_warnings(), torch.no_grad():  # TracerWarnings (Python branches on shapes), deprecations
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(model, (x,), check_trace=False), path)
 
