@@ -3,6 +3,8 @@ papers' published errors beside the measured ones. (The zoo's params/MACs table 
 
 from __future__ import annotations
 
+import sys
+
 from crosslayer.errors import CrosslayerError
 
 
@@ -21,7 +23,8 @@ def main(args) -> int:
     if not args.runs:
         raise CrosslayerError("give at least one RUN_DIR")
     out = args.out or (args.runs[0] if len(args.runs) == 1 else "report")
-    files = write_report(args.runs, out, plots=not args.no_plots)
+    files = write_report(args.runs, out, plots=not args.no_plots,
+                         warn=lambda msg: print(f"crosslayer report: warning: {msg}", file=sys.stderr))
     with open(files[0]) as f:
         print(f.read().rstrip())
     print()
