@@ -12,6 +12,7 @@ in every format.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -120,6 +121,9 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str | None = None, atol: f
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise ExportError("--format onnx checks the file with onnxruntime, which is not installed: "
+                          "pip install 'crosslayer[export]'")
     out = os.fspath(out) if out else default_output(os.fspath(checkpoint), fmt)
     _check_output(out, fmt)
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu")
