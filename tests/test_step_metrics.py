@@ -43,6 +43,8 @@ def test_step_metrics_window_means_and_resume(tmp_path):
     assert [float(r["train_loss"]) for r in rows] == [2.0, 3.0, 5.0]
     assert [float(r["train_err"]) for r in rows] == [37.5, 12.5, 75.0]  # wrong: 3 of 8, 1 of 8, 3 of 4
     assert float(rows[1]["lr"]) == pytest.approx(0.4)
+    with open(tmp_path / "metrics_steps.csv", "a") as f:
+        f.write("3,0.6\n")  # a row cut short by a crash is dropped
     StepMetrics(str(tmp_path), steps_per_epoch=5, start_step=4, points_per_epoch=2)  # resumed at step 4
     assert [int(r["step"]) for r in _rows(tmp_path / "metrics_steps.csv")] == [2, 4]
     StepMetrics(str(tmp_path), steps_per_epoch=5, points_per_epoch=2)  # a new run starts a new file

@@ -28,13 +28,19 @@ def log_interval(steps_per_epoch: int, points_per_epoch: int = 40) -> int:
 
 
 def read_step_rows(path: str) -> list[dict]:
-    """Rows of a ``metrics_steps.csv`` as floats ([] if the file is missing or unreadable)."""
+    """Rows of a ``metrics_steps.csv`` as floats ([] if the file is missing or unreadable; a row cut
+    short by a crash is dropped)."""
+    rows = []
     try:
         with open(path, newline="") as f:
-            return [{k: float(v) for k, v in r.items() if k in STEP_COLUMNS and v not in ("", None)}
-                    for r in csv.DictReader(f)]
-    except (OSError, ValueError):
+            for r in csv.DictReader(f):
+                try:
+                    rows.append({c: float(r[c]) for c in STEP_COLUMNS})
+                except (TypeError, ValueError, KeyError):
+                    continue
+    except OSError:
         return []
+    return rows
 
 
 class StepMetrics:
