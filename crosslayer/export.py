@@ -6,7 +6,7 @@ the model from them), ``torchscript`` (``torch.jit.trace``) and ``exported-progr
 (``torch.export``, saved with ``torch.export.save``). Every output is written to a temporary
 file beside the target, loaded back and run on random input against the eager model, and only
 then renamed into place: a failed export leaves nothing behind. Models take their plain module
-path under tracers (``crosslayer.models._base.is_tracing``), so DenseNets and DelugeNets export
+path under tracers (``crosslayer.ops.dispatch.is_tracing``), so DenseNets and DelugeNets export
 in every format.
 """
 
