@@ -90,6 +90,16 @@ def test_pretrained_true_reads_the_published_file_from_the_cache(tv_weights, tor
         assert torch.allclose(_out(feats, x), model.forward_head(model.forward_features(x), pre_logits=True))
 
 
+def test_published_weights_are_torchvisions_densenets():
+    from crosslayer.models.pretrained import PUBLISHED, published_weights
+
+    assert sorted(PUBLISHED) == ["densenet121", "densenet161", "densenet169", "densenet201"]
+    for name in PUBLISHED:
+        url = published_weights(name).url
+        assert url == torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
+        assert os.path.basename(url).startswith(f"{name}-") and url.startswith("https://download.pytorch.org/")
+
+
 def test_pretrained_errors_are_one_line(tv_weights, torch_home, monkeypatch):
     path, _, _ = tv_weights
     bad = path.with_name("densenet121-deadbeef.pth")
