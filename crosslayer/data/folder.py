@@ -1,8 +1,10 @@
 """``imagefolder:ROOT``: ROOT/train/<class>/*.png|jpg… and ROOT/val/<class>/… (or ROOT/test).
 
-Read with ``torchvision.datasets.ImageFolder`` (images converted to RGB). ``image_size`` resizes the
-shorter side and centre-crops to a square; without it images are used at their native size, which
-must be square and the same for all images (checked on the first image, and per image on load).
+Read with ``torchvision.datasets.ImageFolder`` (images converted to RGB). ``image_size`` (the
+``--image-size N`` flag of ``train`` and ``eval``) resizes the shorter side to N (antialiased) and
+centre-crops N x N, so folders of mixed sizes and shapes work; without it images are used at their
+native size, which must be square and the same for all images (checked on the first image, and per
+image on load).
 Normalised with the ImageNet mean/std. ``imagefolder+:`` adds flip + zero-pad (size/8) + random crop,
 after normalisation like the CIFAR variants. No tensors: the DataLoader path is used.
 """
@@ -46,7 +48,8 @@ def _rgb_loader(path, size: int | None = None):
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from e
     if size is not None and img.size != (size, size):
-        raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]} but the data set's images are {size}x{size}; pass image_size to resize")
+        raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]} but the data set's images are {size}x{size}; "
+                        f"pass --image-size N (image_size=N in Python) to resize")
     return img
 
 
@@ -57,6 +60,10 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
     if not root:
         raise DataError(f"{name}: give the root folder as imagefolder:/path/to/root")
     root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: image folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder; an image folder holds train/ and val/ (or test/) sub-folders")
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"{root}: ImageFolder root needs train/ and val/ (or test/) sub-folders")
@@ -64,7 +71,8 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
     if image_size is None:
         w, h = probe.loader(probe.samples[0][0]).size
         if w != h:
-            raise DataError(f"{probe.samples[0][0]}: image is {w}x{h}, not square; pass image_size to resize and crop")
+            raise DataError(f"{probe.samples[0][0]}: image is {w}x{h}, not square; pass --image-size N "
+                            f"(image_size=N in Python) to resize and crop")
         size, geo, check = w, [], w
     else:
         size, geo, check = int(image_size), [T.Resize(int(image_size), antialias=True), T.CenterCrop(int(image_size))], None

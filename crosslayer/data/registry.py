@@ -45,7 +45,8 @@ VARIANTS: dict[str, Variant] = {
 }
 FOLDER_PREFIXES = ("imagefolder:", "imagefolder+:")
 DATASETS: dict[str, str] = {k: v.description for k, v in VARIANTS.items()}
-DATASETS["imagefolder:ROOT"] = "ROOT/train and ROOT/val (or ROOT/test) class folders; ImageNet mean/std; native size or image_size"
+DATASETS["imagefolder:ROOT"] = ("ROOT/train and ROOT/val (or ROOT/test) class folders; ImageNet mean/std; native size "
+                                "or --image-size N")
 DATASETS["imagefolder+:ROOT"] = "same + flip and random crop of the zero-padded (size/8) image"
 
 
@@ -175,10 +176,13 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     data_dir: directory with the files in their official formats (None: search the defaults, see
     ``crosslayer.data.files``); download: fetch missing files from the official URLs (md5-checked);
     val_size: hold out this many training images (seeded by ``seed``); limit: keep the first
-    ``limit`` train and test images; image_size: ImageFolder only (resize + centre crop).
+    ``limit`` train and test images; image_size: image folders only, resize the shorter side to
+    ``image_size`` and centre-crop a square (``--image-size``; default: the images' own size).
     """
     if limit is not None and limit < 1:
         raise DataError(f"{name}: limit must be >= 1, got {limit}")
+    if image_size is not None and not 1 <= int(image_size) <= 4096:
+        raise DataError(f"{name}: image_size must be from 1 to 4096, got {image_size}")
     for pre in FOLDER_PREFIXES:
         if name.startswith(pre):
             from crosslayer.data.folder import load_imagefolder
@@ -207,4 +211,8 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
         tr, te, classes, source = load_svhn(data_dir, download, extra=v.family == "svhn")
     else:  # pragma: no cover
         raise _unknown(name)
-    return bundle_from_tensors(name, tuple(tr), tuple(te), classes, mean, std, v.aug, source, val_size, seed, limit)
+    b = bundle_from_tensors(name, tuple(tr), tuple(te), classes, mean, std, v.aug, source, val_size, seed, limit)
+    if image_size is not None and int(image_size) != b.image_size:
+        raise DataError(f"{name}: --image-size {image_size}: only image folders (imagefolder:ROOT) are resized; "
+                        f"{name} images are {b.image_size}x{b.image_size}")
+    return b
