@@ -20,10 +20,9 @@ class CheckpointError(CrosslayerError):
 
 def check_output_dir(path, flag: str = "--out") -> None:
     """Refuse, in one line and before any work, an output folder that cannot be written: a file, a
-    path below a file, or a folder (or the nearest existing parent) where writing fails (read-only,
-    permission denied). Creates nothing: the write test removes its probe file at once."""
+    path below a file, or a folder (or, when it does not exist yet, its nearest existing parent) that
+    this process may not write into or that lies on a read-only file system. Creates nothing."""
     import os
-    import tempfile
 
     target = os.path.abspath(os.fspath(path))
     existing = target
@@ -32,11 +31,11 @@ def check_output_dir(path, flag: str = "--out") -> None:
     if not os.path.isdir(existing):
         where = "is a file" if existing == target else f"is below the file {existing}"
         raise CrosslayerError(f"{flag} {path}: {where}; give a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".crosslayer-write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
+    why = None
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        why = "permission denied"
+    elif hasattr(os, "statvfs") and os.statvfs(existing).f_flag & getattr(os, "ST_RDONLY", 1):
+        why = "read-only file system"
+    if why:
         what = "folder" if existing == target else f"parent folder {existing}"
-        raise CrosslayerError(f"{flag} {path}: cannot write into the {what} ({e.strerror or type(e).__name__}); "
-                              f"choose another {flag}") from None
+        raise CrosslayerError(f"{flag} {path}: cannot write into the {what} ({why}); choose another {flag}")
