@@ -26,7 +26,8 @@ COMMANDS = {
                                     "confusion matrix"),
     "reuse": ("crosslayer.cli.reuse", "draw the feature-reuse / cross-layer weight heatmaps of a checkpoint"),
     "report": ("crosslayer.cli.report", "results table and plots from run directories"),
-    "demo": ("crosslayer.cli.demo", "train + evaluate a DenseNet-BC on Fashion-MNIST with its plots (the README's main job)"),
+    "demo": ("crosslayer.cli.demo",
+             "train + evaluate a DenseNet-BC on Fashion-MNIST with its plots (the README's main job)"),
 }
 
 

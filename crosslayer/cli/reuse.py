@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
                         help="a checkpoint written by `crosslayer train` (best.pt, last.pt) or its run directory "
                              "(uses best.pt, else last.pt)")
     parser.add_argument("--model", help="draw a registered model at random init instead (e.g. densenet_bc100_k12)")
-    parser.add_argument("--out", default=None, help="output folder (default: CHECKPOINT's folder/reuse, or ./reuse_MODEL)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: CHECKPOINT's folder/reuse, or ./reuse_MODEL)")
     parser.add_argument("--layer", action="append", default=None, metavar="STAGE:INDEX",
                         help="DelugeNet: also draw this CLDC channel by channel (repeatable; default: the head)")
     parser.add_argument("--scale", default="column", choices=["column", "block", "absolute"],

@@ -75,7 +75,8 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
                             f"(image_size=N in Python) to resize and crop")
         size, geo, check = w, [], w
     else:
-        size, geo, check = int(image_size), [T.Resize(int(image_size), antialias=True), T.CenterCrop(int(image_size))], None
+        size, check = int(image_size), None
+        geo = [T.Resize(size, antialias=True), T.CenterCrop(size)]
     aug = Augment(pad=max(1, size // 8), flip=True) if augment else None
     mean, std = IMAGENET["mean"], IMAGENET["std"]
 
@@ -98,7 +99,8 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
     val_idx = []
     if val_size:
         if not 0 < val_size < len(tr_idx):
-            raise DataError(f"{root / 'train'}: val_size={val_size} must be between 1 and {len(tr_idx) - 1} (training images)")
+            raise DataError(f"{root / 'train'}: val_size={val_size} must be between 1 and {len(tr_idx) - 1} "
+                            f"(training images)")
         perm = torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(seed)).tolist()
         val_idx = sorted(tr_idx[i] for i in perm[:val_size])
         tr_idx = sorted(tr_idx[i] for i in perm[val_size:])

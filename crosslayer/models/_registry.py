@@ -88,7 +88,8 @@ def model_info(name: str) -> ModelInfo:
     _import_all()
     if name not in _REGISTRY:
         close = suggest_models(name)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        hint = f"; did you mean {close[0]}?" if close else ""
+        hint += f" (also close: {', '.join(close[1:])})" if len(close) > 1 else ""
         raise CrosslayerError(f"unknown model {name!r}{hint} (`crosslayer models` lists them all)")
     return _REGISTRY[name]
 
