@@ -146,6 +146,8 @@ def test_unknown_model_suggests_the_intended_name(typed, meant, capsys):
     with pytest.raises(CrosslayerError) as e:
         create_model(typed)
     assert f"did you mean {meant}" in str(e.value), str(e.value)
+    same_up_to_case_and_dashes = typed.lower().replace("-", "").replace("_", "") == meant.replace("_", "")
+    assert ("also close" in str(e.value)) != same_up_to_case_and_dashes, str(e.value)  # the one name, or a few
     rc, _, err = _cli(capsys, "reuse", "--model", typed)
     _one_line_error(rc, err, repr(typed), f"did you mean {meant}")
 

@@ -49,7 +49,7 @@ def _rgb_loader(path, size: int | None = None):
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from e
     if size is not None and img.size != (size, size):
         raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]} but the data set's images are {size}x{size}; "
-                        f"pass --image-size N (image_size=N in Python) to resize")
+                        f"pass image_size (--image-size N) to resize")
     return img
 
 
@@ -71,8 +71,8 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
     if image_size is None:
         w, h = probe.loader(probe.samples[0][0]).size
         if w != h:
-            raise DataError(f"{probe.samples[0][0]}: image is {w}x{h}, not square; pass --image-size N "
-                            f"(image_size=N in Python) to resize and crop")
+            raise DataError(f"{probe.samples[0][0]}: image is {w}x{h}, not square; pass image_size "
+                            f"(--image-size N) to resize and crop")
         size, geo, check = w, [], w
     else:
         size, check = int(image_size), None
