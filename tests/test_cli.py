@@ -234,3 +234,35 @@ def test_user_error_under_torchrun_is_one_line_from_rank_0(tmp_path):
     assert len(ours) == 1 and "already holds a run" in ours[0], text
     assert "[rank1]" not in text and "Connection closed by peer" not in text, text
     assert not any('File "' in ln and "/crosslayer/" in ln for ln in text.splitlines()), text  # no frame of ours
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ranks_other_than_0_stay_silent(rank, monkeypatch, capsys):
+    """In-process view of the torchrun rules: a refused flag and a user error print on rank 0 only; a
+    collective that fails because a peer left ends rank 1 silently and rank 0 in one line."""
+    import crosslayer.cli.models as verb
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    rc, _, err = _cli(capsys, "models", "--num-classes", "0")
+    assert rc == 2 and (err.count("\n") == 1 if rank == "0" else err == ""), err
+
+    def peer_left(args):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1234.\nmore")
+
+    monkeypatch.setattr(verb, "main", peer_left)
+    rc, _, err = _cli(capsys, "models")
+    assert rc == 1 and "Traceback" not in err, err
+    assert (err.count("\n") == 1 and "another process" in err) if rank == "0" else err == "", err
+
+
+def test_a_late_file_system_error_is_one_line(tmp_path, monkeypatch, capsys):
+    """An OSError naming a path that the early checks could not foresee (a disk gone read-only mid-run)."""
+    import crosslayer.train.evaluate as ev
+
+    def refused(out, result):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "e" / "eval.json"))
+
+    monkeypatch.setattr(ev, "_write_outputs", refused)
+    rc, _, err = _cli(capsys, "eval", _ckpt(tmp_path / "ck.pt"), "--limit", "8", "--out", tmp_path / "e")
+    _one_line_error(rc, err, f"{tmp_path / 'e' / 'eval.json'}: Permission denied")
