@@ -247,6 +247,13 @@ def test_ranks_other_than_0_stay_silent(rank, monkeypatch, capsys):
     rc, _, err = _cli(capsys, "models", "--num-classes", "0")
     assert rc == 2 and (err.count("\n") == 1 if rank == "0" else err == ""), err
 
+    def user_error(args):
+        raise CrosslayerError("data set xyz: unknown")
+
+    monkeypatch.setattr(verb, "main", user_error)
+    rc, _, err = _cli(capsys, "models")
+    assert rc == 2 and (err == "crosslayer models: error: data set xyz: unknown\n" if rank == "0" else err == ""), err
+
     def peer_left(args):
         raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1234.\nmore")
 
