@@ -119,15 +119,8 @@ def _ours_densenet(fused: bool | None, memory_efficient: bool = False):
 
 
 def _ours_delugenet(fused: bool | None, memory_efficient: bool = False):
-    def build(n):
-        try:
-            return crosslayer.create_model(delugenet.MODEL, num_classes=n, memory_efficient=memory_efficient,
-                                           **({} if fused is None else {"fused": fused}))
-        except CrosslayerError:  # a DelugeNet without a ``fused`` switch: its gradient bank is always on
-            if fused is False:
-                raise
-            return crosslayer.create_model(delugenet.MODEL, num_classes=n, memory_efficient=memory_efficient)
-    return build
+    return lambda n: crosslayer.create_model(delugenet.MODEL, num_classes=n, fused=fused,
+                                             memory_efficient=memory_efficient)
 
 
 def _variant(name: str, label: str, build, **options) -> tuple[core.Config, dict]:

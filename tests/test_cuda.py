@@ -113,28 +113,18 @@ def _delugenet(device, **kw) -> nn.Module:
 
 
 def _set_fused(net: nn.Module, fused: bool) -> nn.Module:
-    """The model's fast path on (``fused=True``, explicitly, whatever the device's default) or off.
-    A DelugeNet without a ``fused`` switch (before its gradient bank moved to crosslayer.ops)
-    takes its bank wherever it applies; a no-op forward hook on its shared norms turns it off (the
-    bank steps aside for hooks so they keep firing)."""
-    if hasattr(net, "fused"):
-        net.fused = fused
-    elif not fused:
-        for stage in net.stages:
-            stage.norms[0].register_forward_hook(lambda *args: None)
+    """The model's fast path on (``fused=True``: explicitly, whatever the device's default) or off."""
+    net.fused = fused
     return net
 
 
 def _fast_node(net: nn.Module):
     """The autograd node of the model's fast path (to check that a test really takes it)."""
-    from crosslayer.models import delugenet, densenet
+    from crosslayer.models.densenet import DenseNet
+    from crosslayer.ops.deluge import SharedBatchNorm
+    from crosslayer.ops.dense_block import DenseBlockFunction
 
-    try:
-        from crosslayer.ops.deluge import SharedBatchNorm
-        from crosslayer.ops.dense_block import DenseBlockFunction
-    except ImportError:  # the fast paths still inside the model files
-        DenseBlockFunction, SharedBatchNorm = densenet._DenseBlockFunction, delugenet._SharedBatchNorm
-    return DenseBlockFunction if isinstance(net, densenet.DenseNet) else SharedBatchNorm
+    return DenseBlockFunction if isinstance(net, DenseNet) else SharedBatchNorm
 
 
 def _data(device, n=8, classes=10, size=32):
