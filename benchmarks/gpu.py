@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import io
 import json
 import os
 import shlex
@@ -248,7 +249,6 @@ def cifar_epoch(device: str, batch_size: int, n_images: int, image_size: int = 3
     device's training defaults; after 3 warm-up steps."""
     from crosslayer.data.loaders import DeviceLoader
     from crosslayer.data.transforms import Augment
-    from crosslayer.train.loop import amp_context
 
     dev, settings = torch.device(device), training_defaults(torch.device(device).type)
     g = torch.Generator().manual_seed(0)
@@ -263,7 +263,7 @@ def cifar_epoch(device: str, batch_size: int, n_images: int, image_size: int = 3
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def step(x, y):
-        with amp_context(settings["amp"], dev):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=settings["amp"] == "bf16"):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,26 +292,22 @@ def cifar_epoch(device: str, batch_size: int, n_images: int, image_size: int = 3
 def fashion_mnist_epoch(device: str, data_dir: str | None, quick: bool, log=print) -> dict:
     """One real Fashion-MNIST epoch through ``crosslayer train`` (the demo's DenseNet-BC-40 and
     preset, the device's training defaults), evaluation included; the run directory is temporary."""
-    from crosslayer.cli.train import add_arguments, build_config
-    from crosslayer.train.loop import Trainer
+    from crosslayer.cli import main as crosslayer_cli
 
     with tempfile.TemporaryDirectory(prefix="crosslayer-gpu-fmnist-") as tmp:
         argv = ["--model", "densenet_bc40_k12", "--data", "fashion-mnist", "--preset", "demo", "--epochs", "1",
-                "--device", device, "--out", tmp, "--quiet", "--no-progress"]
+                "--device", device]
         argv += (["--data-dir", data_dir] if data_dir else []) + (["--limit", "64"] if quick else [])
-        p = argparse.ArgumentParser()
-        add_arguments(p)
-        cfg = build_config(p.parse_args(argv))
-        try:
-            Trainer(cfg, tmp, log=lambda m: None).run()
-        except CrosslayerError as e:  # no data set files here: say so, go on
-            return {"not_run": str(e)}
-        res = json.load(open(os.path.join(tmp, "results.json")))
-        row = json.loads(open(os.path.join(tmp, "metrics.jsonl")).readline())
-        run_cfg = json.load(open(os.path.join(tmp, "config.json")))
+        run_dir, err = os.path.join(tmp, "run"), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = crosslayer_cli(["train", *argv, "--out", run_dir, "--quiet", "--no-progress"])
+        if rc != 0:  # e.g. no data set files here: say so, go on
+            return {"not_run": f"crosslayer train exited {rc}: {err.getvalue().strip()[-300:]}"}
+        res = json.load(open(os.path.join(run_dir, "results.json")))
+        row = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).readline())
+        run_cfg = json.load(open(os.path.join(run_dir, "config.json")))
     log(f"[gpu] Fashion-MNIST epoch: {row['epoch_time_s']:.1f} s, test error {res['test_err']:.2f}%")
-    shown = [a for a in argv if a not in (tmp, "--out", "--quiet", "--no-progress")]
-    return {"command": "crosslayer train " + " ".join(shlex.quote(a) for a in shown),
+    return {"command": "crosslayer train " + " ".join(shlex.quote(a) for a in argv),
             "train_images": run_cfg["train_images"], "epoch_time_s": row["epoch_time_s"],
             "images_per_s": row["images_per_s"], "test_err": res["test_err"], "wall_time_s": res["wall_time_s"],
             "amp": run_cfg["amp"], "channels_last": run_cfg["channels_last"]}
@@ -548,7 +544,7 @@ def main(argv=None) -> int:
     if problem:
         print(f"benchmarks.gpu: {problem}", file=sys.stderr)
         return 2
-    if args.device.startswith("cuda"):
+    if torch.device(args.device).index is not None:
         torch.cuda.set_device(torch.device(args.device))
     res = run(args)
     text = markdown(res)

@@ -17,6 +17,7 @@ on the CPU, so its code is exercised on machines without a GPU too:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
@@ -425,21 +426,19 @@ def test_training_defaults_per_device_kind():
     assert unset_training_defaults({"amp": None}, "cuda", True) == {"amp": "bf16", "channels_last": True}
     assert unset_training_defaults({"amp": "none", "channels_last": False}, "cuda", True) == {}
     assert unset_training_defaults({"amp": "fp16"}, "cuda", True) == {"channels_last": True}
+    config = argparse.Namespace(amp="bf16", channels_last=None)  # a config object with attributes
+    assert unset_training_defaults(config, "cpu") == {"channels_last": False}
     # fast paths: fused by default on the CPU only, where they were measured equal and faster
     assert defaults.use_fused(None, "cpu") and not defaults.use_fused(None, "cuda")
     assert defaults.use_fused(True, "cuda") and not defaults.use_fused(False, "cpu")
 
 
-def test_train_cli_leaves_amp_and_channels_last_unset():
-    import argparse
-
-    from crosslayer.cli.train import add_arguments, build_config
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    cfg = build_config(p.parse_args(TINY))
+def test_train_cli_leaves_amp_and_channels_last_unset(capsys):
+    assert cli(["train", *TINY, "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
     assert cfg["amp"] is None and cfg["channels_last"] is None
-    cfg = build_config(p.parse_args([*TINY, "--amp", "none", "--no-channels-last"]))
+    assert cli(["train", *TINY, "--amp", "none", "--no-channels-last", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
     assert cfg["amp"] == "none" and cfg["channels_last"] is False
 
 

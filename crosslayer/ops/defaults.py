@@ -14,6 +14,8 @@ input's layout (the CPU models choose their own internal layout, ``cpu_channels_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 # device type -> the fused paths are the default there (measured equal and faster)
@@ -54,9 +56,10 @@ def training_defaults(device_type: str, bf16_supported: bool | None = None) -> d
     return out
 
 
-def unset_training_defaults(settings: dict, device_type: str, bf16_supported: bool | None = None) -> dict:
-    """The entries of :func:`training_defaults` that ``settings`` leaves unset (absent or None):
-    ``settings.update(unset_training_defaults(settings, device.type))`` completes a run's config
-    without overriding anything the user chose."""
+def unset_training_defaults(settings, device_type: str, bf16_supported: bool | None = None) -> dict:
+    """The entries of :func:`training_defaults` that ``settings`` (a dict, or a config object with
+    attributes) leaves unset (absent or None): ``cfg.update(unset_training_defaults(cfg,
+    device.type))`` completes a run's config without overriding anything the user chose."""
     defaults = training_defaults(device_type, bf16_supported)
-    return {k: v for k, v in defaults.items() if settings.get(k) is None}
+    get = settings.get if isinstance(settings, Mapping) else lambda k: getattr(settings, k, None)
+    return {k: v for k, v in defaults.items() if get(k) is None}
