@@ -337,8 +337,13 @@ def _steps(args, opts: core.Options, log) -> list:
     """(section, name, budget kind, thunk) in the order they run: what the issue's goals rest on first."""
     small, large = (2, None) if args.quick else (64, 256)
     n_images = 4 if args.quick else 50_000
-    suite = lambda configs, batch: lambda: run_suite(configs(), dataclasses.replace(opts, batch_size=batch), log)  # noqa: E731
-    epoch = lambda batch: lambda: cifar_epoch(args.device, batch, n_images, opts.image_size, log)  # noqa: E731
+
+    def suite(configs, batch):
+        return lambda: run_suite(configs(), dataclasses.replace(opts, batch_size=batch), log)
+
+    def epoch(batch):
+        return lambda: cifar_epoch(args.device, batch, n_images, opts.image_size, log)
+
     steps = [("suites", f"densenet_bc100_b{small}", "suite", suite(densenet_configs, small)),
              ("epochs", f"b{small}", "epoch64", epoch(small))]
     if not args.quick:  # the same code at another batch size: not needed in a smoke run
