@@ -484,7 +484,7 @@ def markdown(res: dict) -> str:
               "delugenet": ("DelugeNet-146 vs the per-consumer reference", "reference")}
     for section, prefix in (("suites", ""), ("compiled", "torch.compile: ")):
         for name, suite in res[section].items():
-            title, base = titles[name.split("_")[0].rstrip("0123456789").replace("bc", "")]
+            title, base = titles["densenet" if name.startswith("densenet") else "delugenet"]
             base = base if section == "suites" else next(iter(suite))
             out += [f"\n### {prefix}{title}, batch {name.rsplit('_b', 1)[1]}\n", suite_table(suite, base)]
     out += _epochs(res)
