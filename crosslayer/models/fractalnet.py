@@ -108,7 +108,7 @@ class FractalNet(ClassifierMixin, nn.Module):
             channels = w
         self.blocks = nn.Sequential(*blocks)
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         for m in self.modules():  # weight_filler xavier, bias_filler constant 0 (globals.crox)
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 caffe_xavier_(m.weight)

@@ -45,7 +45,7 @@ class WideResNet(ClassifierMixin, nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.final_bn = nn.BatchNorm2d(channels)
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         if init == "official":
             init_wrn_official(self)
         else:
