@@ -20,6 +20,8 @@ COMMANDS = {
     "eval": ("crosslayer.cli.eval", "evaluate a checkpoint: error %, per-class accuracy, confusion matrix"),
     "reuse": ("crosslayer.cli.reuse", "draw the feature-reuse / cross-layer weight heatmaps of a checkpoint"),
     "report": ("crosslayer.cli.report", "results table and plots from run directories"),
+    "study": ("crosslayer.cli.study", "train small DenseNets, ResNets and DelugeNets on Fashion-MNIST within a time "
+                                      "budget; the papers' plots and tables"),
     "demo": ("crosslayer.cli.demo", "train + evaluate a DenseNet-BC on Fashion-MNIST with its plots (the README's main job)"),
 }
 
