@@ -127,40 +127,48 @@ def epoch_seconds(cost: dict, train_images: int, eval_images: int) -> float:
 
 
 def choose_size(costs: dict, runs: list[Run], seconds: float, n_train: int, n_test: int, val_size: int,
-                limits=LIMITS) -> tuple[int, int]:
-    """(training images incl. validation, epochs): the largest candidate training set on which the
-    whole grid gets >= MIN_EPOCHS epochs in ``seconds`` (epochs as many as fit, <= MAX_EPOCHS);
-    failing that the smallest candidate with as many epochs as fit (at least one)."""
+                batch_size: int, limits=LIMITS) -> tuple[int, int, int | None]:
+    """(training images incl. validation, epochs, steps or None) that fit the grid in ``seconds``:
+    the largest candidate training set with >= MIN_EPOCHS epochs (as many as fit, <= MAX_EPOCHS);
+    else the smallest candidate with as many epochs as fit; else (not even one epoch of it fits)
+    one partial epoch of the whole training set: as many steps as fit (at least 10)."""
     cands = sorted({min(n, n_train) for n in limits if min(n, n_train) > val_size}, reverse=True) or [n_train]
     free = seconds - RUN_OVERHEAD_S * len(runs)
-    epochs = 1
     for n in cands:
         per_epoch = sum(epoch_seconds(costs[r.model], n - val_size, n_test + val_size) for r in runs)
         epochs = int(min(MAX_EPOCHS, max(0.0, free) // per_epoch))
-        if epochs >= MIN_EPOCHS:
-            return n, epochs
-    return cands[-1], max(1, epochs)
+        if epochs >= MIN_EPOCHS or (n == cands[-1] and epochs >= 1):
+            return n, epochs, None
+    evals = sum(epoch_seconds(costs[r.model], 0, n_test + val_size) for r in runs)
+    per_step = sum(costs[r.model]["train_s_per_image"] for r in runs) * batch_size
+    steps = int(max(0.0, free - evals) // per_step)
+    return n_train, 1, max(10, min(steps, (n_train - val_size) // batch_size))
 
 
 def make_plan(runs: list[Run], costs: dict, budget_min: float, spent_s: float, n_train: int, n_test: int,
               image_shape, data: str = DATA, recipe: dict = RECIPE) -> dict:
-    """The study plan (saved as ``study.json``): recipe, data size, epochs and per-run estimates."""
-    val = int(recipe["val_size"])
+    """The study plan (saved as ``study.json``): recipe, data size, epochs (or steps of one partial
+    epoch) and per-run estimates."""
+    val, bs = int(recipe["val_size"]), int(recipe["batch_size"])
     seconds = (budget_min * 60 - spent_s - RESERVE_S) * SAFETY
-    limit, epochs = choose_size(costs, runs, seconds, n_train, n_test, val)
-    est = {r.name: RUN_OVERHEAD_S + epochs * epoch_seconds(costs[r.model], limit - val, n_test + val) for r in runs}
-    return dict(data=data, recipe=dict(recipe), epochs=epochs, limit=limit if limit < n_train else None,
-                train_images=limit - val, val_images=val, test_images=n_test, image_shape=list(image_shape),
-                budget_min=budget_min, costs=costs, runs=[asdict(r) for r in runs], estimates_s=est,
-                created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    limit, epochs, steps = choose_size(costs, runs, seconds, n_train, n_test, val, bs)
+    seen = steps * bs if steps else epochs * (limit - val)  # training images a run sees
+    est = {r.name: RUN_OVERHEAD_S + seen * costs[r.model]["train_s_per_image"]
+           + epochs * (n_test + val) * costs[r.model]["eval_s_per_image"] for r in runs}
+    return dict(data=data, recipe=dict(recipe), epochs=epochs, steps=steps, limit=limit if limit < n_train else None,
+                train_images=limit - val, val_images=val, test_images=n_test, images_seen=seen,
+                image_shape=list(image_shape), budget_min=budget_min, costs=costs, runs=[asdict(r) for r in runs],
+                estimates_s=est, created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
 
 def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
     """The plan as printed before training: recipe, data, epochs, every run with its estimate."""
     r = plan["recipe"]
-    lines = [f"study plan: {len(runs)} runs on {plan['data']}, {plan['epochs']} epoch(s) each of "
-             f"{plan['train_images']:,} training images ({plan['val_images']:,} held out for validation, "
-             f"{plan['test_images']:,} test images, test error reported at the final epoch)",
+    length = (f"{plan['steps']} steps (one partial epoch, {plan['images_seen']:,} images)" if plan.get("steps")
+              else f"{plan['epochs']} epoch(s)")
+    lines = [f"study plan: {len(runs)} runs on {plan['data']}, {length} each of {plan['train_images']:,} training "
+             f"images ({plan['val_images']:,} held out for validation, {plan['test_images']:,} test images, "
+             f"test error reported at the final epoch)",
              f"  recipe: preset {r['preset']} (one-cycle LR), batch {r['batch_size']}, peak lr {r['lr']:g}; "
              f"budget {plan['budget_min']:g} min"]
     total = 0.0
@@ -191,6 +199,9 @@ def run_config(run: Run, plan: dict, out_dir: str, data_dir: str | None = None) 
             "--device", "cpu", "--amp", "none"]
     if plan.get("limit"):
         argv += ["--limit", str(plan["limit"])]
+    if plan.get("steps"):  # one partial epoch: warm-up over 15% of its steps, as the preset's 15% of an epoch
+        argv[argv.index("--epochs"):argv.index("--epochs") + 2] = ["--iterations", str(plan["steps"])]
+        argv += ["--warmup-epochs", "0", "--warmup-steps", str(max(1, round(0.15 * plan["steps"])))]
     if data_dir:
         argv += ["--data-dir", data_dir]
     parser = argparse.ArgumentParser()
@@ -431,10 +442,11 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
         costs = measure(models, shape, bundle.num_classes, int(recipe["batch_size"]))
         plan = make_plan(runs, costs, budget_min, time.time() - t_start, len(bundle.train), len(bundle.test),
                          shape, recipe=recipe)
-    val, n_test = plan["val_images"], plan["test_images"]
     for r in runs:  # e.g. more --seeds than the saved plan had
-        plan["estimates_s"].setdefault(r.name, RUN_OVERHEAD_S + plan["epochs"] * epoch_seconds(
-            plan["costs"][r.model], plan["train_images"], n_test + val))
+        c = plan["costs"][r.model]
+        plan["estimates_s"].setdefault(r.name, RUN_OVERHEAD_S + plan["images_seen"] * c["train_s_per_image"]
+                                       + plan["epochs"] * (plan["test_images"] + plan["val_images"])
+                                       * c["eval_s_per_image"])
     plan["runs"] = [asdict(r) for r in runs]
     os.makedirs(out, exist_ok=True)
     from crosslayer.train.loop import write_json
