@@ -45,11 +45,13 @@ FAMILIES = {  # family label -> registered models, smallest first
 DATA = "fashion-mnist"
 # One recipe for every run: the `demo` preset (one-cycle LR, SGD Nesterov, batch 64, peak LR 0.1).
 RECIPE = dict(preset="demo", batch_size=64, lr=0.1, val_size=2000, eval_batch_size=256)
-LIMITS = (60000, 30000, 20000, 15000, 10000)  # training images tried (val included), largest first;
-# >= 10000 keeps the whole 10,000-image test set (``--limit`` cuts the test set too)
+# ``--limit`` values tried (training images incl. validation), largest first. Down to 10000 the
+# whole 10,000-image test set is kept; SMALL_LIMITS (a busy machine) also cut the test set.
+LIMITS = (60000, 30000, 20000, 15000, 10000)
+SMALL_LIMITS = (10000, 6000, 4000, 3000, 2000)
 MIN_EPOCHS, MAX_EPOCHS = 3, 30  # >= 3 points per training curve before the training set shrinks
-SAFETY = 0.85  # share of the budget the estimates may fill
-RESERVE_S = 90.0  # kept for the figures at the end
+SAFETY = 0.75  # share of the budget the estimates may fill (evaluation ran ~1.8x the estimate under load)
+RESERVE_S = 90.0  # at least this much is kept for the figures at the end
 RUN_OVERHEAD_S = 8.0  # per run: data set, model, multiply-add count, checkpoints
 
 
@@ -111,14 +113,14 @@ def measure_costs(models, image_shape=(1, 28, 28), num_classes: int = 10, batch_
             opt.step()
             times.append(time.perf_counter() - t)
         model.eval()
-        xe = torch.randn(2 * batch_size, *image_shape)
+        xe = torch.randn(4 * batch_size, *image_shape)  # the study's evaluation batch
         with torch.no_grad():
             model(xe)
             t = time.perf_counter()
             model(xe)
             t_eval = time.perf_counter() - t
         costs[name] = dict(train_s_per_image=statistics.median(times[1:]) / batch_size,
-                           eval_s_per_image=t_eval / (2 * batch_size))
+                           eval_s_per_image=t_eval / (4 * batch_size))
     return costs
 
 
@@ -126,49 +128,71 @@ def epoch_seconds(cost: dict, train_images: int, eval_images: int) -> float:
     return train_images * cost["train_s_per_image"] + eval_images * cost["eval_s_per_image"]
 
 
+def val_images(limit: int, val_size: int) -> int:
+    """Validation images held out of ``limit`` training images: ``val_size``, at most a fifth."""
+    return min(val_size, limit // 5)
+
+
 def choose_size(costs: dict, runs: list[Run], seconds: float, n_train: int, n_test: int, val_size: int,
-                batch_size: int, limits=LIMITS) -> tuple[int, int, int | None]:
-    """(training images incl. validation, epochs, steps or None) that fit the grid in ``seconds``:
-    the largest candidate training set with >= MIN_EPOCHS epochs (as many as fit, <= MAX_EPOCHS);
-    else the smallest candidate with as many epochs as fit; else (not even one epoch of it fits)
-    one partial epoch of the whole training set: as many steps as fit (at least 10)."""
-    cands = sorted({min(n, n_train) for n in limits if min(n, n_train) > val_size}, reverse=True) or [n_train]
+                limits=LIMITS, small=SMALL_LIMITS) -> tuple[int, int]:
+    """(images drawn from the training set incl. validation, epochs) that fit the grid in
+    ``seconds``: the largest of ``limits`` with >= MIN_EPOCHS epochs (as many as fit, <= MAX_EPOCHS);
+    else the largest of ``small`` with at least one epoch (as many as fit, < MIN_EPOCHS); else the
+    smallest with one epoch (the runs that do not fit are deferred). Below the test set's size
+    ``--limit`` also cuts the test set: fewer images to evaluate every epoch."""
     free = seconds - RUN_OVERHEAD_S * len(runs)
-    for n in cands:
-        per_epoch = sum(epoch_seconds(costs[r.model], n - val_size, n_test + val_size) for r in runs)
-        epochs = int(min(MAX_EPOCHS, max(0.0, free) // per_epoch))
-        if epochs >= MIN_EPOCHS or (n == cands[-1] and epochs >= 1):
-            return n, epochs, None
-    evals = sum(epoch_seconds(costs[r.model], 0, n_test + val_size) for r in runs)
-    per_step = sum(costs[r.model]["train_s_per_image"] for r in runs) * batch_size
-    steps = int(max(0.0, free - evals) // per_step)
-    return n_train, 1, max(10, min(steps, (n_train - val_size) // batch_size))
+
+    def epochs_at(n: int) -> int:
+        v = val_images(n, val_size)
+        per_epoch = sum(epoch_seconds(costs[r.model], n - v, min(n, n_test) + v) for r in runs)
+        return int(min(MAX_EPOCHS, max(0.0, free) // per_epoch))
+
+    def cands(ns):
+        return sorted({min(n, n_train) for n in ns}, reverse=True)
+
+    for n in cands(limits):
+        if epochs_at(n) >= MIN_EPOCHS:
+            return n, epochs_at(n)
+    for n in cands(small):
+        if epochs_at(n) >= 1:
+            return n, epochs_at(n)
+    return cands(small)[-1], 1
 
 
 def make_plan(runs: list[Run], costs: dict, budget_min: float, spent_s: float, n_train: int, n_test: int,
               image_shape, data: str = DATA, recipe: dict = RECIPE) -> dict:
-    """The study plan (saved as ``study.json``): recipe, data size, epochs (or steps of one partial
-    epoch) and per-run estimates."""
-    val, bs = int(recipe["val_size"]), int(recipe["batch_size"])
-    seconds = (budget_min * 60 - spent_s - RESERVE_S) * SAFETY
-    limit, epochs, steps = choose_size(costs, runs, seconds, n_train, n_test, val, bs)
-    seen = steps * bs if steps else epochs * (limit - val)  # training images a run sees
-    est = {r.name: RUN_OVERHEAD_S + seen * costs[r.model]["train_s_per_image"]
-           + epochs * (n_test + val) * costs[r.model]["eval_s_per_image"] for r in runs}
-    return dict(data=data, recipe=dict(recipe), epochs=epochs, steps=steps, limit=limit if limit < n_train else None,
-                train_images=limit - val, val_images=val, test_images=n_test, images_seen=seen,
-                image_shape=list(image_shape), budget_min=budget_min, costs=costs, runs=[asdict(r) for r in runs],
-                estimates_s=est, created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    """The study plan (saved as ``study.json``): recipe, data sizes, epochs and per-run estimates."""
+    seconds = (budget_min * 60 - spent_s - reserve_s(budget_min)) * SAFETY
+    limit, epochs = choose_size(costs, runs, seconds, n_train, n_test, int(recipe["val_size"]))
+    val = val_images(limit, int(recipe["val_size"]))
+    plan = dict(data=data, recipe=dict(recipe), epochs=epochs, limit=limit if limit < n_train else None,
+                train_images=limit - val, val_images=val, test_images=min(limit, n_test),
+                image_shape=list(image_shape), budget_min=budget_min, costs=costs, estimates_s={},
+                created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    add_estimates(plan, runs)
+    return plan
+
+
+def add_estimates(plan: dict, runs: list[Run]) -> None:
+    """Seconds each run of ``runs`` is expected to take under ``plan`` (kept for runs it has)."""
+    for r in runs:
+        c = plan["costs"][r.model]
+        plan["estimates_s"].setdefault(r.name, RUN_OVERHEAD_S + plan["epochs"] * epoch_seconds(
+            c, plan["train_images"], plan["test_images"] + plan["val_images"]))
+    plan["runs"] = [asdict(r) for r in runs]
+
+
+def reserve_s(budget_min: float) -> float:
+    """Seconds kept at the end of the budget for the table and figures."""
+    return max(RESERVE_S, 0.05 * budget_min * 60)
 
 
 def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
     """The plan as printed before training: recipe, data, epochs, every run with its estimate."""
     r = plan["recipe"]
-    length = (f"{plan['steps']} steps (one partial epoch, {plan['images_seen']:,} images)" if plan.get("steps")
-              else f"{plan['epochs']} epoch(s)")
-    lines = [f"study plan: {len(runs)} runs on {plan['data']}, {length} each of {plan['train_images']:,} training "
-             f"images ({plan['val_images']:,} held out for validation, {plan['test_images']:,} test images, "
-             f"test error reported at the final epoch)",
+    lines = [f"study plan: {len(runs)} runs on {plan['data']}, {plan['epochs']} epoch(s) each of "
+             f"{plan['train_images']:,} training images ({plan['val_images']:,} held out for validation, "
+             f"{plan['test_images']:,} test images, test error reported at the final epoch)",
              f"  recipe: preset {r['preset']} (one-cycle LR), batch {r['batch_size']}, peak lr {r['lr']:g}; "
              f"budget {plan['budget_min']:g} min"]
     total = 0.0
@@ -199,9 +223,6 @@ def run_config(run: Run, plan: dict, out_dir: str, data_dir: str | None = None) 
             "--device", "cpu", "--amp", "none"]
     if plan.get("limit"):
         argv += ["--limit", str(plan["limit"])]
-    if plan.get("steps"):  # one partial epoch: warm-up over 15% of its steps, as the preset's 15% of an epoch
-        argv[argv.index("--epochs"):argv.index("--epochs") + 2] = ["--iterations", str(plan["steps"])]
-        argv += ["--warmup-epochs", "0", "--warmup-steps", str(max(1, round(0.15 * plan["steps"])))]
     if data_dir:
         argv += ["--data-dir", data_dir]
     parser = argparse.ArgumentParser()
@@ -442,12 +463,7 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
         costs = measure(models, shape, bundle.num_classes, int(recipe["batch_size"]))
         plan = make_plan(runs, costs, budget_min, time.time() - t_start, len(bundle.train), len(bundle.test),
                          shape, recipe=recipe)
-    for r in runs:  # e.g. more --seeds than the saved plan had
-        c = plan["costs"][r.model]
-        plan["estimates_s"].setdefault(r.name, RUN_OVERHEAD_S + plan["images_seen"] * c["train_s_per_image"]
-                                       + plan["epochs"] * (plan["test_images"] + plan["val_images"])
-                                       * c["eval_s_per_image"])
-    plan["runs"] = [asdict(r) for r in runs]
+    add_estimates(plan, runs)  # e.g. more --seeds than the saved plan had
     os.makedirs(out, exist_ok=True)
     from crosslayer.train.loop import write_json
 
@@ -466,7 +482,7 @@ def run_study(out: str, budget_min: float = 60.0, seeds: int = 2, data_dir: str 
     plan = _load_or_make_plan(out, runs, budget_min, data_dir, dict(recipe or RECIPE), t_start, measure, log)
     states = {r.name: run_state(os.path.join(out, "runs", r.name))[0] for r in runs}
     log(format_plan(plan, runs, states))
-    states = execute(plan, runs, out, t_start + budget_min * 60 - RESERVE_S, data_dir, train, log)
+    states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log)
     written = write_figures(out, runs, log)
     elapsed = time.time() - t_start
     left = [n for n, s in states.items() if s != "complete"]
