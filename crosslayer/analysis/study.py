@@ -401,7 +401,7 @@ def plot_error_vs(rows: list[dict], x: str, out_png: str) -> dict:
             ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=6)
     ax.set_xscale("log")
     what = "parameters" if x == "params" else "multiply-adds per image"
-    ax.set(xlabel=f"{what} (log scale)", ylabel="test error (%)",
+    ax.set(xlabel=f"{what} (log scale)", ylabel="test error (%), mean ± std over seeds",
            title=f"Fashion-MNIST test error vs {what} (cf. DenseNet paper Fig. 4)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
