@@ -205,7 +205,8 @@ def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
         step_ms = 1000 * c.get("train_s_per_image", math.nan) * r["batch_size"]
         lines.append(f"  {run.name:<24} {run.family:<15} {step_ms:7.0f} ms/step  est. {(est or math.nan) / 60:5.1f} min"
                      f"  {state}")
-    lines.append(f"  estimated training time left: {total / 60:.1f} min (step times measured now on this machine)")
+    lines.append(f"  estimated training time left: {total / 60:.1f} min (step times measured when the plan was made, "
+                 f"{plan['created']})")
     return "\n".join(lines)
 
 
