@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from crosslayer.cli._args import count
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -20,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=60.0, metavar="MINUTES",
                         help="wall-clock budget of this invocation; sets the epochs of a new study (default 60)")
     parser.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds of the smallest model of each family (default 2)")
+    parser.add_argument("--seeds", type=count(1, 100), default=2,
+                        help="seeds of the smallest model of each family (default 2)")
     parser.add_argument("--data-dir", default=None,
                         help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist "
                              "and the usual places)")
