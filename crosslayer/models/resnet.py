@@ -255,17 +255,20 @@ STUDY_NOTE = "small variant for crosslayer study (not in the paper)"
 
 @register_model("preact_resnet", depth=8, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
 def preact_resnet8(**kwargs):
-    """Pre-activation ResNet-8 (n=1), basic units."""
+    """Pre-activation ResNet-8 (n=1), basic units, 1x1 projection shortcuts (as docs/study.md measured it)."""
+    kwargs.setdefault("shortcut_type", "B")
     return preact_resnet_cifar(8, bottleneck=False, **kwargs)
 
 
 @register_model("preact_resnet", depth=20, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
 def preact_resnet20(**kwargs):
-    """Pre-activation ResNet-20 (n=3), basic units."""
+    """Pre-activation ResNet-20 (n=3), basic units, 1x1 projection shortcuts (as docs/study.md measured it)."""
+    kwargs.setdefault("shortcut_type", "B")
     return preact_resnet_cifar(20, bottleneck=False, **kwargs)
 
 
 @register_model("preact_resnet", depth=44, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
 def preact_resnet44(**kwargs):
-    """Pre-activation ResNet-44 (n=7), basic units."""
+    """Pre-activation ResNet-44 (n=7), basic units, 1x1 projection shortcuts (as docs/study.md measured it)."""
+    kwargs.setdefault("shortcut_type", "B")
     return preact_resnet_cifar(44, bottleneck=False, **kwargs)
