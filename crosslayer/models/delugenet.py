@@ -190,7 +190,7 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         self.head_cldc = CrossLayerDepthwiseConv(widths[-1], last)
         self.head_norm = nn.BatchNorm2d(widths[-1])
         self.num_features, self.num_classes = widths[-1], num_classes
-        self.classifier = nn.Linear(widths[-1], num_classes)
+        self.classifier = self.classifier_head(widths[-1], num_classes)
         # On CPU, train in channels_last (NHWC): oneDNN's convolutions and batch norms are faster
         # there (1.18x a training step; inference is faster in NCHW: docs/benchmarks.md).
         self.set_speed(memory_efficient=memory_efficient, fused=fused, cpu_channels_last=cpu_channels_last)

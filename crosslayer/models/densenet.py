@@ -162,7 +162,7 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
                 channels = out
         self.features.add_module("norm5", nn.BatchNorm2d(channels))  # torchvision's name, any depth
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         # Fused blocks: same math as the per-layer form, ~1.5x faster on CPU (docs/benchmarks.md).
         # channels_last on CPU: oneDNN's convolutions skip their per-call layout reorders of the
         # (ever wider) concatenated inputs. Neither changes the weights or state_dict keys.

@@ -141,7 +141,7 @@ class CifarResNet(ClassifierMixin, nn.Module):
         self.layers = nn.Sequential(*layers)
         self.final_bn = nn.BatchNorm2d(channels) if preact else None
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         init_he_fan_out(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

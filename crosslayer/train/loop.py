@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from crosslayer.errors import CheckpointError, CrosslayerError
 from crosslayer.train import distributed as D
+from crosslayer.train.metrics import StepMetrics
 from crosslayer.train.presets import resolve_milestones
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_err",
@@ -401,6 +402,7 @@ class Trainer:
         if self.state is not None:
             self._restore(self.state)
             self.state = None
+        self.step_metrics = StepMetrics(self.out_dir, spe, start_step=self.step, enabled=self.info.is_main)
 
     def _restore(self, st: dict) -> None:
         from crosslayer.train.checkpoint import restore_rng_state, unwrap_state_dict
@@ -580,6 +582,7 @@ class Trainer:
                 sums[0] += loss.detach().double() * n
                 sums[1] += (out.detach().argmax(1) == y).sum()
                 sums[2] += n
+                self.step_metrics.update(self.step, lr_now, loss, out, y)  # metrics_steps.csv
                 done = batch + 1
                 if not bar.disable:
                     el = time.perf_counter() - t0
