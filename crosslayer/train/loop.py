@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crosslayer.errors import CheckpointError, CrosslayerError
+from crosslayer.ops.defaults import unset_training_defaults
 from crosslayer.train import distributed as D
 from crosslayer.train.metrics import StepMetrics
 from crosslayer.train.presets import resolve_milestones
@@ -313,6 +314,8 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
         self.state = self._load_resume_state()
         cfg = self.cfg
+        # --amp / --channels-last the user left unset: the device kind's defaults (bf16 + NHWC on CUDA)
+        cfg.update(unset_training_defaults(cfg, self.device.type))
         if cfg["amp"] == "fp16" and self.device.type != "cuda":
             raise TrainingError("--amp fp16 needs CUDA (on the CPU use --amp bf16)")
         set_seed(int(cfg["seed"]) + self.info.rank)
