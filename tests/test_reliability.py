@@ -367,7 +367,10 @@ def test_prefixed_state_dicts_load(tmp_path):
     sd = load_checkpoint(path)
     sd["model"] = {f"module._orig_mod.{k}": v for k, v in sd["model"].items()}
     save_checkpoint(tmp_path / "ddp.pt", sd)
-    load_model_from_checkpoint(tmp_path / "ddp.pt")
+    loaded, _ = load_model_from_checkpoint(tmp_path / "ddp.pt")
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():  # the prefixed weights, not a fresh initialisation
+        assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_export_safetensors(tmp_path):
@@ -825,7 +828,7 @@ def test_sigkill_during_checkpoint_writes_always_leaves_a_loadable_checkpoint(tm
     time the run directory still resumes (from last.pt or last.pt.prev) with a consistent state."""
     rng = random.Random(0)
     steps = []
-    for i in range(4):
+    for _ in range(4):
         p = subprocess.Popen([PY, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
         try:
             p.stdout.readline()  # at least one checkpoint written by this process
