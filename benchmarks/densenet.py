@@ -154,22 +154,23 @@ def run(opts: core.Options, log=print) -> dict:
     macs = count_macs(MODEL, opts.num_classes)  # per image, conv + linear, the paper's architecture
     fused = executed_macs(opts.num_classes)
     flops = {k: 2 * (fused if k in ("ours", "ours_me", "ours_nocl") else macs) for k in cfgs}
-    res = core.run_suite("densenet", cfgs, opts, flops, log=log)
-    res["macs"] = dict(architecture=macs, fused=fused)
-    for k, c in res["configs"].items():
-        if c["params"] != PARAMS and opts.num_classes == 10:
-            raise AssertionError(f"{k} has {c['params']:,} parameters, expected {PARAMS:,}")
-    res["summary"], res["goals"] = summarize(res)
-    res["sweep"] = {}
+    res = {"macs": dict(architecture=macs, fused=fused), "sweep": {}}
+    if not opts.extra.get("sweep_only"):
+        res |= core.run_suite("densenet", cfgs, opts, flops, log=log)
+        for k, c in res["configs"].items():
+            if c["params"] != PARAMS and opts.num_classes == 10:
+                raise AssertionError(f"{k} has {c['params']:,} parameters, expected {PARAMS:,}")
+        res["summary"], res["goals"] = summarize(res)
     for b in opts.extra.get("batch_sizes") or []:
         torch._dynamo.reset()  # a fresh compilation per batch size, not a dynamic-shape one
         sweep_opts = core.Options(**{**opts.__dict__, "batch_size": b, "memory": False})
         sub = _selected(opts, SWEEP)
         r = core.run_suite("densenet", sub, sweep_opts, {k: flops[k] for k in sub}, log=log)
+        for key in ("machine", "options", "matmul_flops_per_s"):
+            res.setdefault(key, r[key])
         res["sweep"][b] = {k: {key: c[key] for key in ("train_img_s", "infer_img_s", "train_spread", "infer_spread",
                                                        "first_train_s", "first_infer_s", "train_flop_frac")}
                            for k, c in r["configs"].items()}
-        res["sweep_matmul_flops_per_s"] = r["matmul_flops_per_s"]
     return res
 
 
@@ -196,6 +197,7 @@ def sweep_markdown(res: dict) -> str:
 def extra_arguments(p) -> None:
     p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="also sweep these batch sizes, e.g. 16,64,128,256 (torchvision, compiled, ours; no memory)")
+    p.add_argument("--sweep-only", action="store_true", help="only the sweep, not the table at --batch-size")
     p.add_argument("--with-compile", action="store_true",
                    help="add torch.compile(torchvision DenseNet) (inductor); its compile time is reported")
 
@@ -206,10 +208,12 @@ def markdown(res: dict, command: str) -> str:
             f"for the architecture (PyTorch's FlopCounterMode), {m['fused'] / 1e6:.1f} M "
             f"({(1 - m['fused'] / m['architecture']) * 100:.1f}% fewer) for fused blocks, which average-pool before "
             f"the transition's 1x1 convolution (same function).")
-    parts = [core.report_header(res, command), core.format_results(res, "torchvision"), res["summary"], note]
+    parts = [core.report_header(res, command)]
+    if "configs" in res:
+        parts += [core.format_results(res, "torchvision"), res["summary"], note]
     if res.get("sweep"):
-        parts.append("Batch-size sweep (same process, after the table above; ratios ± the sum of the two "
-                     "configurations' relative half-ranges over the rounds):\n\n" + sweep_markdown(res))
+        parts.append("Batch-size sweep (one process per command, configurations interleaved; ratios ± the sum of "
+                     "the two configurations' relative half-ranges over the rounds):\n\n" + sweep_markdown(res))
     return "\n\n".join(parts)
 
 
