@@ -39,7 +39,7 @@ def test_shared_normalisation_equals_per_consumer_reference(n, channels_last):
     ref = ReferenceDelugeNet(net).double()
     x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
     y = torch.randint(0, 5, (8,))
-    for step in range(2):  # two training steps: outputs, gradients, running statistics
+    for _step in range(2):  # two training steps: outputs, gradients, running statistics
         net.zero_grad()
         ref.zero_grad()
         out, out_ref = net(x), ref(x)

@@ -275,7 +275,8 @@ for _name, (_blocks, _k) in _IMAGENET.items():
     globals()[_name] = _register_imagenet(_name, _blocks, _k)
 
 
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                      r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def load_torchvision_state_dict(model: DenseNet, state_dict: dict[str, torch.Tensor], strict: bool = True):
