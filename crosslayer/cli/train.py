@@ -88,9 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     r = parser.add_argument_group("execution")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
-    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="autocast: bf16 (CPU and CUDA) or fp16 with GradScaler (CUDA)")
-    r.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                   help="autocast: bf16 (CPU and CUDA) or fp16 with GradScaler (CUDA); default: bf16 on CUDA "
+                        "(GPUs with native bf16), none elsewhere (docs/benchmarks.md, 'Defaults per device')")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format; default: on for CUDA, off elsewhere")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--memory-efficient", action="store_true",
                    help="recompute concatenations in backward (DenseNet / DelugeNet): less memory, ~20%% slower")

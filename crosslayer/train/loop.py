@@ -28,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crosslayer.errors import CheckpointError, CrosslayerError
+from crosslayer.ops.defaults import unset_training_defaults
 from crosslayer.train import distributed as D
+from crosslayer.train.metrics import StepMetrics
 from crosslayer.train.presets import resolve_milestones
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_err",
@@ -312,6 +314,8 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
         self.state = self._load_resume_state()
         cfg = self.cfg
+        # --amp / --channels-last the user left unset: the device kind's defaults (bf16 + NHWC on CUDA)
+        cfg.update(unset_training_defaults(cfg, self.device.type))
         if cfg["amp"] == "fp16" and self.device.type != "cuda":
             raise TrainingError("--amp fp16 needs CUDA (on the CPU use --amp bf16)")
         set_seed(int(cfg["seed"]) + self.info.rank)
@@ -401,6 +405,7 @@ class Trainer:
         if self.state is not None:
             self._restore(self.state)
             self.state = None
+        self.step_metrics = StepMetrics(self.out_dir, spe, start_step=self.step, enabled=self.info.is_main)
 
     def _restore(self, st: dict) -> None:
         from crosslayer.train.checkpoint import restore_rng_state, unwrap_state_dict
@@ -580,6 +585,7 @@ class Trainer:
                 sums[0] += loss.detach().double() * n
                 sums[1] += (out.detach().argmax(1) == y).sum()
                 sums[2] += n
+                self.step_metrics.update(self.step, lr_now, loss, out, y)  # metrics_steps.csv
                 done = batch + 1
                 if not bar.disable:
                     el = time.perf_counter() - t0
