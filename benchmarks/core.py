@@ -8,7 +8,8 @@ Peak memory (CPU): each configuration runs in a FRESH subprocess (``python -m be
 --memory-child ...``) with glibc's mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so freed
 tensors go back to the OS. After one warm-up step the process trims its heap, resets the kernel's
 peak-RSS counter (``/proc/self/clear_refs`` = 5) and runs one training step; the reported number is
-peak RSS (``VmHWM``; not ``ru_maxrss``, which Linux inherits from the parent across exec) during that step minus the RSS just before it. The same child also reports
+peak RSS (``VmHWM``; not ``ru_maxrss``, which Linux inherits from the parent across exec) during
+that step minus the RSS just before it. The same child also reports
 the bytes the autograd graph saves for backward (``torch.autograd.graph.saved_tensors_hooks``,
 distinct storages, parameters excluded). On CUDA: ``torch.cuda.max_memory_allocated`` minus the
 allocated bytes before the step.
@@ -45,6 +46,7 @@ class Config:
     label: str
     build: Callable[[int], nn.Module]
     note: str = ""
+    compile: bool = False  # torch.compile this configuration (inductor); its first steps then compile
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Options:
     threads: int | None = None
     num_classes: int = 10
     image_size: int = 32
+    sgd_step: bool = False  # the training step includes an SGD (momentum, Nesterov) optimiser step
     extra: dict = field(default_factory=dict)
 
 
@@ -136,7 +139,8 @@ def prepare(config: Config, opts: Options):
     x = torch.randn(opts.batch_size, 3, opts.image_size, opts.image_size, device=opts.device)
     x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, opts.num_classes, (opts.batch_size,), device=opts.device)
-    runner = torch.compile(model) if opts.compile else model
+    runner = torch.compile(model) if opts.compile or config.compile else model
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True) if opts.sgd_step else None
 
     def train_step():
         model.train()
@@ -145,6 +149,8 @@ def prepare(config: Config, opts: Options):
         with _autocast(opts):
             loss = F.cross_entropy(runner(x), y)
         loss.backward()
+        if sgd is not None:
+            sgd.step()
 
     def infer_step():
         model.eval()
@@ -154,10 +160,18 @@ def prepare(config: Config, opts: Options):
     return model, x, train_step, infer_step
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, warmup: int, device: str) -> dict[str, list[float]]:
-    for fn in steps.values():
-        for _ in range(warmup):
+def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, warmup: int, device: str,
+                     first: dict[str, float] | None = None) -> dict[str, list[float]]:
+    """Median-ready step times, round-robin; ``first`` receives each configuration's first warm-up
+    step time (the compile time of a torch.compile'd configuration)."""
+    for k, fn in steps.items():
+        for i in range(warmup):
+            _sync(device)
+            t0 = time.perf_counter()
             fn()
+            _sync(device)
+            if i == 0 and first is not None:
+                first[k] = time.perf_counter() - t0
     times = {k: [] for k in steps}
     for _ in range(reps):
         for k, fn in steps.items():  # A B C A B C ...: load changes hit every configuration alike
@@ -252,9 +266,12 @@ def run_suite(suite: str, configs: dict[str, Config], opts: Options, flops_per_i
             flops = forward_flops(model, x[:1].contiguous()) if not opts.compile else 0
         results["configs"][k] = {"label": c.label, "note": c.note, "params": n_params, "fwd_flops_per_image": flops}
     log(f"[{suite}] timing training steps, {opts.reps} interleaved rounds ...")
-    t_train = time_interleaved({k: p[2] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device)
+    first_train, first_infer = {}, {}
+    t_train = time_interleaved({k: p[2] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device,
+                               first_train)
     log(f"[{suite}] timing inference, {opts.reps} interleaved rounds ...")
-    t_infer = time_interleaved({k: p[3] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device)
+    t_infer = time_interleaved({k: p[3] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device,
+                               first_infer)
     del prepared
     gc.collect()
     mm_rate = matmul_rate(opts.device)
@@ -264,7 +281,10 @@ def run_suite(suite: str, configs: dict[str, Config], opts: Options, flops_per_i
     for k in configs:
         r = results["configs"][k]
         r["train_times"], r["infer_times"] = t_train[k], t_infer[k]
+        r["first_train_s"], r["first_infer_s"] = first_train.get(k), first_infer.get(k)
         r["train_step_s"] = statistics.median(t_train[k])
+        r["train_spread"] = spread(t_train[k])
+        r["infer_spread"] = spread(t_infer[k])
         r["infer_step_s"] = statistics.median(t_infer[k])
         r["train_img_s"] = opts.batch_size / r["train_step_s"]
         r["infer_img_s"] = opts.batch_size / r["infer_step_s"]
@@ -273,9 +293,17 @@ def run_suite(suite: str, configs: dict[str, Config], opts: Options, flops_per_i
         r["infer_flop_frac"] = f * r["infer_img_s"] / mm_rate if f else None
     if opts.memory:
         for k in configs:
+            if configs[k].compile:  # a fresh process would compile again: not measured
+                continue
             log(f"[{suite}] peak memory of {k} (fresh process) ...")
             results["configs"][k].update(measure_memory(suite, k, opts))
     return results
+
+
+def spread(times: list[float]) -> float:
+    """Half the range of the step times relative to their median: +-x of a throughput figure."""
+    med = statistics.median(times)
+    return (max(times) - min(times)) / 2 / med if med else float("nan")
 
 
 def format_results(res: dict, baseline: str, fast: str | None = None) -> str:
@@ -290,12 +318,15 @@ def format_results(res: dict, baseline: str, fast: str | None = None) -> str:
     head += " train FLOP/s ÷ matmul |"
     sep += "---:|"
     lines = [head, sep]
-    for k, r in res["configs"].items():
-        row = (f"| {r['label']} | {r['params']:,} | {r['train_img_s']:.1f} | {r['train_img_s'] / b['train_img_s']:.2f} | "
-               f"{r['infer_img_s']:.1f} | {r['infer_img_s'] / b['infer_img_s']:.2f} |")
-        if has_mem:
+    for r in res["configs"].values():
+        row = (f"| {r['label']} | {r['params']:,} | {r['train_img_s']:.1f} | "
+               f"{r['train_img_s'] / b['train_img_s']:.2f} | {r['infer_img_s']:.1f} | "
+               f"{r['infer_img_s'] / b['infer_img_s']:.2f} |")
+        if has_mem and "peak_mb" in r:
             row += (f" {r['peak_mb']:.0f} | {r['peak_mb'] / b['peak_mb']:.2f} | {r['saved_mb']:.0f} | "
                     f"{r['saved_mb'] / b['saved_mb']:.2f} |")
+        elif has_mem:
+            row += " - | - | - | - |"
         frac = r.get("train_flop_frac")
         row += f" {frac * 100:.1f}% |" if frac else " - |"
         lines.append(row)
@@ -316,6 +347,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every model (timings exclude compile)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--sgd-step", action="store_true", help="include an SGD optimiser step in each training step")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up, 2 rounds")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--write-docs", default=None, metavar="MD",
@@ -325,7 +357,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 def options_from_args(args) -> Options:
     opts = Options(batch_size=args.batch_size, reps=args.reps, warmup=args.warmup, device=args.device, amp=args.amp,
                    channels_last=args.channels_last, compile=args.compile, memory=not args.no_memory,
-                   threads=args.threads)
+                   threads=args.threads, sgd_step=args.sgd_step)
     if args.quick:
         opts.batch_size, opts.reps, opts.warmup = min(opts.batch_size, 8), 2, 1
     return opts
@@ -347,21 +379,30 @@ def update_markdown_section(path: str, marker: str, body: str) -> None:
 def report_header(res: dict, command: str) -> str:
     m = res["machine"]
     o = res["options"]
-    load = f"load average {m.get('loadavg_start', float('nan')):.1f} at start, {m.get('loadavg_end', float('nan')):.1f} at end"
+    load = (f"load average {m.get('loadavg_start', float('nan')):.1f} at start, "
+            f"{m.get('loadavg_end', float('nan')):.1f} at end")
     return (f"Command: `{command}`  \nMachine: {m['cpu']}, nproc {m['nproc']}, torch {m['torch']} "
-            f"({m['torch_threads']} threads), torchvision {m.get('torchvision', '-')}{', ' + m['gpu'] if 'gpu' in m else ''}; "
+            f"({m['torch_threads']} threads), torchvision {m.get('torchvision', '-')}"
+            f"{', ' + m['gpu'] if 'gpu' in m else ''}; "
             f"{load}  \nDate: {m['date']}; batch {o['batch_size']}, device {o['device']}, amp {o['amp']}, "
-            f"channels_last {o['channels_last']}, compile {o['compile']}; median of {o['reps']} interleaved rounds; "
+            f"channels_last {o['channels_last']}, compile {o['compile']}; training step = forward + backward"
+            f"{' + SGD step' if o.get('sgd_step') else ''}; median of {o['reps']} interleaved rounds; "
             f"matmul rate {res['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (float32 2048² torch.mm).")
 
 
-def benchmark_main(suite: str, doc: str, run, markdown, argv=None) -> int:
+def benchmark_main(suite: str, doc: str, run, markdown, argv=None, extra_arguments=None) -> int:
     """The command line shared by the benchmarks: run the suite, print its Markdown table, and
-    optionally save the raw results (--json) and rewrite its section of docs (--write-docs)."""
+    optionally save the raw results (--json) and rewrite its section of docs (--write-docs).
+    ``extra_arguments(parser)`` adds a suite's own flags; their values reach ``run`` in ``opts.extra``."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p)
+    common = {a.dest for a in p._actions}
+    if extra_arguments is not None:
+        extra_arguments(p)
     args = p.parse_args(argv)
-    res = run(options_from_args(args))
+    opts = options_from_args(args)
+    opts.extra = {k: v for k, v in vars(args).items() if k not in common}
+    res = run(opts)
     command = f"python -m benchmarks.{suite} " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(res, command.strip())
     print(text)

@@ -31,7 +31,8 @@ def configs() -> dict[str, core.Config]:
     return {
         "reference": core.Config("reference", "per-consumer normalisation (crosslayer/models/reference.py)", reference,
                                  note="its parameter count includes a second copy of the CLDC weights"),
-        "ours": core.Config("ours", "crosslayer delugenet146 (defaults: shared normalisation, channels_last in training on CPU)",
+        "ours": core.Config("ours", "crosslayer delugenet146 (defaults: shared normalisation, "
+                            "channels_last in training on CPU)",
                             lambda n: crosslayer.create_model(MODEL, num_classes=n)),
         "ours_me": core.Config("ours_me", "crosslayer delugenet146 (memory_efficient=True)",
                                lambda n: crosslayer.create_model(MODEL, num_classes=n, memory_efficient=True)),

@@ -127,7 +127,8 @@ class Transition(nn.Module):
 class DelugeStage(nn.Module):
     """One stage: an entry producing S[0] (first composite layer, a 1x1 projection, or a
     transition) followed by ``num_layers`` composite layers, the k-th reading k inputs.
-    ``norms[j]`` is the shared affine-free normalisation of S[j]. Returns S normalised, newest first."""
+    ``norms[j]`` is the shared affine-free normalisation of S[j]. Returns S normalised, newest first
+    (:class:`~crosslayer.ops.deluge.StageOutputs`)."""
 
     def __init__(self, entry: nn.Module, channels: int, width: int, num_layers: int, memory_efficient: bool = False):
         super().__init__()

@@ -1,0 +1,87 @@
+"""What bounds a training step: torch.profiler over a few steps of one benchmark configuration,
+the self time of its aten operators grouped into convolutions, BatchNorm, elementwise passes,
+copies and the rest, and the share of the wall time no operator accounts for (Python, autograd
+and dispatcher overhead).
+
+    python -m benchmarks.profile densenet ours --batch-size 16
+    python -m benchmarks.profile delugenet ours --batch-size 64 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+GROUPS = {  # first matching substring of the operator name wins
+    "convolution": ("conv", "mkldnn"),
+    "batch norm": ("batch_norm",),
+    "matmul / linear": ("mm", "linear", "addmm"),
+    "copies / layout": ("copy_", "cat", "contiguous", "clone", "empty_like", "to_copy", "permute"),
+    "pooling": ("pool",),
+    "elementwise (affine, ReLU, sums)": ("add", "mul", "relu", "threshold", "sum", "rsqrt", "div", "sub", "fill",
+                                         "zero"),
+}
+
+
+def group(name: str) -> str:
+    name = name.removeprefix("aten::")
+    for g, keys in GROUPS.items():
+        if any(k in name for k in keys):
+            return g
+    return "other"
+
+
+def profile(suite: str, config: str, batch_size: int, steps: int = 3) -> dict:
+    """Self CPU time per group over ``steps`` training steps (after two warm-up steps), and the
+    wall time of those steps."""
+    cfg = importlib.import_module(f"benchmarks.{suite}").configs()[config]
+    torch.manual_seed(0)
+    model = cfg.build(10).train()
+    x = torch.randn(batch_size, 3, 32, 32)
+    y = torch.randint(0, 10, (batch_size,))
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        F.cross_entropy(model(x), y).backward()
+
+    for _ in range(2):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t0
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.key.startswith("aten::"):
+            times[group(e.key)] += e.self_cpu_time_total / 1e6
+    return dict(wall_s=wall / steps, groups={k: v / steps for k, v in times.items()})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=("densenet", "delugenet"))
+    p.add_argument("config", help="a configuration name of that suite (e.g. ours, torchvision)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args(argv)
+    res = profile(a.suite, a.config, a.batch_size, a.steps)
+    ops = sum(res["groups"].values())
+    print(f"{a.suite}/{a.config} batch {a.batch_size}: {res['wall_s'] * 1e3:.0f} ms per step "
+          f"(profiled; {torch.get_num_threads()} threads)")
+    for g, t in sorted(res["groups"].items(), key=lambda kv: -kv[1]):
+        print(f"  {g:34s} {t * 1e3:8.1f} ms  {t / res['wall_s'] * 100:5.1f}%")
+    print(f"  {'not in any operator (overhead)':34s} {(res['wall_s'] - ops) * 1e3:8.1f} ms  "
+          f"{(1 - ops / res['wall_s']) * 100:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
