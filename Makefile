@@ -23,4 +23,5 @@ demo: $(BIN)/crosslayer fashion-mnist
 	$(BIN)/crosslayer demo --out runs/demo
 
 test: $(BIN)/crosslayer fashion-mnist
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest

@@ -49,7 +49,8 @@ def py2_pickle(obj) -> bytes:
         if isinstance(o, (int, np.integer)):
             return b"K" + bytes([int(o)]) if 0 <= o < 256 else b"J" + struct.pack("<i", int(o))
         if isinstance(o, np.ndarray) and o.dtype == np.uint8:
-            dtype = b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R" + b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            dtype = (b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R" + b"(K\x03" + s(b"|")
+                     + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
             shape = b"(" + b"".join(enc(int(d)) for d in o.shape) + b"t"
             return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
                     + b"(K\x01" + shape + dtype + b"\x89" + s(np.ascontiguousarray(o).tobytes()) + b"tb")
