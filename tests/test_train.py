@@ -20,8 +20,9 @@ import torch
 
 from crosslayer.cli import main as cli
 from crosslayer.cli.train import add_arguments, build_config
-from crosslayer.train.loop import METRIC_COLUMNS, lr_lambda
+from crosslayer.train.outputs import METRIC_COLUMNS
 from crosslayer.train.presets import PRESETS, get_preset, resolve_milestones
+from crosslayer.train.schedule import lr_lambda
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 TINY = ["--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", "synthetic"]
@@ -38,7 +39,7 @@ def _cfg(*argv):
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return build_config(p.parse_args(list(argv)))
+    return build_config(p.parse_args(list(argv))).to_dict()
 
 
 def _rows(path):

@@ -1,18 +1,55 @@
-"""Evaluate a checkpoint: error %, per-class accuracy and the confusion matrix.
+"""Evaluation: a model over a loader (:func:`evaluate`, used after every training epoch) and a
+checkpoint on a data set (:func:`evaluate_checkpoint`: error %, per-class accuracy, confusion matrix).
 
-:func:`evaluate_checkpoint` prints a table and writes ``eval.json`` {"error", "accuracy", "per_class_accuracy", "confusion",
-...} and ``confusion.csv`` (rows = true class, columns = predicted class) into ``--out`` (default:
-the checkpoint's folder).
+:func:`evaluate_checkpoint` prints a table and writes ``eval.json`` {"error", "accuracy",
+"per_class_accuracy", "confusion", ...} and ``confusion.csv`` (rows = true class, columns =
+predicted class) into ``--out`` (default: the checkpoint's folder), atomically.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.io import write_csv, write_json
+from crosslayer.train import distributed as D
+from crosslayer.train.runtime import amp_context
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_classes: int, info=None,
+             confusion: bool = False) -> dict:
+    """Loss, error % (and optionally the confusion matrix, rows = true class) over ``loader``,
+    summed over DDP ranks."""
+    was_training = model.training
+    model.eval()
+    loader.set_epoch(0)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if confusion else None
+    for x, y in loader:
+        with amp_context(amp, device):
+            out = model(x)
+        out = out.float()
+        sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+        pred = out.argmax(1)
+        sums[1] += (pred == y).sum()
+        sums[2] += y.numel()
+        if conf is not None:
+            conf += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    if info is not None:
+        D.all_reduce_sum(sums, info)
+        if conf is not None:
+            D.all_reduce_sum(conf, info)
+    model.train(was_training)
+    n = max(1.0, sums[2].item())
+    res = {"loss": sums[0].item() / n, "err": 100.0 * (1 - sums[1].item() / n), "count": int(sums[2].item())}
+    if conf is not None:
+        res["confusion"] = conf.cpu()
+    return res
 
 
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | None = None, split: str = "test",
@@ -23,7 +60,6 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     from crosslayer.data import build_loader, load_dataset
     from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
     from crosslayer.train.distributed import pick_device
-    from crosslayer.train.loop import evaluate, write_json
 
     ckpt_cfg = (load_checkpoint(checkpoint).get("config") or {})
     data = data or ckpt_cfg.get("data")
@@ -34,7 +70,8 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     if split == "val" and not val_size:
         raise CrosslayerError(f"{checkpoint}: --split val needs a validation split (--val-size N)")
     bundle = load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), download=download,
-                          val_size=val_size, seed=int(ckpt_cfg.get("seed") or 0), limit=limit)
+                          val_size=val_size, seed=int(ckpt_cfg.get("seed") or 0), limit=limit,
+                          image_size=ckpt_cfg.get("image_size") if ckpt_cfg.get("config_format") else None)
     dev = pick_device(device)
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu", num_classes=bundle.num_classes,
                                              in_channels=bundle.in_channels, data=f"data {bundle.name}")
@@ -60,11 +97,8 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     out = out or os.path.dirname(os.path.abspath(checkpoint))
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "eval.json"), result)
-    with open(os.path.join(out, "confusion.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["true\\pred"] + classes)
-        for c, row in zip(classes, conf.tolist()):
-            w.writerow([c] + row)
+    write_csv(os.path.join(out, "confusion.csv"), ["true\\pred"] + classes,
+              ([c] + row for c, row in zip(classes, conf.tolist())))
     if not quiet:
         print(format_eval(result))
         print(f"wrote {os.path.join(out, 'eval.json')} and {os.path.join(out, 'confusion.csv')}")
