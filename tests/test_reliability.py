@@ -522,7 +522,9 @@ def test_sigterm_sigint_save_a_checkpoint_then_resume(tmp_path, sig, code):
                          stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         _wait_for(lambda: (out / "last.pt").exists(), p, every=0.01)  # epoch 1 done (step 8)
-        # past the epoch-end saves, into epoch 2 (a signal at an epoch end stops there, nothing to save)
+        # past the epoch-end saves (results.json is written after last.pt and best.pt), into epoch 2
+        # (a signal at an epoch end stops there, nothing to save)
+        _wait_for(lambda: (out / "results.json").exists(), p, every=0.01)
         time.sleep(0.25)
         p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=60)

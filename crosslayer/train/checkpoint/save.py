@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import os
 import pathlib
-import sys
 
 import numpy as np
 import torch
@@ -77,13 +76,9 @@ def _first_nonfinite(model_state) -> str | None:
 
 
 def _keep_previous(path: str) -> None:
-    """Keep the checkpoint at ``path`` as ``path.prev`` if it reads back; a damaged one is dropped."""
-    if not os.path.isfile(path):
-        return
-    broken = verify_checkpoint(path)
-    if broken is not None:
-        print(f"crosslayer: warning: {path}: {broken}; replaced without keeping it as {path}{PREV_SUFFIX}",
-              file=sys.stderr, flush=True)
+    """Keep the checkpoint at ``path`` as ``path.prev`` if it reads back; a damaged one is dropped
+    silently (``--resume`` has already said so when it fell back to ``.prev``)."""
+    if not os.path.isfile(path) or verify_checkpoint(path) is not None:
         return
     prev = path + PREV_SUFFIX
     link_tmp = tmp_name(prev)
