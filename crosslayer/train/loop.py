@@ -420,7 +420,7 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
         except (RuntimeError, MemoryError) as e:
-            if is_out_of_memory(e) or isinstance(e, MemoryError):
+            if is_out_of_memory(e):
                 raise self._oom(f"step {self.step + 1}") from None
             raise
         self.scheduler.step()

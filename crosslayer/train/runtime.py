@@ -38,8 +38,10 @@ def amp_context(amp: str, device: torch.device):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for the allocator's out-of-memory errors (CUDA's OutOfMemoryError, CPU RuntimeErrors)."""
+    """True for the allocators' out-of-memory errors: CUDA's ``OutOfMemoryError``, and the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
     oom = getattr(torch, "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
+    if oom is not None and isinstance(exc, oom) or isinstance(exc, MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
