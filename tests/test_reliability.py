@@ -828,7 +828,7 @@ def test_sigkill_during_checkpoint_writes_always_leaves_a_loadable_checkpoint(tm
     time the run directory still resumes (from last.pt or last.pt.prev) with a consistent state."""
     rng = random.Random(0)
     steps = []
-    for i in range(4):
+    for _ in range(4):
         p = subprocess.Popen([PY, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
         try:
             p.stdout.readline()  # at least one checkpoint written by this process

@@ -73,7 +73,8 @@ def test_presets_match_the_papers():
     assert resolve_milestones(w.milestones, w.milestone_shift, 200) == [60, 120, 160]
     assert w.for_dataset("svhn").drop_rate == 0.4
     pa = get_preset("preact")
-    assert (pa.iterations, pa.batch_size, pa.weight_decay, pa.warmup_lr, pa.warmup_steps) == (64000, 128, 1e-4, 0.01, 400)
+    assert (pa.iterations, pa.batch_size, pa.weight_decay, pa.warmup_lr, pa.warmup_steps) == \
+        (64000, 128, 1e-4, 0.01, 400)
     assert pa.schedule_unit == "step" and resolve_milestones(pa.milestones, 0, 64000) == [32000, 48000]
     sd = get_preset("stochastic-depth")
     assert (sd.epochs, sd.batch_size, sd.nesterov, sd.weight_decay, sd.val_size) == (500, 128, True, 1e-4, 5000)

@@ -15,7 +15,6 @@ iterations (``schedule_unit``). ``milestone_shift = -1`` reproduces the official
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from crosslayer.errors import CrosslayerError
@@ -174,10 +173,3 @@ def format_presets() -> str:
         lines.append(f"{'':<19}source: {p.source}")
     return "\n".join(lines)
 
-
-def steps_for(epochs: int, steps_per_epoch: int, iterations: int | None) -> int:
-    return iterations if iterations else epochs * steps_per_epoch
-
-
-def epochs_for_iterations(iterations: int, steps_per_epoch: int) -> int:
-    return max(1, math.ceil(iterations / max(1, steps_per_epoch)))
