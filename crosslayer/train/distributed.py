@@ -2,11 +2,12 @@
 
 ``torchrun --nproc_per_node N -m crosslayer train ...`` exports RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT; :func:`init_distributed` reads them, picks the device
-(``cuda:LOCAL_RANK`` with NCCL, or the CPU with Gloo) and joins the process group. Conventions
-(those of the official CIFAR training scripts, e.g. fb.resnet.torch): the ``--batch-size`` is the GLOBAL batch, split evenly over the
-ranks; BatchNorm statistics stay per rank unless ``--sync-bn``; only rank 0 prints, logs and
-writes checkpoints; metrics are summed over ranks with ``all_reduce``. torchrun restarts failed
-workers with the same arguments, so pass ``--resume`` when launching under torchrun with restarts.
+(``cuda:LOCAL_RANK`` with NCCL, or the CPU with Gloo) and joins the process group. Conventions:
+the ``--batch-size`` is the GLOBAL batch (the papers' batch sizes are per step, whatever the
+number of GPUs), split evenly over the ranks; BatchNorm statistics stay per rank unless
+``--sync-bn``; only rank 0 prints, logs and writes checkpoints; metrics are summed over ranks with
+``all_reduce``. torchrun restarts failed workers with the same arguments, so pass ``--resume``
+when launching under torchrun with restarts.
 """
 
 from __future__ import annotations
