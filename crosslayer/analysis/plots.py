@@ -205,11 +205,11 @@ def draw_reuse(checkpoint_or_model, out_dir: str, layers: Iterable[str] | None =
         raise CrosslayerError(f"scale {scale!r}: choose one of {', '.join(SCALES)}")
     model, desc = load_for_analysis(checkpoint_or_model)
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     written: list[str] = []
     if is_densenet(model):
         if layers:
             raise CrosslayerError("--layer applies to DelugeNets only (a DenseNet shows every layer)")
+        os.makedirs(out_dir, exist_ok=True)
         mats = densenet_reuse(model, reduce)
         labels = densenet_reuse_labels(model)
         written.append(plot_densenet_reuse(mats, labels, os.path.join(out_dir, "densenet_reuse.png"), desc, scale,
@@ -222,12 +222,14 @@ def draw_reuse(checkpoint_or_model, out_dir: str, layers: Iterable[str] | None =
                                              lab["sources"], lab["targets"], "source\\target"))
     elif is_delugenet(model):
         maps = deluge_weight_maps(model)
+        # a bad --layer is refused before anything is written
+        keys = [parse_layer_key(k, maps["layers"]) for k in layers] if layers else [list(maps["layers"])[-1]]
+        os.makedirs(out_dir, exist_ok=True)
         written.append(plot_deluge_stages(maps, os.path.join(out_dir, "delugenet_stages.png"), desc))
         for st in maps["stages"]:
             written.append(_write_matrix_csv(os.path.join(out_dir, f"delugenet_stage{st['stage']}.csv"), st["map"],
                                              [f"{k} {c}" for k, c in zip(st["keys"], st["consumers"])],
                                              st["inputs"], "consumer\\input"))
-        keys = [parse_layer_key(k, maps["layers"]) for k in layers] if layers else [list(maps["layers"])[-1]]
         for key in keys:
             entry = maps["layers"][key]
             stem = f"delugenet_layer{key.replace(':', '_')}"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from crosslayer.cli._args import count
 from crosslayer.counting import count_macs, count_params
 from crosslayer.models._registry import create_model, list_models, model_info
 
@@ -17,9 +20,16 @@ CORRECTIONS = [
 ]
 
 
-def zoo_rows(pattern: str | None = None, num_classes: int | None = None, macs: bool = True) -> list[dict]:
+def zoo_rows(pattern: str | None = None, num_classes: int | None = None, macs: bool = True,
+             progress: bool = False) -> list[dict]:
+    """One row per model matching ``pattern``; ``progress``: a bar over the models on stderr (counting
+    multiply-adds takes about a second per model)."""
+    from tqdm import tqdm
+
     rows = []
-    for name in list_models(pattern):
+    names = list_models(pattern)
+    for name in tqdm(names, disable=not progress, leave=False, desc="counting", unit="model", file=sys.stderr,
+                     dynamic_ncols=True):
         info = model_info(name)
         with torch.device("meta"):
             params = count_params(create_model(name, num_classes=num_classes, in_channels=info.input_size[0]))
@@ -54,12 +64,16 @@ def format_table(rows: list[dict]) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("pattern", nargs="?", default=None, help="fnmatch filter, e.g. 'densenet*'")
-    parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: 10 CIFAR, 1000 ImageNet)")
-    parser.add_argument("--no-macs", action="store_true", help="skip counting multiply-adds")
+    parser.add_argument("--num-classes", type=count(1, 1_000_000), default=None, metavar="N",
+                        help="classifier size, 1..1000000 (default: 10 CIFAR, 1000 ImageNet)")
+    parser.add_argument("--no-macs", action="store_true", help="skip counting multiply-adds (much faster)")
+    parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                        help="no progress bar while counting (also off when stderr is not a terminal)")
 
 
 def main(args) -> int:
-    rows = zoo_rows(args.pattern, args.num_classes, macs=not args.no_macs)
+    progress = not args.no_macs and not args.no_progress and sys.stderr.isatty()
+    rows = zoo_rows(args.pattern, args.num_classes, macs=not args.no_macs, progress=progress)
     if not rows:
         print(f"no model matches {args.pattern!r}")
         return 1

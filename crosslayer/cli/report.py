@@ -3,11 +3,11 @@ papers' published errors beside the measured ones. (The zoo's params/MACs table 
 
 from __future__ import annotations
 
-from crosslayer.errors import CrosslayerError
+from crosslayer.errors import check_output_dir
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories written by `crosslayer train`")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `crosslayer train`")
     parser.add_argument("--out", default=None,
                         help="output folder (default: the run directory for one run, ./report for several)")
     parser.add_argument("--no-plots", action="store_true", help="write only results.md / results.csv")
@@ -16,11 +16,8 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from crosslayer.analysis.report import write_report
 
-    if not args.runs:
-            return 0
-    if not args.runs:
-        raise CrosslayerError("give at least one RUN_DIR")
     out = args.out or (args.runs[0] if len(args.runs) == 1 else "report")
+    check_output_dir(out)
     files = write_report(args.runs, out, plots=not args.no_plots)
     with open(files[0]) as f:
         print(f.read().rstrip())

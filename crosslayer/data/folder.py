@@ -1,8 +1,10 @@
 """``imagefolder:ROOT``: ROOT/train/<class>/*.png|jpg… and ROOT/val/<class>/… (or ROOT/test).
 
-Read with ``torchvision.datasets.ImageFolder`` (images converted to RGB). ``image_size`` resizes the
-shorter side and centre-crops to a square; without it images are used at their native size, which
-must be square and the same for all images (checked on the first image, and per image on load).
+Read with ``torchvision.datasets.ImageFolder`` (images converted to RGB). ``image_size`` (the
+``--image-size N`` flag of ``train`` and ``eval``) resizes the shorter side to N (antialiased) and
+centre-crops N x N, so folders of mixed sizes and shapes work; without it images are used at their
+native size, which must be square and the same for all images (checked on the first image, and per
+image on load).
 Normalised with the ImageNet mean/std. ``imagefolder+:`` adds flip + zero-pad (size/8) + random crop,
 after normalisation like the CIFAR variants. No tensors: the DataLoader path is used.
 """
@@ -46,7 +48,8 @@ def _rgb_loader(path, size: int | None = None):
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from e
     if size is not None and img.size != (size, size):
-        raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]} but the data set's images are {size}x{size}; pass image_size to resize")
+        raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]} but the data set's images are {size}x{size}; "
+                        f"pass image_size (--image-size N) to resize")
     return img
 
 
@@ -57,6 +60,10 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
     if not root:
         raise DataError(f"{name}: give the root folder as imagefolder:/path/to/root")
     root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: image folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder; an image folder holds train/ and val/ (or test/) sub-folders")
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"{root}: ImageFolder root needs train/ and val/ (or test/) sub-folders")
@@ -64,10 +71,12 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
     if image_size is None:
         w, h = probe.loader(probe.samples[0][0]).size
         if w != h:
-            raise DataError(f"{probe.samples[0][0]}: image is {w}x{h}, not square; pass image_size to resize and crop")
+            raise DataError(f"{probe.samples[0][0]}: image is {w}x{h}, not square; pass image_size "
+                            f"(--image-size N) to resize and crop")
         size, geo, check = w, [], w
     else:
-        size, geo, check = int(image_size), [T.Resize(int(image_size), antialias=True), T.CenterCrop(int(image_size))], None
+        size, check = int(image_size), None
+        geo = [T.Resize(size, antialias=True), T.CenterCrop(size)]
     aug = Augment(pad=max(1, size // 8), flip=True) if augment else None
     mean, std = IMAGENET["mean"], IMAGENET["std"]
 
@@ -90,7 +99,8 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
     val_idx = []
     if val_size:
         if not 0 < val_size < len(tr_idx):
-            raise DataError(f"{root / 'train'}: val_size={val_size} must be between 1 and {len(tr_idx) - 1} (training images)")
+            raise DataError(f"{root / 'train'}: val_size={val_size} must be between 1 and {len(tr_idx) - 1} "
+                            f"(training images)")
         perm = torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(seed)).tolist()
         val_idx = sorted(tr_idx[i] for i in perm[:val_size])
         tr_idx = sorted(tr_idx[i] for i in perm[val_size:])

@@ -31,21 +31,28 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "c10": Variant("cifar10", None, **_C10, description="CIFAR-10, per-channel mean/std, no augmentation"),
-    "c10+": Variant("cifar10", _CIFAR_AUG, **_C10, description="CIFAR-10 + flip, 4-px zero pad after normalisation, random 32x32 crop"),
+    "c10+": Variant("cifar10", _CIFAR_AUG, **_C10,
+        description="CIFAR-10 + flip, 4-px zero pad after normalisation, random 32x32 crop"),
     "c100": Variant("cifar100", None, **_C100, description="CIFAR-100 (fine labels), mean/std, no augmentation"),
     "c100+": Variant("cifar100", _CIFAR_AUG, **_C100, description="CIFAR-100 + flip, 4-px zero pad, random crop"),
-    "svhn": Variant("svhn", None, **_SVHN, description="SVHN train+extra (604,388), pixels/255, no augmentation; test 26,032"),
-    "svhn-train": Variant("svhn-train", None, **_SVHN, description="SVHN train only (73,257), pixels/255, no augmentation"),
-    "fashion-mnist": Variant("fashion-mnist", None, **_FMNIST, description="Fashion-MNIST 28x28x1, mean/std, no augmentation"),
-    "fashion-mnist+": Variant("fashion-mnist", _GRAY_AUG, **_FMNIST, description="Fashion-MNIST + 2-px zero pad, random 28x28 crop, NO flip"),
+    "svhn": Variant("svhn", None, **_SVHN,
+        description="SVHN train+extra (604,388), pixels/255, no augmentation; test 26,032"),
+    "svhn-train": Variant("svhn-train", None, **_SVHN,
+        description="SVHN train only (73,257), pixels/255, no augmentation"),
+    "fashion-mnist": Variant("fashion-mnist", None, **_FMNIST,
+        description="Fashion-MNIST 28x28x1, mean/std, no augmentation"),
+    "fashion-mnist+": Variant("fashion-mnist", _GRAY_AUG, **_FMNIST,
+        description="Fashion-MNIST + 2-px zero pad, random 28x28 crop, NO flip"),
     "mnist": Variant("mnist", None, **_MNIST, description="MNIST 28x28x1, mean/std, no augmentation"),
     "mnist+": Variant("mnist", _GRAY_AUG, **_MNIST, description="MNIST + 2-px zero pad, random crop, no flip"),
-    "synthetic": Variant("synthetic", None, (), (), description="random class-dependent 3x32x32 images, 10 classes, 512 train / 256 test (tests)"),
+    "synthetic": Variant("synthetic", None, (), (),
+        description="random class-dependent 3x32x32 images, 10 classes, 512 train / 256 test (tests)"),
     "synthetic+": Variant("synthetic", _CIFAR_AUG, (), (), description="synthetic + CIFAR augmentation (tests)"),
 }
 FOLDER_PREFIXES = ("imagefolder:", "imagefolder+:")
 DATASETS: dict[str, str] = {k: v.description for k, v in VARIANTS.items()}
-DATASETS["imagefolder:ROOT"] = "ROOT/train and ROOT/val (or ROOT/test) class folders; ImageNet mean/std; native size or image_size"
+DATASETS["imagefolder:ROOT"] = ("ROOT/train and ROOT/val (or ROOT/test) class folders; ImageNet mean/std; native size "
+                                "or --image-size N")
 DATASETS["imagefolder+:ROOT"] = "same + flip and random crop of the zero-padded (size/8) image"
 
 
@@ -118,10 +125,12 @@ def bundle_from_tensors(name, train, test, classes, mean=None, std=None, aug=Non
     ytr, yte = torch.as_tensor(ytr, dtype=torch.int64), torch.as_tensor(yte, dtype=torch.int64)
     for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[0] != y.shape[0] or y.dim() != 1:
-            raise DataError(f"{source}: {split} images must be uint8 NxCxHxW with N labels, got {x.dtype} {tuple(x.shape)} and labels {tuple(y.shape)}")
+            raise DataError(f"{source}: {split} images must be uint8 NxCxHxW with N labels, got {x.dtype} "
+                            f"{tuple(x.shape)} and labels {tuple(y.shape)}")
         _check_labels(y, len(classes), f"{source} ({split})")
     if xtr.shape[1:] != xte.shape[1:]:
-        raise DataError(f"{source}: train images {tuple(xtr.shape[1:])} and test images {tuple(xte.shape[1:])} differ in shape")
+        raise DataError(f"{source}: train images {tuple(xtr.shape[1:])} and test images {tuple(xte.shape[1:])} "
+                        f"differ in shape")
     if limit is not None:
         xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
     if mean is None:
@@ -175,10 +184,13 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     data_dir: directory with the files in their official formats (None: search the defaults, see
     ``crosslayer.data.files``); download: fetch missing files from the official URLs (md5-checked);
     val_size: hold out this many training images (seeded by ``seed``); limit: keep the first
-    ``limit`` train and test images; image_size: ImageFolder only (resize + centre crop).
+    ``limit`` train and test images; image_size: image folders only, resize the shorter side to
+    ``image_size`` and centre-crop a square (``--image-size``; default: the images' own size).
     """
     if limit is not None and limit < 1:
         raise DataError(f"{name}: limit must be >= 1, got {limit}")
+    if image_size is not None and not 1 <= int(image_size) <= 4096:
+        raise DataError(f"{name}: image_size must be from 1 to 4096, got {image_size}")
     for pre in FOLDER_PREFIXES:
         if name.startswith(pre):
             from crosslayer.data.folder import load_imagefolder
@@ -207,4 +219,8 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
         tr, te, classes, source = load_svhn(data_dir, download, extra=v.family == "svhn")
     else:  # pragma: no cover
         raise _unknown(name)
-    return bundle_from_tensors(name, tuple(tr), tuple(te), classes, mean, std, v.aug, source, val_size, seed, limit)
+    b = bundle_from_tensors(name, tuple(tr), tuple(te), classes, mean, std, v.aug, source, val_size, seed, limit)
+    if image_size is not None and int(image_size) != b.image_size:
+        raise DataError(f"{name}: --image-size {image_size}: only image folders (imagefolder:ROOT) are resized; "
+                        f"{name} images are {b.image_size}x{b.image_size}")
+    return b

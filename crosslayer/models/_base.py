@@ -1,9 +1,9 @@
-"""Pieces shared by every model file: the timm-style classifier interface and the init rule."""
+"""Pieces shared by every model file: the timm-style classifier interface, the init rule and the
+speed switches of the cross-layer models."""
 
 from __future__ import annotations
 
 import torch
-import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -61,42 +61,44 @@ def init_he_fan_out(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def count_batch(bn: nn.BatchNorm2d) -> float:
-    """What a training-mode BatchNorm forward does before normalising: count the batch and return
-    the running-average factor (``momentum``, or 1/num_batches for ``momentum=None``; 0 without
-    running statistics). For implementations that update a BatchNorm's statistics themselves."""
-    if not bn.track_running_stats:
-        return 0.0
-    bn.num_batches_tracked.add_(1)
-    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+class SpeedSwitches:
+    """The speed switches of the cross-layer models (DenseNet, DelugeNet), set one way: constructor
+    keyword arguments, attributes of the same names, or :meth:`set_speed`. None of them changes the
+    function computed, the weights or the state_dict keys.
 
+    - ``memory_efficient``: recompute activations in backward instead of storing them (less memory,
+      a little slower); setting it on the model sets it on every layer that has the switch.
+    - ``fused``: the model's fast paths (:mod:`crosslayer.ops`): True, False (the plain modules),
+      or None = the device kind's default (:func:`crosslayer.ops.defaults.use_fused`).
+    - ``cpu_channels_last``: on CPU, run in the channels_last (NHWC) memory format.
+    """
 
-def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update_stats: bool = True) -> torch.Tensor:
-    """``bn(x)``, but with ``update_stats=False`` a training-mode call normalises with the batch
-    statistics without touching the running statistics. Used when a checkpointed region is
-    recomputed in backward, so running statistics are updated once per step, not twice
-    (the bug of torchvision's ``memory_efficient`` DenseNet, pytorch/pytorch#96136)."""
-    if update_stats or not bn.training:
-        return bn(x)
-    # throw-away copies of the running statistics: the recomputation must save the same tensors
-    # as the original forward (non-reentrant checkpoint checks their number), but update nothing
-    rm = bn.running_mean.clone() if bn.running_mean is not None else None
-    rv = bn.running_var.clone() if bn.running_var is not None else None
-    return F.batch_norm(x, rm, rv, bn.weight, bn.bias, True, 0.0, bn.eps)
+    SWITCHES = ("memory_efficient", "fused", "cpu_channels_last")
+    fused: bool | None = None
+    cpu_channels_last: bool = True
 
+    @property
+    def memory_efficient(self) -> bool:
+        return self.__dict__.get("_memory_efficient", False)
 
-def is_tracing(x) -> bool:
-    """Whether ``x`` flows through a tracer (torch.compile / torch.export, or FX symbolic tracing as
-    in torchvision's create_feature_extractor): models then take their plain module path."""
-    return torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)
+    @memory_efficient.setter
+    def memory_efficient(self, enabled: bool) -> None:
+        self.__dict__["_memory_efficient"] = bool(enabled)
+        for m in self.modules():
+            if m is not self and "memory_efficient" in vars(m):  # the layers' own switch
+                m.memory_efficient = bool(enabled)
 
+    def set_speed(self, **switches):
+        """Set any of ``memory_efficient``, ``fused``, ``cpu_channels_last``; returns the model."""
+        unknown = sorted(set(switches) - set(self.SWITCHES))
+        if unknown:
+            raise TypeError(f"unknown speed switch {unknown}; the switches are {', '.join(self.SWITCHES)}")
+        for name, value in switches.items():
+            setattr(self, name, value)
+        return self
 
-def has_hooks(root: nn.Module) -> bool:
-    """Whether a forward/backward hook is registered on ``root`` or below, or globally: fused
-    implementations that bypass submodule calls step aside then, so hooks keep firing."""
-    from torch.nn.modules import module as M
+    def set_memory_efficient(self, enabled: bool = True) -> None:
+        """Switch the memory-efficient mode on or off; weights are unchanged."""
+        self.set_speed(memory_efficient=enabled)
 
-    if M._global_forward_hooks or M._global_forward_pre_hooks or M._global_backward_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in root.modules())
+    set_grad_checkpointing = set_memory_efficient  # timm's name

@@ -8,7 +8,9 @@ command and the tests can check every model against the papers.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,12 +65,32 @@ def list_models(pattern: str | None = None) -> list[str]:
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
+def _normalise(name: str) -> str:
+    """Case, ``-``, ``_``, ``.`` and spaces do not tell two model names apart for suggestions."""
+    return re.sub(r"[-_.\s]", "", name.lower())
+
+
+def suggest_models(name: str, n: int = 3) -> list[str]:
+    """Registered names that a mistyped ``name`` most likely meant: the one equal up to case and
+    ``-``/``_`` (``DenseNet_BC40_k12``, ``resnet-20``), else up to ``n`` close matches (``delugnet20``,
+    ``densenet_bc40_k1``), closest first."""
+    _import_all()
+    by_key: dict[str, str] = {}
+    for registered in sorted(_REGISTRY):
+        by_key.setdefault(_normalise(registered), registered)
+    key = _normalise(name)
+    if key in by_key:
+        return [by_key[key]]
+    return [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=n, cutoff=0.6)]
+
+
 def model_info(name: str) -> ModelInfo:
     _import_all()
     if name not in _REGISTRY:
-        close = [n for n in _REGISTRY if name.split("_")[0] in n][:6]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise CrosslayerError(f"unknown model {name!r}{hint}; `crosslayer models` lists them all")
+        close = suggest_models(name)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        hint += f" (also close: {', '.join(close[1:])})" if len(close) > 1 else ""
+        raise CrosslayerError(f"unknown model {name!r}{hint} (`crosslayer models` lists them all)")
     return _REGISTRY[name]
 
 

@@ -2,7 +2,7 @@
 
 J. Kuen, X. Kong, G. Wang, "DelugeNets: Deep Networks with Massive and Flexible Cross-layer
 Information Inflows", arXiv 1611.05552. Faithful to the official Lua code (xternalz/DelugeNets),
-which reproduces every published parameter count: see ``shared/specs/delugenet.md``.
+which reproduces every published parameter count.
 
 A stage keeps the list S of its composite layers' outputs. Every consumer reads all of S through a
 cross-layer depthwise convolution (CLDC): a per-input affine-free batch normalisation, then a
@@ -10,8 +10,9 @@ per-(channel, input) scale and shift, summed over the inputs. Because all consum
 normalise it with the same batch statistics, this implementation normalises each output ONCE when
 it is produced (``shared normalisation``) and each CLDC is a weighted sum of the stored normalised
 tensors: identical outputs, gradients and running statistics, O(L) instead of O(L^2) normalisations
-per stage. Inputs of a CLDC are ordered newest first, as in the official weights: column 0 of
-``weight`` multiplies the immediately preceding output, column L-1 the stage's first tensor.
+per stage (the fast paths behind this live in :mod:`crosslayer.ops.deluge`). Inputs of a CLDC are
+ordered newest first, as in the official weights: column 0 of ``weight`` multiplies the
+immediately preceding output, column L-1 the stage's first tensor.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out, is_tracing
+from crosslayer.models._base import ClassifierMixin, SpeedSwitches, init_he_fan_out
 from crosslayer.models._registry import register_model
+from crosslayer.ops.batchnorm import batch_norm
+from crosslayer.ops.deluge import GradBank, StageOutputs, WeightedSum, bank_applies, normalize, weighted_sum
+from crosslayer.ops.dispatch import is_tracing
 
 PAPER = "Kuen et al., DelugeNets: Deep Networks with Massive and Flexible Cross-layer Information Inflows, 2016"
 
@@ -43,110 +47,17 @@ class CrossLayerDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(torch.full((channels, num_inputs), 1.0 / num_inputs))
         self.bias = nn.Parameter(torch.zeros(channels, num_inputs))
 
-    def forward(self, normalized: list[torch.Tensor], bank: _GradBank | None = None) -> torch.Tensor:
+    def forward(self, normalized: list[torch.Tensor], bank: GradBank | None = None) -> torch.Tensor:
         """``normalized``: the stage's outputs after the shared normalisation, newest first.
-        ``bank``: where their gradients are summed (training; see :class:`_SharedBatchNorm`)."""
+        ``bank``: where their gradients are summed (the training fast path, :mod:`crosslayer.ops.deluge`)."""
         if len(normalized) != self.num_inputs:
             raise ValueError(f"CLDC expects {self.num_inputs} inputs, got {len(normalized)}")
-        if is_tracing(normalized[0]):  # traced form (torch.compile fuses it itself; FX records it)
-            return _weighted_sum(self.weight, self.bias, normalized)
-        return _WeightedSum.apply(self.weight, self.bias, bank, *normalized)
+        if bank is None or is_tracing(normalized[0]):  # plain autograd (torch.compile fuses it; FX records it)
+            return weighted_sum(self.weight, self.bias, normalized)
+        return WeightedSum.apply(self.weight, self.bias, bank, *normalized)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_inputs={self.num_inputs}"
-
-
-def _weighted_sum(weight: torch.Tensor, bias: torch.Tensor, xs) -> torch.Tensor:
-    """sum_i weight[:, i] * xs[i] + sum_i bias[:, i], per channel, accumulated in place into one output
-    (each in-place result is reassigned, so an FX trace chains the steps instead of pruning them)."""
-    w = weight.to(xs[0].dtype)
-    out = torch.mul(xs[0], w[:, 0, None, None])
-    for i in range(1, len(xs)):
-        out = out.addcmul_(xs[i], w[:, i, None, None])
-    return out.add_(bias.sum(1).to(out.dtype)[:, None, None])
-
-
-class _GradBank:
-    """Gradients of one stage's normalised outputs, each summed over its consumers in place (one
-    buffer per output instead of one product tensor per consumer plus autograd's additions).
-    Keys: output index in the stage, 0 = oldest."""
-
-    def __init__(self):
-        self.grads: dict[int, torch.Tensor] = {}
-
-    def add(self, j: int, grad: torch.Tensor, w: torch.Tensor) -> None:
-        """grads[j] += grad * w (w per channel)."""
-        if j in self.grads:
-            self.grads[j].addcmul_(grad, w[:, None, None])
-        else:
-            self.grads[j] = grad * w[:, None, None]
-
-    def pop(self, j: int) -> torch.Tensor | None:
-        return self.grads.pop(j, None)
-
-
-class _SharedBatchNorm(torch.autograd.Function):
-    """Training-mode affine-free batch norm of stage output j (``bn``: its shared BatchNorm2d, whose
-    running statistics are updated exactly as its own forward would). The gradient of the result
-    arrives through ``bank`` (its consumers, the CLDCs, add into it), plus any ordinary one; this
-    node runs after all of them because each consumer takes the result as an input."""
-
-    @staticmethod
-    def forward(ctx, x, bn, bank, j):
-        ctx.set_materialize_grads(False)
-        f = count_batch(bn)
-        out, mean, invstd = torch.native_batch_norm(x, None, None, bn.running_mean, bn.running_var, True, f, bn.eps)
-        ctx.save_for_backward(x, mean, invstd)
-        ctx.bank, ctx.j, ctx.eps = bank, j, bn.eps
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, mean, invstd = ctx.saved_tensors
-        banked = ctx.bank.pop(ctx.j)
-        grad = banked if grad is None else grad if banked is None else grad + banked
-        if grad is None:
-            return None, None, None, None
-        gx = torch.ops.aten.native_batch_norm_backward(grad, x, None, None, None, mean, invstd, True, ctx.eps,
-                                                       [True, False, False])[0]
-        return gx, None, None, None
-
-
-class _WeightedSum(torch.autograd.Function):
-    """out = sum_i weight[:, i] * x_i + sum_i bias[:, i] (per channel), the CLDC's arithmetic, in
-    one autograd node: forward accumulates in place into one output (no temporary per input).
-    Backward adds weight[:, i] * grad into input i's gradient in ``bank`` in place (or returns it,
-    without a bank), and computes weight column i with one temporary-free reduction; the per-input
-    ``addcmul`` autograd graph needs two products, a product by the scalar 1, a sum and autograd's
-    gradient additions. Inputs are a stage's outputs newest first: input i is output L-1-i."""
-
-    @staticmethod
-    def forward(ctx, weight, bias, bank, *xs):
-        out = _weighted_sum(weight, bias, xs)
-        ctx.save_for_backward(weight, *xs)
-        ctx.bank = bank
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, *xs = ctx.saved_tensors
-        grad_weight = torch.empty_like(weight)
-        grad_xs = []
-        zero = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        one = torch.ones_like(zero)
-        w = weight.to(grad.dtype)
-        for i, x in enumerate(xs):
-            if ctx.bank is not None:
-                ctx.bank.add(len(xs) - 1 - i, grad, w[:, i])
-                grad_xs.append(None)
-            else:
-                grad_xs.append(grad * w[:, i, None, None] if ctx.needs_input_grad[3 + i] else None)
-            # sum over N, H, W of grad * x_i without a temporary: the weight gradient of an eval-mode
-            # batch norm with mean 0, variance 1, eps 0
-            grad_weight[:, i] = torch.ops.aten.native_batch_norm_backward(
-                grad, x, one, zero, one, None, None, False, 0.0, [False, True, False])[1]
-        grad_bias = grad.sum((0, 2, 3), dtype=weight.dtype)[:, None].expand_as(weight).clone()
-        return (grad_weight, grad_bias, None, *grad_xs)
 
 
 class Bottleneck(nn.Sequential):
@@ -167,19 +78,20 @@ class Bottleneck(nn.Sequential):
 class CompositeLayer(nn.Module):
     """Composite layer: pre-activation (BN-ReLU for one input, CLDC-BN-ReLU for L > 1) followed
     by the bottleneck body. Its output is appended to the stage list S (no residual addition).
-    ``memory_efficient`` recomputes the CLDC, BN and ReLU in backward."""
+    ``memory_efficient`` recomputes the CLDC, BN, ReLU and the body's first convolution in backward."""
 
     def __init__(self, in_channels: int, width: int, out_channels: int, num_inputs: int,
                  memory_efficient: bool = False):
         super().__init__()
         self.cldc = CrossLayerDepthwiseConv(in_channels, num_inputs) if num_inputs > 1 else None
         self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
         self.body = Bottleneck(in_channels, width, out_channels)
         self.memory_efficient = memory_efficient
 
     def _pre(self, inputs: list[torch.Tensor], update_stats: bool = True, bank=None) -> torch.Tensor:
         x = inputs[0] if self.cldc is None else self.cldc(inputs, bank)
-        return self.body.conv1(F.relu(batch_norm(self.norm, x, update_stats)))
+        return self.body[0](self.relu(batch_norm(self.norm, x, update_stats)))
 
     def forward(self, raw: list[torch.Tensor], normalized: list[torch.Tensor], bank=None) -> torch.Tensor:
         inputs = raw[:1] if self.cldc is None else normalized
@@ -193,10 +105,9 @@ class CompositeLayer(nn.Module):
             x = checkpoint(run, *inputs, use_reentrant=False)
         else:
             x = self._pre(inputs, bank=bank)
-        b = self.body
-        x = b.relu1(b.bn1(x))
-        x = b.relu2(b.bn2(b.conv2(x)))
-        return b.conv3(x)
+        for module in list(self.body)[1:]:  # bn1-relu1-conv2-bn2-relu2-conv3
+            x = module(x)
+        return x
 
 
 class Transition(nn.Module):
@@ -209,8 +120,8 @@ class Transition(nn.Module):
         self.norm = nn.BatchNorm2d(in_channels)
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
 
-    def forward(self, normalized: list[torch.Tensor]) -> torch.Tensor:
-        return self.conv(self.norm(self.cldc(normalized, getattr(normalized, "bank", None))))
+    def forward(self, stage: StageOutputs) -> torch.Tensor:
+        return self.conv(self.norm(self.cldc(stage.normalized, stage.bank)))
 
 
 class DelugeStage(nn.Module):
@@ -225,40 +136,34 @@ class DelugeStage(nn.Module):
                                     for k in range(1, num_layers + 1))
         self.norms = nn.ModuleList(nn.BatchNorm2d(channels, affine=False) for _ in range(num_layers + 1))
 
-    def forward(self, x) -> list[torch.Tensor]:
+    def forward(self, x, fused: bool | None = None) -> StageOutputs:
+        """``x``: the stem output, or the previous stage's :class:`StageOutputs` (into a transition).
+        ``fused``: the model's switch (None = the device kind's default)."""
         raw = [self.entry(x)]  # newest first
-        normalized = _StageOutputs()
-        if (torch.is_grad_enabled() and not is_tracing(raw[0])
-                and all(type(n) is nn.BatchNorm2d and n.training for n in self.norms)  # not SyncBatchNorm, not frozen
-                and not has_hooks(self.norms)):  # the bank bypasses the norms' module calls
-            normalized.bank = _GradBank()
-        normalized.append(self._normalize(0, raw[0], normalized.bank))
+        bank = GradBank() if bank_applies(self.norms, raw[0], fused) else None
+        out = StageOutputs([normalize(self.norms[0], raw[0], 0, bank)], bank)
         for j, layer in enumerate(self.layers, start=1):
-            out = layer(raw, normalized, normalized.bank)
-            raw.insert(0, out)
-            normalized.insert(0, self._normalize(j, out, normalized.bank))
-        return normalized
-
-    def _normalize(self, j: int, x: torch.Tensor, bank: _GradBank | None) -> torch.Tensor:
-        return self.norms[j](x) if bank is None else _SharedBatchNorm.apply(x, self.norms[j], bank, j)
+            raw.insert(0, layer(raw, out.normalized, bank))
+            out.normalized.insert(0, normalize(self.norms[j], raw[0], j, bank))
+        return out
 
 
-class _StageOutputs(list):
-    """A stage's normalised outputs, newest first, and the bank their consumers' gradients go to."""
-
-    bank: _GradBank | None = None
-
-
-class DelugeNet(ClassifierMixin, nn.Module):
+class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
     """DelugeNet for CIFAR (``stem="cifar"``) or ImageNet (``stem="imagenet"``).
 
     ``units`` = composite layers per stage counting the stage's first unit (CIFAR DelugeNet-146:
-    (8, 16, 24) plus the transition outputs; see the spec's table); ``widths`` = stage channels C_s
-    (bottleneck width C_s/2).
+    (8, 16, 24) plus the transition outputs); ``widths`` = stage channels C_s (bottleneck width C_s/2).
+
+    Speed switches (:class:`~crosslayer.models._base.SpeedSwitches`; same function, same weights):
+    ``memory_efficient`` recomputes each composite layer's CLDC-BN-ReLU-conv1 in backward;
+    ``fused`` sums the gradients of the shared normalisations in a per-stage bank
+    (:mod:`crosslayer.ops.deluge`), True / False / None (the device kind's default);
+    ``cpu_channels_last`` trains in channels_last (NHWC) on CPU.
     """
 
     def __init__(self, composites: tuple[int, ...], widths: tuple[int, ...], stem_channels: int,
-                 num_classes: int = 10, in_channels: int = 3, stem: str = "cifar", memory_efficient: bool = False):
+                 num_classes: int = 10, in_channels: int = 3, stem: str = "cifar", memory_efficient: bool = False,
+                 fused: bool | None = None, cpu_channels_last: bool = True):
         super().__init__()
         self.composites, self.widths = tuple(composites), tuple(widths)
         me = memory_efficient
@@ -287,9 +192,8 @@ class DelugeNet(ClassifierMixin, nn.Module):
         self.num_features, self.num_classes = widths[-1], num_classes
         self.classifier = nn.Linear(widths[-1], num_classes)
         # On CPU, train in channels_last (NHWC): oneDNN's convolutions and batch norms are faster
-        # there (1.18x a training step; inference is faster in NCHW: docs/benchmarks.md). Same
-        # math and state_dict; False = the input's own layout.
-        self.cpu_channels_last = True
+        # there (1.18x a training step; inference is faster in NCHW: docs/benchmarks.md).
+        self.set_speed(memory_efficient=memory_efficient, fused=fused, cpu_channels_last=cpu_channels_last)
         init_he_fan_out(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,15 +201,8 @@ class DelugeNet(ClassifierMixin, nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         for stage in self.stages:
-            x = stage(x)
-        return F.relu(self.head_norm(self.head_cldc(x, getattr(x, "bank", None))))
-
-    def set_memory_efficient(self, enabled: bool = True) -> None:
-        for m in self.modules():
-            if isinstance(m, CompositeLayer):
-                m.memory_efficient = enabled
-
-    set_grad_checkpointing = set_memory_efficient
+            x = stage(x, self.fused)
+        return F.relu(self.head_norm(self.head_cldc(x.normalized, x.bank)))
 
     def cross_layer_convs(self) -> list[dict]:
         """Every CLDC in forward order: dicts with ``stage`` (1-based), ``kind`` ('composite',

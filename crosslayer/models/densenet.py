@@ -20,259 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.models._base import ClassifierMixin, batch_norm, count_batch, has_hooks, init_he_fan_out, is_tracing
+from crosslayer.models._base import ClassifierMixin, SpeedSwitches, init_he_fan_out
 from crosslayer.models._registry import register_model
+from crosslayer.ops import dense_block
+from crosslayer.ops.batchnorm import batch_norm
 from crosslayer.ops.defaults import use_fused
+from crosslayer.ops.dispatch import has_hooks, is_tracing
 
 PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"
-
-
-def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    try:
-        dev = t.device.type
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    except RuntimeError:  # a device without autocast (meta)
-        return None
-
-
-class _Features:
-    """The feature buffer of one dense block: a (P, C_total) matrix, P = N*H*W, one row per pixel
-    (NHWC memory). Columns [c, c+k) hold feature map x_j, and a consumer of the first C channels
-    (a later layer, the transition, the final norm) reads columns [0, C) in place: the
-    concatenation of Eq. (2) is never copied. In training every consumer would batch-normalise x_j
-    with the same batch statistics, so the buffer holds x_j normalised ONCE,
-    hat_j = (x_j - mean_j) * invstd_j, and each consumer applies only its own affine + ReLU.
-    In eval mode it holds the raw x_j and each consumer applies its running statistics."""
-
-    def __init__(self, like: torch.Tensor, total: int, training: bool, eps: float, dtype: torch.dtype):
-        self.n, _, self.h, self.w = like.shape
-        self.p, self.training, self.eps, self.width = self.n * self.h * self.w, training, eps, 0
-        # features and their gradients in the convolutions' dtype (bf16 under autocast, as the plain
-        # form's), batch statistics in fp32
-        self.buf = torch.empty((self.p, total), dtype=dtype, device=like.device)
-        self.acc = torch.promote_types(dtype, torch.float32)
-        self.mean = torch.zeros(total, dtype=self.acc, device=like.device)
-        self.var = torch.ones(total, dtype=self.acc, device=like.device)
-        self.invstd = torch.ones(total, dtype=self.acc, device=like.device)
-        self.ghat: torch.Tensor | None = None  # backward: dL/d buffer
-
-    def nchw(self, m: torch.Tensor) -> torch.Tensor:
-        """A (P, C) matrix seen as the (N, C, H, W) channels_last tensor it is."""
-        return m.view(self.n, self.h, self.w, m.shape[1]).permute(0, 3, 1, 2)
-
-    def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """An (N, C, H, W) tensor as a (P, C) matrix (a view when it is channels_last)."""
-        return t.permute(0, 2, 3, 1).reshape(self.p, t.shape[1])
-
-    def put(self, t: torch.Tensor) -> None:
-        """Append feature map ``t`` (N, k, H, W) to the buffer."""
-        c0, c1 = self.width, self.width + t.shape[1]
-        t = t.to(self.acc)
-        if self.training:  # statistics over NCHW planes: ~3x faster than over 12-channel NHWC rows
-            mean, var = torch.batch_norm_update_stats(t.contiguous(), None, None, 0.0)  # biased variance
-            invstd = torch.rsqrt(var + self.eps)
-            self.mean[c0:c1], self.var[c0:c1], self.invstd[c0:c1] = mean, var, invstd
-            torch.addcmul(-mean * invstd, self.rows(t), invstd, out=self.buf[:, c0:c1])
-        else:
-            self.buf[:, c0:c1] = self.rows(t)
-        self.width = c1
-
-    def consume(self, bn: nn.BatchNorm2d, c: int, update_stats: bool = True) -> torch.Tensor:
-        """relu(bn(cat(x_0, ..., x_j))) for the first ``c`` channels, a (P, c) matrix. In training
-        ``bn``'s running statistics are updated from the shared batch statistics."""
-        w, b = bn.weight.to(self.acc), bn.bias.to(self.acc)
-        if self.training:
-            if update_stats and bn.track_running_stats:
-                _update_running_stats(bn, self.mean[:c], self.var[:c], self.p)
-        else:
-            w = w * torch.rsqrt(bn.running_var.to(self.acc) + bn.eps)
-            b = b - bn.running_mean.to(self.acc) * w
-        dt = self.buf.dtype  # one dtype for the whole expression: mixed-dtype kernels are slow on CPU
-        return torch.addcmul(b.to(dt), self.buf[:, :c], w.to(dt)).relu_()
-
-    def consumer_backward(self, gy: torch.Tensor, y: torch.Tensor, bn: nn.BatchNorm2d):
-        """Backward of ``consume`` (training): adds weight * dL/d(pre-ReLU) into ``self.ghat[:, :c]``
-        (dL/d hat summed over consumers, in place; the first call, the block's last consumer, reads
-        every column and creates it) and returns (dL/d weight, dL/d bias)."""
-        c = y.shape[1]
-        gy = torch.ops.aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
-        grad_bias = gy.sum(0)
-        if self.ghat is None:
-            assert c == self.buf.shape[1]
-            self.ghat = gy * bn.weight.to(gy.dtype)
-        else:
-            self.ghat[:, :c].addcmul_(gy, bn.weight.to(gy.dtype))
-        grad_weight = gy.mul_(self.buf[:, :c]).sum(0)
-        return grad_weight.to(bn.weight.dtype), grad_bias.to(bn.bias.dtype)
-
-    def normalization_backward(self, c0: int, c1: int) -> torch.Tensor:
-        """dL/dx_j (N, c1-c0, H, W) from dL/d hat_j, hat_j = (x_j - mean) * invstd with batch
-        statistics: invstd * (g - mean(g) - hat * mean(g * hat)), the BatchNorm backward."""
-        g = self.nchw(self.ghat[:, c0:c1]).contiguous()  # NCHW: ~30x faster than NHWC for k=12 channels
-        hat = self.nchw(self.buf[:, c0:c1]).contiguous()
-        zero = torch.zeros(c1 - c0, dtype=self.acc, device=g.device)
-        gx = torch.ops.aten.native_batch_norm_backward(g, hat, None, None, None, zero, torch.ones_like(zero), True,
-                                                       self.eps, [True, False, False])[0]
-        return gx.mul_(self.invstd[c0:c1, None, None].to(gx.dtype))
-
-
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """What ``bn``'s own training-mode forward does to its running statistics (``var`` biased)."""
-    with torch.no_grad():
-        f = count_batch(bn)
-        bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
-        bn.running_var.mul_(1 - f).add_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), alpha=f)
-
-
-def _bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d, stats=None):
-    """relu(bn(x)), the bottleneck's norm2-relu2 (x channels_last). Returns (y, mean, invstd); pass
-    the returned statistics back in to recompute y bit-identically in backward."""
-    sdt = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 (or fp64)
-    if stats is None:
-        if bn.training:
-            mean, var = (s.to(sdt) for s in torch.batch_norm_update_stats(x, None, None, 0.0))
-            if bn.track_running_stats:
-                _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
-        else:
-            mean, var = bn.running_mean.to(sdt), bn.running_var.to(sdt)
-        stats = (mean, torch.rsqrt(var + bn.eps))
-    mean, invstd = stats
-    alpha = invstd * bn.weight.to(sdt)
-    beta = bn.bias.to(sdt) - mean * alpha
-    y = torch.addcmul(beta.to(x.dtype)[:, None, None], x, alpha.to(x.dtype)[:, None, None]).relu_()
-    return y, mean, invstd
-
-
-def _avg_pool_backward(grad: torch.Tensor, feats: _Features) -> torch.Tensor:
-    """Backward of the transition's 2x2/2 average pooling as a (P, C) matrix: each pixel gets a
-    quarter of its window's gradient (written once, no zero fill; odd sizes take aten's kernel)."""
-    n, c, h, w = grad.shape
-    if (feats.h, feats.w) != (2 * h, 2 * w):
-        full = torch.zeros((n, c, feats.h, feats.w), dtype=grad.dtype, device=grad.device)
-        g = torch.ops.aten.avg_pool2d_backward(grad, full, [2, 2], [2, 2], [0, 0], False, True, None)
-        return feats.rows(g)
-    out = torch.empty((n, h, 2, w, 2, c), dtype=grad.dtype, device=grad.device)
-    torch.mul(grad.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(out.shape), 0.25, out=out)
-    return out.view(feats.p, c)
-
-
-def _conv_backward(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d, dtype: torch.dtype):
-    """(dL/d input, dL/d weight) of a bias-free stride-1 ``conv`` computed in ``dtype``."""
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad.to(dtype), x, conv.weight.to(dtype), None, [1, 1], list(conv.padding), [1, 1], False, [0, 0], 1,
-        [True, True, False])
-    return gx, gw.to(conv.weight.dtype)
-
-
-class _DenseBlockFunction(torch.autograd.Function):
-    """A dense block and the BN-ReLU(-Conv1x1-AvgPool) after it (transition or final norm) as one
-    autograd node over one shared feature buffer (:class:`_Features`).
-
-    The same function as the per-layer cat-BN-ReLU-conv form, computed differently: no
-    concatenation is copied, each feature map is normalised once instead of once per consumer, and
-    the transition averages before its 1x1 convolution (both are linear, they commute; 4x fewer
-    multiply-adds). Backward adds every consumer's gradient with respect to the normalised
-    features into one (P, C_total) buffer, in place, and runs each feature's normalisation
-    backward once. ``recompute`` (memory-efficient mode) keeps no per-consumer ReLU output
-    (quadratic in depth): they are recomputed from the buffer in backward, bit-identically.
-    """
-
-    @staticmethod
-    def forward(ctx, x, block, tail, recompute, *params):
-        layers = list(block.values())
-        norm = tail.norm if isinstance(tail, Transition) else tail
-        total = x.shape[1] + sum(layer.growth_rate for layer in layers)
-        dtype = _autocast_dtype(x) or x.dtype
-        saved, starts = [], []  # starts[i]: where layer i's saved tensors begin
-        with torch.autocast(x.device.type, enabled=False):
-            feats = _Features(x, total, norm.training, norm.eps, dtype)
-            feats.put(x)
-            for layer in layers:
-                starts.append(len(saved))
-                y = feats.consume(layer.norm1, feats.width)
-                out = F.conv2d(feats.nchw(y), layer.conv1.weight.to(dtype), None, 1, layer.conv1.padding)
-                if layer.bottleneck:
-                    y2, mean2, invstd2 = _bn_relu(out, layer.norm2)
-                    saved += [out, mean2, invstd2] + ([] if recompute else [y, y2])
-                    out = F.conv2d(y2, layer.conv2.weight.to(dtype), None, 1, layer.conv2.padding)
-                elif not recompute:
-                    saved.append(y)
-                feats.put(out)
-            y = feats.consume(norm, total)
-            if isinstance(tail, Transition):
-                pooled = F.avg_pool2d(feats.nchw(y), 2)
-                out = F.conv2d(pooled, tail.conv.weight.to(dtype))
-                saved += [] if recompute else [y, pooled]
-            else:
-                out = feats.nchw(y)
-                saved.append(y)
-        ctx.feats, ctx.layers, ctx.tail, ctx.norm, ctx.recompute, ctx.dtype = feats, layers, tail, norm, recompute, dtype
-        ctx.starts = starts
-        ctx.save_for_backward(feats.buf, *saved)
-        feats.buf = None  # held by the saved tensors only (freed with the graph, counted by saved-tensor hooks)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        buf, *saved = ctx.saved_tensors
-        feats, layers, tail, norm, recompute, dtype = ctx.feats, ctx.layers, ctx.tail, ctx.norm, ctx.recompute, ctx.dtype
-        feats.buf = buf
-        total = buf.shape[1]
-        with torch.autocast(buf.device.type, enabled=False):
-            if isinstance(tail, Transition):
-                if recompute:
-                    y = feats.consume(norm, total, update_stats=False)
-                    pooled = F.avg_pool2d(feats.nchw(y), 2)
-                else:
-                    y, pooled = saved[-2:]
-                gpool, grad_conv = _conv_backward(grad, pooled, tail.conv, dtype)
-                tail_grads = [*feats.consumer_backward(_avg_pool_backward(gpool, feats), y, norm), grad_conv]
-            else:
-                y = saved[-1]
-                gy = torch.empty_like(y)
-                feats.nchw(gy).copy_(grad)
-                tail_grads = list(feats.consumer_backward(gy, y, norm))
-            layer_grads = []
-            c1 = total
-            for layer, start in zip(reversed(layers), reversed(ctx.starts)):
-                c = c1 - layer.growth_rate
-                g = feats.normalization_backward(c, c1)
-                y = feats.consume(layer.norm1, c, update_stats=False) if recompute else None
-                grads = []
-                if layer.bottleneck:
-                    mid, mean2, invstd2 = saved[start:start + 3]
-                    if recompute:
-                        y2 = _bn_relu(mid, layer.norm2, (mean2, invstd2))[0]
-                    else:
-                        y, y2 = saved[start + 3:start + 5]
-                    gy2, grad_conv2 = _conv_backward(g, y2, layer.conv2, dtype)
-                    gy2 = torch.ops.aten.threshold_backward.grad_input(gy2, y2, 0, grad_input=gy2)
-                    g, grad_w2, grad_b2 = torch.ops.aten.native_batch_norm_backward(  # takes mixed dtypes
-                        gy2, mid, layer.norm2.weight, None, None, mean2, invstd2, True, layer.norm2.eps,
-                        [True, True, True])
-                    grads = [grad_w2, grad_b2, grad_conv2]
-                elif not recompute:
-                    y = saved[start]
-                gy, grad_conv1 = _conv_backward(g, feats.nchw(y), layer.conv1, dtype)
-                gy = feats.rows(gy.contiguous(memory_format=torch.channels_last))
-                layer_grads.append([*feats.consumer_backward(gy, y, layer.norm1), grad_conv1, *grads])
-                c1 = c
-            grad_x = feats.normalization_backward(0, c1)
-        feats.buf = feats.ghat = None
-        flat = [g for grads in reversed(layer_grads) for g in grads] + tail_grads
-        return (grad_x, None, None, None, *flat)  # autograd casts grad_x to x's dtype
-
-
-def _block_parameters(block: DenseBlock, tail: nn.Module) -> list[nn.Parameter]:
-    """The tensors _DenseBlockFunction differentiates, in the order its backward returns them."""
-    params = []
-    for layer in block.values():
-        params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
-        if layer.bottleneck:
-            params += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
-    if isinstance(tail, Transition):
-        return params + [tail.norm.weight, tail.norm.bias, tail.conv.weight]
-    return params + [tail.weight, tail.bias]
 
 
 class DenseLayer(nn.Module):
@@ -305,7 +60,7 @@ class DenseLayer(nn.Module):
     def _first(self, features: list[torch.Tensor], update_stats: bool = True) -> torch.Tensor:
         """cat -> BN -> ReLU -> first conv: the part whose memory grows with the layer index."""
         x = torch.cat(features, 1) if len(features) > 1 else features[0]
-        return self.conv1(F.relu(batch_norm(self.norm1, x, update_stats)))
+        return self.conv1(self.relu1(batch_norm(self.norm1, x, update_stats)))
 
     def _first_checkpointed(self, features: list[torch.Tensor]) -> torch.Tensor:
         calls = [0]
@@ -362,22 +117,25 @@ class Transition(nn.Sequential):
         self.add_module("pool", nn.AvgPool2d(2, 2))
 
 
-class DenseNet(ClassifierMixin, nn.Module):
+class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     """DenseNet(-B)(-C) for CIFAR/SVHN (``stem="cifar"``: one 3x3 conv, three blocks) or ImageNet
     (``stem="imagenet"``: 7x7/2 conv-BN-ReLU-3x3/2 max-pool, four blocks).
 
     Args follow the paper: ``growth_rate`` k, ``bottleneck`` (B), ``compression`` theta (C),
     ``num_init_features`` c_0 (16 for basic DenseNet, 2k for DenseNet-BC), ``drop_rate``.
-    ``memory_efficient``: recompute the BN-ReLU of the concatenations in backward instead of
-    storing them. ``fused``: run each block as one autograd node over a shared feature buffer
-    (:class:`_DenseBlockFunction`; same function, faster); False = the per-layer modules; None (the
-    default) = the device kind's default (:mod:`crosslayer.ops.defaults`).
+
+    Speed switches (:class:`~crosslayer.models._base.SpeedSwitches`; same function, same weights):
+    ``memory_efficient`` recomputes the BN-ReLU of the concatenations in backward instead of
+    storing them; ``fused`` runs each dense block and the module after it as one autograd node over
+    a shared feature buffer (:mod:`crosslayer.ops.dense_block`), True / False (the per-layer
+    modules) / None (the device kind's default, :mod:`crosslayer.ops.defaults`);
+    ``cpu_channels_last`` runs the feature extractor in channels_last (NHWC) on CPU.
     """
 
     def __init__(self, block_config: tuple[int, ...], growth_rate: int = 12, num_init_features: int = 24,
                  bottleneck: bool = True, compression: float = 0.5, bn_size: int = 4, drop_rate: float = 0.0,
                  num_classes: int = 10, in_channels: int = 3, stem: str = "cifar",
-                 memory_efficient: bool = False, fused: bool | None = None):
+                 memory_efficient: bool = False, fused: bool | None = None, cpu_channels_last: bool = True):
         super().__init__()
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
@@ -405,68 +163,28 @@ class DenseNet(ClassifierMixin, nn.Module):
         self.features.add_module("norm5", nn.BatchNorm2d(channels))  # torchvision's name, any depth
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = nn.Linear(channels, num_classes)
-        self.memory_efficient = memory_efficient
-        # Each dense block + the BN-ReLU(-conv-pool) after it runs as one autograd node over a
-        # shared NHWC feature buffer (_DenseBlockFunction: no concatenation copies, every feature
-        # map normalised once). Same math as the per-layer form, ~1.5x faster on CPU
-        # (docs/benchmarks.md). False = the plain per-layer modules (what torch.compile traces);
-        # None = the device kind's default (crosslayer.ops.defaults: fused on CPU, plain on CUDA).
-        self.fused = fused
-        # On CPU, run the feature extractor in channels_last (NHWC): oneDNN's convolutions skip
-        # their per-call layout reorders of the (ever wider) concatenated inputs, ~1.8x faster
-        # here. Same math; weights and state_dict keys unchanged. False = the input's own layout.
-        self.cpu_channels_last = True
+        # Fused blocks: same math as the per-layer form, ~1.5x faster on CPU (docs/benchmarks.md).
+        # channels_last on CPU: oneDNN's convolutions skip their per-call layout reorders of the
+        # (ever wider) concatenated inputs. Neither changes the weights or state_dict keys.
+        self.set_speed(memory_efficient=memory_efficient, fused=fused, cpu_channels_last=cpu_channels_last)
         init_he_fan_out(self)
 
-    def set_memory_efficient(self, enabled: bool = True) -> None:
-        """Switch the memory-efficient mode on or off; weights are unchanged. Fused blocks then keep
-        nothing quadratic in the block depth (each consumer's BN-ReLU output is recomputed from the
-        shared buffer in backward); the plain form checkpoints cat-BN-ReLU-conv1. BatchNorm running
-        statistics are updated once per step in either case."""
-        self.memory_efficient = enabled
-        for m in self.modules():
-            if isinstance(m, DenseLayer):
-                m.memory_efficient = enabled
-
-    set_grad_checkpointing = set_memory_efficient  # timm's name
-
     def _use_fused(self, x: torch.Tensor) -> bool:
-        """Fused blocks cover training (with or without autograd) and inference. The plain path
-        takes: autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input gradients: the
-        fused backward is the batch-statistics one), BatchNorms in mixed modes, dropout, hooks,
-        SyncBatchNorm and other modified modules, and torch.compile."""
-        if not use_fused(self.fused, x.device.type) or is_tracing(x) or self.drop_rate > 0 or has_hooks(self.features):
-            return False  # hooks on the block's modules would not fire inside the fused node
-        eps, modes = self.features.norm5.eps, set()
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase):
-                if not (type(m) is nn.BatchNorm2d and m.affine and m.track_running_stats and m.eps == eps):
-                    return False  # e.g. SyncBatchNorm (--sync-bn): its statistics are not the local ones
-                modes.add(m.training)
-            if isinstance(m, nn.Conv2d) and (m.stride != (1, 1) or m.groups != 1 or m.dilation != (1, 1)
-                                             or m.bias is not None) and m is not getattr(self.features, "conv0", None):
-                return False
-            if isinstance(m, nn.AvgPool2d) and (m.kernel_size, m.stride, m.padding) != (2, 2, 0):
-                return False
-        # one BatchNorm mode for all, and autograd only through training-mode ones
-        return len(modes) == 1 and (modes == {True} or not torch.is_grad_enabled())
+        """Fused blocks cover training (with or without autograd) and inference with the stock
+        modules (:func:`crosslayer.ops.dense_block.fusable`). The plain path takes everything else:
+        autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input gradients), BatchNorms
+        in mixed modes, dropout, hooks, SyncBatchNorm and other swapped or added modules, tracers."""
+        if not use_fused(self.fused, x.device.type) or is_tracing(x) or self.drop_rate > 0:
+            return False
+        # hooks on the blocks' modules would not fire inside the fused node
+        return not has_hooks(self.features) and dense_block.fusable_features(self.features)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not is_tracing(x) and self.cpu_channels_last and x.device.type == "cpu" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if not self._use_fused(x):
-            return F.relu(self.features(x))
-        modules = list(self.features.children())
-        i = 0
-        while i < len(modules):
-            if isinstance(modules[i], DenseBlock):
-                block, tail = modules[i], modules[i + 1]
-                x = _DenseBlockFunction.apply(x, block, tail, self.memory_efficient, *_block_parameters(block, tail))
-                i += 2
-            else:
-                x = modules[i](x)
-                i += 1
-        return x
+        if self._use_fused(x):
+            return dense_block.run_features(self.features, x, self.memory_efficient)
+        return F.relu(self.features(x))
 
 
 def densenet_cifar(depth: int, growth_rate: int, bottleneck: bool, compression: float,

@@ -200,11 +200,11 @@ def _check_device(device) -> None:
     if device in ("auto", None):
         return
     try:
-        ok = torch.device(device).type in ("cpu", "cuda")
+        ok = torch.device(device).type in ("cpu", "cuda", "mps")
     except (RuntimeError, TypeError, ValueError):
         ok = False
     if not ok:
-        raise ConfigError(f"--device {device}: unknown device; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"--device {device}: unknown device; use auto, cpu, cuda, cuda:N or mps")
 
 
 def _check_data(data) -> None:

@@ -43,12 +43,21 @@ def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
     """``auto``/None: cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if device in (None, "", "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise CrosslayerError(f"--device {device}: unknown device; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CrosslayerError(f"--device {device}: MPS is not available on this machine")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise CrosslayerError(f"--device {device}: CUDA is not available on this machine")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
+        if dev.index >= torch.cuda.device_count():
+            raise CrosslayerError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

@@ -1,23 +1,59 @@
 """Evaluation: a model over a loader (:func:`evaluate`, used after every training epoch) and a
 checkpoint on a data set (:func:`evaluate_checkpoint`: error %, per-class accuracy, confusion matrix).
 
-:func:`evaluate_checkpoint` prints a table and writes ``eval.json`` {"error", "accuracy",
-"per_class_accuracy", "confusion", ...} and ``confusion.csv`` (rows = true class, columns =
-predicted class) into ``--out`` (default: the checkpoint's folder), atomically.
+:func:`evaluate_checkpoint` prints a table and writes ``eval.json`` {"error", "accuracy", "per_class_accuracy",
+"confusion", ...} and ``confusion.csv`` (rows = true class, columns = predicted class) into ``out`` (default: the
+checkpoint's folder). The checkpoint may be given as its run directory (:func:`resolve_checkpoint`). A progress bar
+over the batches is drawn on stderr when it is a terminal.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crosslayer.errors import CrosslayerError
+from crosslayer.errors import CheckpointError, CrosslayerError, check_output_dir
 from crosslayer.io import write_csv, write_json
 from crosslayer.train import distributed as D
-from crosslayer.train.runtime import amp_context
+from crosslayer.train.runtime import amp_context, is_out_of_memory
+
+RUN_DIR_CHECKPOINTS = ("best.pt", "last.pt")  # what a run directory stands for, in this order
+
+
+def resolve_checkpoint(path) -> str:
+    """``path`` itself, or for a run directory its ``best.pt``, else its ``last.pt``."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path  # a missing file is reported by load_checkpoint ("no such checkpoint")
+    for name in RUN_DIR_CHECKPOINTS:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise CheckpointError(f"{path}: a folder without {' or '.join(RUN_DIR_CHECKPOINTS)}; give a checkpoint file "
+                          f"or a run directory written by `crosslayer train`")
+
+
+class _Progress:
+    """A loader seen through a tqdm bar over its batches (``set_epoch`` and ``len`` pass through)."""
+
+    def __init__(self, loader, enabled: bool, desc: str):
+        self.loader, self.enabled, self.desc = loader, enabled, desc
+
+    def set_epoch(self, *args, **kwargs) -> None:
+        self.loader.set_epoch(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from tqdm import tqdm
+
+        with tqdm(self.loader, total=len(self.loader), disable=not self.enabled, leave=False, desc=self.desc,
+                  unit="batch", dynamic_ncols=True, file=sys.stderr) as bar:
+            yield from bar
 
 
 @torch.no_grad()
@@ -55,13 +91,52 @@ def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_class
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | None = None, split: str = "test",
                         batch_size: int = 256, device: str = "auto", amp: str = "none", data_dir=None,
                         limit: int | None = None, val_size: int | None = None, channels_last: bool = False,
-                        quiet: bool = False, download: bool = False) -> dict:
-    """Evaluate ``checkpoint`` on ``data``; writes eval.json + confusion.csv into ``out``; returns the result."""
-    from crosslayer.data import build_loader, load_dataset
+                        quiet: bool = False, download: bool = False, image_size: int | None = None,
+                        progress: bool | None = None) -> dict:
+    """Evaluate ``checkpoint`` (a file or a run directory) on ``data``; writes eval.json + confusion.csv into
+    ``out``; returns the result. ``image_size`` resizes image folders; ``progress`` None: a bar when stderr is a
+    terminal and not ``quiet``. The output folder and device are checked before any work."""
+    from crosslayer.data import build_loader
     from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
     from crosslayer.train.distributed import pick_device
 
-    ckpt_cfg = (load_checkpoint(checkpoint).get("config") or {})
+    if batch_size < 1:
+        raise CrosslayerError(f"--batch-size {batch_size}: must be at least 1")
+    checkpoint = resolve_checkpoint(checkpoint)
+    out = out or os.path.dirname(os.path.abspath(checkpoint))
+    check_output_dir(out)
+    dev = pick_device(device)
+    ckpt_cfg = load_checkpoint(checkpoint).get("config") or {}
+    bundle = _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size)
+    model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu", num_classes=bundle.num_classes,
+                                             in_channels=bundle.in_channels, data=f"data {bundle.name}")
+    model.to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = build_loader(bundle, split, batch_size, dev, train=False, channels_last=channels_last)
+    show = (not quiet and sys.stderr.isatty()) if progress is None else progress
+    try:
+        res = evaluate(model, _Progress(loader, show, f"eval {split}"), amp, dev, bundle.num_classes, confusion=True)
+    except RuntimeError as e:
+        if is_out_of_memory(e):
+            raise CrosslayerError(f"--batch-size {batch_size}: out of memory evaluating {checkpoint} on {dev}; "
+                                  f"try a smaller --batch-size") from None
+        first = str(e).strip().splitlines()[0][:200]
+        raise CrosslayerError(f"{checkpoint}: model {ckpt_cfg.get('model')} cannot take data {bundle.name} "
+                              f"({bundle.in_channels}x{bundle.image_size}x{bundle.image_size}): {first}") from None
+    result = _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res)
+    _write_outputs(out, result)
+    if not quiet:
+        print(format_eval(result))
+        print(f"wrote {os.path.join(out, 'eval.json')} and {os.path.join(out, 'confusion.csv')}")
+    return result
+
+
+def _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size):
+    """The data set to evaluate on: ``data`` or the one the checkpoint was trained on (with its split seed)."""
+    from crosslayer.data import load_dataset
+    from crosslayer.data.registry import FOLDER_PREFIXES
+
     data = data or ckpt_cfg.get("data")
     if not data:
         raise CrosslayerError(f"{checkpoint}: the checkpoint does not name its data set; pass --data")
@@ -69,40 +144,29 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
         val_size = int(ckpt_cfg.get("val_size") or 0) if split == "val" or data == ckpt_cfg.get("data") else 0
     if split == "val" and not val_size:
         raise CrosslayerError(f"{checkpoint}: --split val needs a validation split (--val-size N)")
-    bundle = load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), download=download,
-                          val_size=val_size, seed=int(ckpt_cfg.get("seed") or 0), limit=limit,
-                          image_size=ckpt_cfg.get("image_size") if ckpt_cfg.get("config_format") else None)
-    dev = pick_device(device)
-    model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu", num_classes=bundle.num_classes,
-                                             in_channels=bundle.in_channels, data=f"data {bundle.name}")
-    model.to(dev)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loader = build_loader(bundle, split, batch_size, dev, train=False, channels_last=channels_last)
-    try:
-        res = evaluate(model, loader, amp, dev, bundle.num_classes, confusion=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise CrosslayerError(f"{checkpoint}: model {ckpt_cfg.get('model')} cannot take data {bundle.name} "
-                              f"({bundle.in_channels}x{bundle.image_size}x{bundle.image_size}): {first}") from None
+    if image_size is None and data == ckpt_cfg.get("data") and data.startswith(FOLDER_PREFIXES):
+        image_size = ckpt_cfg.get("image_size")  # the image folder it was trained on, at the size it was trained
+    return load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), download=download, val_size=val_size,
+                        seed=int(ckpt_cfg.get("seed") or 0), limit=limit, image_size=image_size)
+
+
+def _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res) -> dict:
     conf = res["confusion"]
     classes = [str(c) for c in bundle.classes]
     support = conf.sum(1)
     per_class = {c: (float(conf[i, i]) / float(support[i]) if support[i] else None) for i, c in enumerate(classes)}
-    acc = 100.0 - res["err"]
-    result = {"checkpoint": os.path.abspath(checkpoint), "model": ckpt_cfg.get("model"), "data": bundle.name,
-              "split": split, "images": res["count"], "error": res["err"], "accuracy": acc, "loss": res["loss"],
-              "epoch": ckpt.get("epoch"), "per_class_accuracy": per_class, "classes": classes,
-              "confusion": conf.tolist()}
-    out = out or os.path.dirname(os.path.abspath(checkpoint))
+    return {"checkpoint": os.path.abspath(checkpoint), "model": ckpt_cfg.get("model"), "data": bundle.name,
+            "split": split, "images": res["count"], "error": res["err"], "accuracy": 100.0 - res["err"],
+            "loss": res["loss"], "epoch": ckpt.get("epoch"), "per_class_accuracy": per_class, "classes": classes,
+            "confusion": conf.tolist()}
+
+
+def _write_outputs(out: str, result: dict) -> None:
+    """eval.json and confusion.csv (rows = true class), each written atomically."""
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "eval.json"), result)
-    write_csv(os.path.join(out, "confusion.csv"), ["true\\pred"] + classes,
-              ([c] + row for c, row in zip(classes, conf.tolist())))
-    if not quiet:
-        print(format_eval(result))
-        print(f"wrote {os.path.join(out, 'eval.json')} and {os.path.join(out, 'confusion.csv')}")
-    return result
+    write_csv(os.path.join(out, "confusion.csv"), ["true\\pred"] + result["classes"],
+              ([c] + row for c, row in zip(result["classes"], result["confusion"])))
 
 
 def format_eval(r: dict) -> str:
