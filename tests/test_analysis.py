@@ -212,12 +212,12 @@ def test_report_cli_table_and_plots(tmp_path, capsys):
     assert rows["deluge"]["paper_row"].startswith("DelugeNet-146")
     md = (out / "results.md").read_text()
     assert "| bc100 | densenet_bc100_k12 | c10+ |" in md and "4.51" in md and "+0.49" in md
-    for name in ("training_curves.png", "curves_bc100.png", "error_vs_params_c10plus.png",
+    for name in ("curves.png", "curves_bc100.png", "error_vs_params_c10plus.png",
                  "error_vs_params_c100plus.png"):
         assert (out / name).stat().st_size > 5000, name
     # one run, no --out: written into the run directory
     assert cli(["report", str(a), "--no-plots"]) == 0
-    assert (a / "results.md").exists() and not (a / "training_curves.png").exists()
+    assert (a / "results.md").exists() and not (a / "curves.png").exists()
 
 
 def test_report_compares_svhn_at_the_best_validation_epoch(tmp_path):
@@ -242,9 +242,10 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert err == f"crosslayer report: error: {tmp_path / 'nope'}: no such run directory"
     run = _write_run(tmp_path / "r")
     os.remove(run / "metrics.csv")
-    assert cli(["report", str(run)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert str(run / "metrics.csv") in err and "\n" not in err
+    assert cli(["report", str(run)]) == 2  # the only folder is not a run: skipped, nothing left
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"crosslayer report: warning: {run}: not a run directory (no metrics.csv), skipped",
+                   f"crosslayer report: error: no run directory to report: {run} has no metrics.csv"]
     run2 = _write_run(tmp_path / "r2")
     (run2 / "config.json").write_text("{bad json")
     assert cli(["report", str(run2)]) == 2
@@ -273,7 +274,7 @@ def test_paper_reference_mapping():
 
 def test_curves_and_confusion_api(tmp_path):
     run = _write_run(tmp_path / "r")
-    assert os.path.getsize(plot_training_curves(str(run), str(tmp_path / "c.png"))) > 5000
+    assert os.path.getsize(plot_training_curves(str(run), str(tmp_path / "c.png"))["path"]) > 5000
     cm = [[5, 1, 0], [0, 6, 0], [2, 0, 4]]
     assert os.path.getsize(plot_confusion(cm, ["a", "b", "c"], str(tmp_path / "cm.png"))) > 5000
     with pytest.raises(CrosslayerError, match="class names"):
@@ -300,3 +301,74 @@ def test_report_reads_metrics_jsonl_and_results_only(tmp_path):
     assert cli(["report", str(run), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
     row = next(csv.DictReader(open(tmp_path / "o" / "results.csv")))
     assert row["model"] == "densenet40_k12" and float(row["paper_err"]) == 1.79 and row["epochs_done"] == "3"
+
+
+# ---------------------------------------------------------------- curves within an epoch, report of subsets (issue 15)
+
+def _write_steps(run, spe=4, epochs=3):
+    """metrics_steps.csv with a row every step: loss 2/epoch, error 40/epoch plus a zig-zag."""
+    lines = ["step,epoch,lr,train_loss,train_err"]
+    for s in range(1, spe * epochs + 1):
+        e = s / spe
+        lines.append(f"{s},{e:g},0.1,{2.0 / e + (s % 2) * 0.1:g},{40.0 / e + (s % 2):g}")
+    (run / "metrics_steps.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_curves_draw_step_metrics_raw_and_smoothed_with_epoch_test_points(tmp_path):
+    from crosslayer.analysis.plots import smooth
+
+    run = _write_run(tmp_path / "r")
+    _write_steps(run)
+    drawn = plot_training_curves(str(run), str(tmp_path / "c.png"))
+    d = drawn["runs"]["r"]
+    assert d["train_source"] == "steps"
+    assert list(d["train_epoch"]) == [s / 4 for s in range(1, 13)]
+    assert d["train_loss"][0] == pytest.approx(2.0 / 0.25 + 0.1) and d["train_err"][1] == pytest.approx(40.0 / 0.5)
+    assert list(d["test_epoch"]) == [1.0, 2.0, 3.0] and list(d["test_err"]) == pytest.approx([7.0, 6.0, 5.1])
+    # smoothing: TensorBoard's debiased exponential moving average
+    ema, acc = [], 0.0
+    for i, v in enumerate(d["train_err"], start=1):
+        acc = 0.8 * acc + 0.2 * v
+        ema.append(acc / (1 - 0.8 ** i))
+    assert list(d["train_err_smooth"]) == pytest.approx(ema)
+    gap = smooth([1.0, float("nan"), 3.0], 0.5)  # a missing value stays missing and is skipped
+    assert np.isnan(gap[1]) and gap[0] == 1.0 and gap[2] == pytest.approx((0.25 + 1.5) / 0.75)
+    labels = [label for label, _, _ in drawn["legend"]]
+    assert labels == ["r train (raw)", "r train (smoothed)", "r test (end of epoch)"]
+
+
+def test_one_epoch_train_and_test_legend_entries_differ(tmp_path):
+    """Today both are a single 'o' point: solid vs dashed cannot be seen on one point."""
+    run = _write_run(tmp_path / "one", epochs=1)
+    legend = plot_training_curves(str(run), str(tmp_path / "c.png"))["legend"]
+    (train,) = [e for e in legend if "train" in e[0]]
+    (test,) = [e for e in legend if "test" in e[0]]
+    assert train[2] != test[2] and train[2] not in ("", "None") and test[2] not in ("", "None")
+
+
+def test_demo_and_report_share_the_plot_name(tmp_path):
+    import inspect
+
+    from crosslayer.analysis.report import write_report
+    from crosslayer.cli import demo
+
+    run = _write_run(tmp_path / "r")
+    files = [os.path.basename(p) for p in write_report([str(run)], str(tmp_path / "rep"))]
+    assert "curves.png" in files and '"curves.png"' in inspect.getsource(demo._plots)
+
+
+def test_report_marks_subset_runs_and_skips_folders_that_are_not_runs(tmp_path, capsys):
+    a = _write_run(tmp_path / "small")
+    cfg = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps(dict(cfg, limit=3000, train_images=3000)))
+    b = _write_run(tmp_path / "full")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    out = tmp_path / "rep"
+    assert cli(["report", str(a), str(notes), str(b), "--out", str(out), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"crosslayer report: warning: {notes}: not a run directory (no metrics.csv), skipped\n"
+    md = (out / "results.md").read_text()
+    assert "| small (subset: --limit 3000) |" in md and "| full |" in md
+    rows = {r["run"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"small", "full"} and rows["small"]["limit"] == "3000" and rows["full"]["limit"] == ""

@@ -65,7 +65,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ck = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
     assert ck["step"] == 4 and not any(k.startswith("module.") for k in ck["model"])
     assert sorted(os.listdir(out)) == sorted(["best.pt", "config.json", "last.pt", "last.pt.prev", "metrics.csv",
-                                              "metrics.jsonl", "results.json"])
+                                              "metrics.jsonl", "metrics_steps.csv", "results.json"])
 
 
 def _resume_worker(rank: int, world_size: int, port: int, out: str, hashes: str, extra: list, tag: str) -> None:

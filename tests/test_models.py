@@ -277,3 +277,27 @@ def test_torchvision_feature_extractor_traces_the_module_path(name, node):
         out, ref = fe(x), m(x)
     assert out["feat"].dim() == 4 and torch.allclose(out["logits"], ref, atol=1e-5)
 
+
+
+# Small variants of `crosslayer study` (not in the papers): (1-channel 28x28 Fashion-MNIST, 3-channel), 10 classes.
+# Hand check of two rows: pre-act ResNet-8 = stem 144 + units 4,672 + 14,432 (1x1 projection 512) + 57,536
+# (projection 2,048) + final BN 128 + classifier 650 = 77,562; DenseNet-BC-16 k=8 = conv0 144 + 3 blocks x
+# (2,912 + 3,184) + 2 transitions x 576 + norm5 64 + classifier 330 = 19,978. A 3-channel stem adds 2 x 9 x c_0.
+STUDY_COUNTS = {
+    "densenet_bc16_k8": (19_978, 20_266),
+    "densenet_bc28_k12": (102_298, 102_730),
+    "preact_resnet8": (77_562, 77_850),
+    "preact_resnet20": (271_994, 272_282),
+    "preact_resnet44": (660_858, 661_146),
+    "delugenet20_w25": (73_922, 74_066),
+    "delugenet20_w50": (288_634, 288_922),
+    "delugenet20_w75": (644_146, 644_578),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STUDY_COUNTS))
+def test_study_variant_param_counts_exact(name):
+    gray, rgb = STUDY_COUNTS[name]
+    assert n_params(name, num_classes=10, in_channels=1) == gray
+    assert n_params(name, num_classes=10) == rgb
+    assert crosslayer.model_info(name).note == "small variant for crosslayer study (not in the paper)"

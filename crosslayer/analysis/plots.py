@@ -246,14 +246,66 @@ def draw_reuse(checkpoint_or_model, out_dir: str, layers: Iterable[str] | None =
 
 # ---------------------------------------------------------------- runs
 
-def plot_training_curves(run_dirs, out_png: str) -> str:
-    """Error (%), loss and learning rate vs epoch for one or more run directories (overlaid;
-    test solid, train dashed)."""
-    from crosslayer.analysis.tables import read_metrics
+def smooth(values, weight: float = 0.8) -> np.ndarray:
+    """Exponential moving average with TensorBoard's debiasing: s_t = w s_{t-1} + (1 - w) v_t,
+    divided by 1 - w^t so the first points are not pulled towards 0. NaNs are skipped."""
+    values = np.asarray(values, dtype=np.float64)
+    out, acc, n = np.full_like(values, np.nan), 0.0, 0
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            acc, n = weight * acc + (1 - weight) * v, n + 1
+            out[i] = acc / (1 - weight ** n) if weight < 1 else v
+    return out
 
+
+def curve_data(run_dir, smoothing: float = 0.8) -> dict:
+    """What :func:`plot_training_curves` draws for one run: training loss/error every few steps
+    (``metrics_steps.csv``; per epoch from ``metrics.csv`` for runs without it), raw and smoothed,
+    and the test (and validation) points at the end of each epoch."""
+    from crosslayer.analysis.tables import read_metrics, read_step_metrics
+
+    m, steps = read_metrics(run_dir), read_step_metrics(run_dir)
+    src = steps if steps is not None else m
+    d = {"train_source": "steps" if steps is not None else "epochs", "train_epoch": src["epoch"],
+         "train_loss": src["train_loss"], "train_err": src["train_err"], "lr_epoch": src["epoch"], "lr": src["lr"],
+         "test_epoch": m["epoch"], "test_err": m["test_err"], "test_loss": m["test_loss"], "val_err": m["val_err"]}
+    if steps is not None:
+        d["train_loss_smooth"], d["train_err_smooth"] = smooth(steps["train_loss"], smoothing), \
+            smooth(steps["train_err"], smoothing)
+    return d
+
+
+def _draw_run(ax_err, ax_loss, ax_lr, name: str, d: dict, color) -> None:
+    for ax, key in ((ax_err, "err"), (ax_loss, "loss")):
+        if d["train_source"] == "steps":
+            ax.plot(d["train_epoch"], d[f"train_{key}"], "-", color=color, alpha=0.3, linewidth=0.8,
+                    label=f"{name} train (raw)")
+            ax.plot(d["train_epoch"], d[f"train_{key}_smooth"], "-", color=color, linewidth=1.8,
+                    label=f"{name} train (smoothed)")
+        else:
+            ax.plot(d["train_epoch"], d[f"train_{key}"], "--", color=color, marker="^", markersize=5,
+                    label=f"{name} train (epoch mean)")
+        ax.plot(d["test_epoch"], d[f"test_{key}"], ":", color=color, marker="o", markersize=6,
+                markerfacecolor="white", markeredgewidth=1.8, label=f"{name} test (end of epoch)")
+    if np.isfinite(d["val_err"]).any():
+        ax_err.plot(d["test_epoch"], d["val_err"], ":", color=color, marker="s", markersize=5,
+                    label=f"{name} val (end of epoch)")
+    ax_lr.plot(d["lr_epoch"], d["lr"], "-", color=color, label=name)
+
+
+def plot_training_curves(run_dirs, out_png: str, smoothing: float = 0.8) -> dict:
+    """Error (%), loss and learning rate vs epoch for one or more run directories (overlaid). The
+    training curves have a point every few steps (raw, faint, and smoothed, :func:`smooth`), the
+    test error/loss one hollow marker at the end of each epoch. Returns what was drawn:
+    ``{"path", "runs": {name: curve_data}, "legend": [(label, linestyle, marker), ...]}`` (error panel)."""
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
-    runs = [(os.path.basename(os.path.normpath(os.fspath(d))) or os.fspath(d), read_metrics(d)) for d in run_dirs]
+    runs = {}
+    for d in run_dirs:
+        name = os.path.basename(os.path.normpath(os.fspath(d))) or os.fspath(d)
+        while name in runs:
+            name += "'"
+        runs[name] = curve_data(d, smoothing)
     if not runs:
         raise CrosslayerError("plot_training_curves: no run directories given")
     fig = _figure(15.0, 4.4)
@@ -261,30 +313,22 @@ def plot_training_curves(run_dirs, out_png: str) -> str:
     import matplotlib
 
     colors = matplotlib.colormaps["tab10"].colors
-    for i, (name, m) in enumerate(runs):
-        c = colors[i % len(colors)]
-        ep = m["epoch"]
-        mk = "o" if len(ep) <= 30 else None
-        kw = dict(color=c, marker=mk, markersize=3)
-        ax_err.plot(ep, m["test_err"], "-", label=f"{name} test", **kw)
-        ax_err.plot(ep, m["train_err"], "--", label=f"{name} train", **kw)
-        if np.isfinite(m["val_err"]).any():
-            ax_err.plot(ep, m["val_err"], ":", label=f"{name} val", **kw)
-        ax_loss.plot(ep, m["test_loss"], "-", label=f"{name} test", **kw)
-        ax_loss.plot(ep, m["train_loss"], "--", label=f"{name} train", **kw)
-        ax_lr.plot(ep, m["lr"], "-", label=name, **kw)
-    ax_err.set(xlabel="epoch", ylabel="error (%)", title="error (test solid, train dashed)")
+    for i, (name, d) in enumerate(runs.items()):
+        _draw_run(ax_err, ax_loss, ax_lr, name, d, colors[i % len(colors)])
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title="error (train: every few steps; test: end of epoch)")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
-    lr_all = np.concatenate([m["lr"] for _, m in runs])
-    if np.all(lr_all[np.isfinite(lr_all)] > 0):
+    lr_all = np.concatenate([d["lr"] for d in runs.values()])
+    if len(lr_all[np.isfinite(lr_all)]) and np.all(lr_all[np.isfinite(lr_all)] > 0):
         ax_lr.set_yscale("log")
     for ax in (ax_err, ax_loss, ax_lr):
         ax.grid(True, alpha=0.3)
     ax_err.legend(fontsize=7)
     ax_lr.legend(fontsize=7)
     fig.suptitle("Training curves")
-    return _save(fig, out_png)
+    handles, labels = ax_err.get_legend_handles_labels()
+    legend = [(label, h.get_linestyle(), h.get_marker()) for h, label in zip(handles, labels)]
+    return {"path": _save(fig, out_png), "runs": runs, "legend": legend}
 
 
 def plot_confusion(confusion, classes, out_png: str, title: str = "") -> str:

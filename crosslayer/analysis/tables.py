@@ -207,6 +207,30 @@ def read_metrics(run_dir) -> dict[str, np.ndarray]:
     return out
 
 
+STEP_COLUMNS = ("step", "epoch", "lr", "train_loss", "train_err")
+
+
+def read_step_metrics(run_dir) -> dict[str, np.ndarray] | None:
+    """``metrics_steps.csv`` of a run (training loss/error every few steps, fractional epochs) as
+    float arrays, or None when the run has none (runs from before the file existed) or it is empty."""
+    path = os.path.join(os.fspath(run_dir), "metrics_steps.csv")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, newline="") as f:
+            records = list(csv.DictReader(f))
+        out = {c: np.array([_float(r.get(c)) for r in records], dtype=np.float64) for c in STEP_COLUMNS}
+    except (OSError, ValueError):
+        raise CrosslayerError(f"{path}: not a readable metrics_steps.csv") from None
+    return out if records else None
+
+
+def is_run_dir(path) -> bool:
+    """Whether ``path`` is a folder holding a run's metrics (metrics.csv or metrics.jsonl)."""
+    path = os.fspath(path)
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("metrics.csv", "metrics.jsonl"))
+
+
 def read_run(run_dir) -> dict:
     """Everything ``crosslayer report`` needs from one run directory."""
     run_dir = _check_run_dir(run_dir)
@@ -277,15 +301,18 @@ def run_row(run: dict) -> dict:
     # lowest validation error (the run's final error when it kept no validation split)
     basis = "at best val" if data_column(run["data"]) == "svhn" and math.isfinite(at_best_val) else "final"
     compared = at_best_val if basis == "at best val" else float(final)
-    return dict(run=run["name"], model=run["model"], data=run["data"] or "", params_m=params / 1e6 if params else math.nan,
-                gmacs=macs / 1e9 if macs else math.nan, epochs_done=int(epochs_done),
-                epochs=cfg.get("epochs"), final_test_err=float(final), best_test_err=float(best),
+    return dict(run=run["name"], model=run["model"], data=run["data"] or "",
+                params_m=params / 1e6 if params else math.nan, gmacs=macs / 1e9 if macs else math.nan,
+                epochs_done=int(epochs_done), epochs=cfg.get("epochs"), limit=cfg.get("limit"),
+                train_images=cfg.get("train_images"), final_test_err=float(final), best_test_err=float(best),
                 test_err_at_best_val=at_best_val, paper_err=paper, diff=compared - paper if ref else math.nan,
-                diff_basis=basis if ref else "", paper_row=ref["row"] if ref else "", wall_time_s=_float(res.get("wall_time_s")))
+                diff_basis=basis if ref else "", paper_row=ref["row"] if ref else "",
+                wall_time_s=_float(res.get("wall_time_s")))
 
 
-CSV_FIELDS = ["run", "model", "data", "params_m", "gmacs", "epochs_done", "epochs", "final_test_err", "best_test_err",
-              "test_err_at_best_val", "paper_err", "diff", "diff_basis", "paper_row", "wall_time_s"]
+CSV_FIELDS = ["run", "model", "data", "params_m", "gmacs", "epochs_done", "epochs", "limit", "train_images",
+              "final_test_err", "best_test_err", "test_err_at_best_val", "paper_err", "diff", "diff_basis", "paper_row",
+              "wall_time_s"]
 
 
 def write_results_csv(rows: list[dict], path: str) -> str:
@@ -311,9 +338,10 @@ def format_markdown(rows: list[dict], figures: list[str] = ()) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ep = f"{r['epochs_done']}" + (f"/{r['epochs']}" if r.get("epochs") else "")
+        run = r["run"] + (f" (subset: --limit {r['limit']})" if r.get("limit") else "")
         diff = "—" if math.isnan(r["diff"]) else f"{r['diff']:+.2f}" + (
             f" ({r['diff_basis']})" if r.get("diff_basis") == "at best val" else "")
-        lines.append(f"| {r['run']} | {r['model']} | {r['data'] or '—'} | {_fmt(r['params_m'], '.3f')} | "
+        lines.append(f"| {run} | {r['model']} | {r['data'] or '—'} | {_fmt(r['params_m'], '.3f')} | "
                      f"{_fmt(r['gmacs'], '.3f')} | {ep} | {_fmt(r['final_test_err'], '.2f')} | "
                      f"{_fmt(r['best_test_err'], '.2f')} | {_fmt(r['paper_err'], '.2f')} | {diff} | "
                      f"{r['paper_row'] or '—'} |")
@@ -323,7 +351,8 @@ def format_markdown(rows: list[dict], figures: list[str] = ()) -> str:
               "Δ = measured − paper, measured as the paper does: CIFAR final; SVHN the test error at the epoch "
               "of lowest validation error (marked *at best val*; results.csv: test_err_at_best_val, diff_basis), "
               "final when the run kept no validation split. A run stopped before its planned epochs is not "
-              "comparable. Multiply-adds: one forward pass at the native input size "
+              "comparable, nor is one trained on a subset (*subset: --limit N*: the first N training and test "
+              "images). Multiply-adds: one forward pass at the native input size "
               "(FLOPs/2, conv + linear). Paper numbers: paper_tables.csv (c10+/c100+ = standard augmentation)."]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]

@@ -26,6 +26,11 @@ COMMANDS = {
                                     "confusion matrix"),
     "reuse": ("crosslayer.cli.reuse", "draw the feature-reuse / cross-layer weight heatmaps of a checkpoint"),
     "report": ("crosslayer.cli.report", "results table and plots from run directories"),
+    "study": ("crosslayer.cli.study", "train small DenseNets, ResNets and DelugeNets on Fashion-MNIST within a time "
+                                      "budget; the papers' plots and tables"),
+    "predict": ("crosslayer.cli.predict", "classify image files with a checkpoint: class names and probabilities"),
+    "export": ("crosslayer.cli.export", "export a checkpoint to ONNX, safetensors, TorchScript or torch.export, "
+                                        "each checked against eager"),
     "demo": ("crosslayer.cli.demo",
              "train + evaluate a DenseNet-BC on Fashion-MNIST with its plots (the README's main job)"),
 }

@@ -3,6 +3,8 @@ papers' published errors beside the measured ones. (The zoo's params/MACs table 
 
 from __future__ import annotations
 
+import sys
+
 from crosslayer.errors import check_output_dir
 
 
@@ -18,7 +20,8 @@ def main(args) -> int:
 
     out = args.out or (args.runs[0] if len(args.runs) == 1 else "report")
     check_output_dir(out)
-    files = write_report(args.runs, out, plots=not args.no_plots)
+    files = write_report(args.runs, out, plots=not args.no_plots,
+                         warn=lambda msg: print(f"crosslayer report: warning: {msg}", file=sys.stderr))
     with open(files[0]) as f:
         print(f.read().rstrip())
     print()

@@ -96,8 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("execution")
     r.add_argument("--device", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--amp", choices=("none", "bf16", "fp16"),
-                   help="autocast: bf16 (CPU and CUDA) or fp16 with GradScaler (CUDA)")
-    _switch(r, "--channels-last", "NHWC memory format")
+                   help="autocast: bf16 (CPU and CUDA) or fp16 with GradScaler (CUDA); default: bf16 on CUDA "
+                        "(GPUs with native bf16), none elsewhere (docs/benchmarks.md, 'Defaults per device')")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format; default: on for CUDA, off elsewhere")
     _switch(r, "--compile", "torch.compile the model")
     _switch(r, "--memory-efficient", "recompute concatenations in backward (DenseNet / DelugeNet): less memory, "
                                      "~20%% slower")

@@ -12,13 +12,20 @@ class ClassifierMixin:
     """timm-style interface: ``forward_features`` -> activated feature map (N, num_features, H, W),
     ``forward_head`` -> global average pool + (dropout) + linear classifier.
 
-    Subclasses set ``self.num_features``, ``self.num_classes``, ``self.classifier`` and
-    ``self.head_drop_rate`` (0 unless the paper has dropout before the classifier).
+    Subclasses set ``self.num_features``, ``self.num_classes``, ``self.classifier`` (built with
+    :meth:`classifier_head`, so ``num_classes=0`` gives pooled features) and ``self.head_drop_rate``
+    (0 unless the paper has dropout before the classifier).
     """
 
     num_features: int
     num_classes: int
     head_drop_rate: float = 0.0
+
+    @staticmethod
+    def classifier_head(num_features: int, num_classes: int) -> nn.Module:
+        """The final linear classifier, or ``nn.Identity`` for ``num_classes=0``: the model then
+        returns its pooled features (N, num_features), as in timm."""
+        return nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
@@ -33,16 +40,17 @@ class ClassifierMixin:
         return self.classifier
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one for ``num_classes`` (0 = identity)."""
+        """Replace the classifier with a freshly initialised one for ``num_classes``; 0 = no classifier,
+        the model returns its pooled features (N, num_features), as timm's ``reset_classifier(0)``."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        ref = self.classifier if isinstance(self.classifier, nn.Linear) else None
         self.num_classes = num_classes
-        if num_classes > 0:
-            ref = self.classifier if isinstance(self.classifier, nn.Linear) else None
-            self.classifier = nn.Linear(self.num_features, num_classes)
+        self.classifier = self.classifier_head(self.num_features, num_classes)
+        if isinstance(self.classifier, nn.Linear):
             nn.init.zeros_(self.classifier.bias)
             if ref is not None:
                 self.classifier.to(ref.weight.device, ref.weight.dtype)
-        else:
-            self.classifier = nn.Identity()
 
 
 def init_he_fan_out(model: nn.Module) -> None:

@@ -94,17 +94,25 @@ def model_info(name: str) -> ModelInfo:
     return _REGISTRY[name]
 
 
-def create_model(name: str, num_classes: int | None = None, in_channels: int = 3, **overrides) -> nn.Module:
+def create_model(name: str, num_classes: int | None = None, in_channels: int = 3, pretrained=False,
+                 **overrides) -> nn.Module:
     """Build a registered model. ``overrides`` reach the model constructor (e.g. ``drop_rate``,
-    ``memory_efficient``, ``growth_rate``)."""
+    ``memory_efficient``, ``growth_rate``). ``num_classes=0``: no classifier, the model returns
+    pooled features. ``pretrained``: True = the published ImageNet weights (DenseNet-121/169/201/161,
+    torchvision's files through the torch.hub cache), or a path / URL of a state_dict; the classifier
+    is replaced when ``num_classes`` differs from the weights' (see :mod:`crosslayer.models.pretrained`)."""
     info = model_info(name)
-    if num_classes is None:
-        num_classes = info.default_classes
+    wanted = info.default_classes if num_classes is None else num_classes
+    build_classes = info.default_classes if pretrained else wanted
     try:
-        model = info.fn(num_classes=num_classes, in_channels=in_channels, **overrides)
+        model = info.fn(num_classes=build_classes, in_channels=in_channels, **overrides)
     except TypeError as e:  # an override the model does not take
         raise CrosslayerError(f"model {name!r}: {e}") from None
     model.model_name = name
+    if pretrained:
+        from crosslayer.models.pretrained import load_pretrained
+
+        load_pretrained(model, name, pretrained, num_classes=wanted)
     return model
 
 

@@ -190,7 +190,7 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         self.head_cldc = CrossLayerDepthwiseConv(widths[-1], last)
         self.head_norm = nn.BatchNorm2d(widths[-1])
         self.num_features, self.num_classes = widths[-1], num_classes
-        self.classifier = nn.Linear(widths[-1], num_classes)
+        self.classifier = self.classifier_head(widths[-1], num_classes)
         # On CPU, train in channels_last (NHWC): oneDNN's convolutions and batch norms are faster
         # there (1.18x a training step; inference is faster in NCHW: docs/benchmarks.md).
         self.set_speed(memory_efficient=memory_efficient, fused=fused, cpu_channels_last=cpu_channels_last)
@@ -279,3 +279,28 @@ def _register_imagenet(name: str, units: tuple[int, ...], params_m: float):
 delugenet92 = _register_imagenet("delugenet92", (8, 8, 9, 9), 43.4)
 delugenet104 = _register_imagenet("delugenet104", (8, 9, 10, 11), 51.4)
 delugenet122 = _register_imagenet("delugenet122", (8, 10, 12, 14), 63.6)
+
+
+# ---------------------------------------------------------------- small variants for `crosslayer study`
+# DelugeNet-20 (n=1: stages of 1, 2, 3 composite layers) at a fraction of the CIFAR widths, the
+# paper's width rule of Wide-DelugeNet (stage channels 64w/128w/256w, stem 32w) with w < 1; small
+# enough to train on a CPU. Not in the paper.
+STUDY_NOTE = "small variant for crosslayer study (not in the paper)"
+
+
+@register_model("delugenet", depth=20, input_size=(1, 28, 28), paper=PAPER, note=STUDY_NOTE)
+def delugenet20_w25(**kwargs):
+    """DelugeNet-20 at width x0.25 (stage channels 16/32/64)."""
+    return delugenet_cifar(1, 0.25, **kwargs)
+
+
+@register_model("delugenet", depth=20, input_size=(1, 28, 28), paper=PAPER, note=STUDY_NOTE)
+def delugenet20_w50(**kwargs):
+    """DelugeNet-20 at width x0.5 (stage channels 32/64/128)."""
+    return delugenet_cifar(1, 0.5, **kwargs)
+
+
+@register_model("delugenet", depth=20, input_size=(1, 28, 28), paper=PAPER, note=STUDY_NOTE)
+def delugenet20_w75(**kwargs):
+    """DelugeNet-20 at width x0.75 (stage channels 48/96/192)."""
+    return delugenet_cifar(1, 0.75, **kwargs)

@@ -162,7 +162,7 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
                 channels = out
         self.features.add_module("norm5", nn.BatchNorm2d(channels))  # torchvision's name, any depth
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         # Fused blocks: same math as the per-layer form, ~1.5x faster on CPU (docs/benchmarks.md).
         # channels_last on CPU: oneDNN's convolutions skip their per-call layout reorders of the
         # (ever wider) concatenated inputs. Neither changes the weights or state_dict keys.
@@ -286,3 +286,21 @@ def load_torchvision_state_dict(model: DenseNet, state_dict: dict[str, torch.Ten
         m = _OLD_KEY.match(key)
         fixed[m.group(1) + m.group(2) if m else key] = value
     return model.load_state_dict(fixed, strict=strict)
+
+
+# ---------------------------------------------------------------- small variants for `crosslayer study`
+# Built with the paper's DenseNet-BC rules (Sec. 3: bottleneck 4k, compression 0.5, c_0 = 2k, three
+# blocks of (L-4)/6 layers); small enough to train on a CPU. Not in the paper.
+STUDY_NOTE = "small variant for crosslayer study (not in the paper)"
+
+
+@register_model("densenet", depth=16, input_size=(1, 28, 28), paper=PAPER, note=STUDY_NOTE)
+def densenet_bc16_k8(**kwargs):
+    """DenseNet-BC (L=16, k=8): two layers per block."""
+    return _cifar(16, 8, True, kwargs)
+
+
+@register_model("densenet", depth=28, input_size=(1, 28, 28), paper=PAPER, note=STUDY_NOTE)
+def densenet_bc28_k12(**kwargs):
+    """DenseNet-BC (L=28, k=12): four layers per block."""
+    return _cifar(28, 12, True, kwargs)

@@ -74,7 +74,7 @@ class FractalNet(ClassifierMixin, nn.Module):
             channels = w
         self.blocks = nn.Sequential(*blocks)
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         for m in self.modules():  # Xavier, as the released Caffe generator
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)

@@ -141,7 +141,7 @@ class CifarResNet(ClassifierMixin, nn.Module):
         self.layers = nn.Sequential(*layers)
         self.final_bn = nn.BatchNorm2d(channels) if preact else None
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         init_he_fan_out(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,3 +222,27 @@ def resnet1202_sd(**kwargs):
     """ResNet-1202 with stochastic depth, built on fb.resnet.torch (no conv biases)."""
     kwargs.setdefault("conv_bias", False)
     return stochastic_depth_resnet(1202, **kwargs)
+
+
+# ---------------------------------------------------------------- small variants for `crosslayer study`
+# Pre-activation ResNets of depth 6n+2 with basic units and widths 16/32/64 (He et al. 2016b, the
+# CIFAR rule of He et al. 2016, Sec. 4.2), small enough to train on a CPU. Not in the papers.
+STUDY_NOTE = "small variant for crosslayer study (not in the paper)"
+
+
+@register_model("preact_resnet", depth=8, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
+def preact_resnet8(**kwargs):
+    """Pre-activation ResNet-8 (n=1), basic units."""
+    return preact_resnet_cifar(8, bottleneck=False, **kwargs)
+
+
+@register_model("preact_resnet", depth=20, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
+def preact_resnet20(**kwargs):
+    """Pre-activation ResNet-20 (n=3), basic units."""
+    return preact_resnet_cifar(20, bottleneck=False, **kwargs)
+
+
+@register_model("preact_resnet", depth=44, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
+def preact_resnet44(**kwargs):
+    """Pre-activation ResNet-44 (n=7), basic units."""
+    return preact_resnet_cifar(44, bottleneck=False, **kwargs)

@@ -38,7 +38,7 @@ class WideResNet(ClassifierMixin, nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.final_bn = nn.BatchNorm2d(channels)
         self.num_features, self.num_classes = channels, num_classes
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = self.classifier_head(channels, num_classes)
         init_he_fan_out(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

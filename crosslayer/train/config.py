@@ -71,8 +71,8 @@ class TrainConfig:
     select_on: str | None = None
     # how to run it
     device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
+    amp: str | None = None  # None: the device kind's default (crosslayer.ops.defaults: bf16 on CUDA)
+    channels_last: bool | None = None  # None: the device kind's default (on for CUDA)
     compile: bool = False
     memory_efficient: bool = False
     deterministic: bool = False
@@ -159,6 +159,7 @@ _CHOICES = {
     "select_on": ("final", "best_val"),
     "amp": ("none", "bf16", "fp16"),
 }
+_UNSET_OK = ("amp", "channels_last")  # None: the device kind's default, decided when the device is known
 _BOOLS = ("download", "nesterov", "channels_last", "compile", "memory_efficient", "deterministic", "sync_bn",
           "tensorboard", "progress", "quiet")
 
@@ -224,10 +225,10 @@ def validate(cfg: TrainConfig) -> None:
     for name, spec in _RANGES.items():
         _check_number(name, getattr(cfg, name), spec)
     for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
+        if getattr(cfg, name) not in choices and not (name in _UNSET_OK and getattr(cfg, name) is None):
             raise ConfigError(f"{flag(name)} {getattr(cfg, name)}: must be one of {', '.join(choices)}")
     for name in _BOOLS:
-        if not isinstance(getattr(cfg, name), bool):
+        if not isinstance(getattr(cfg, name), bool) and not (name in _UNSET_OK and getattr(cfg, name) is None):
             raise ConfigError(f"{flag(name)}: must be true or false, got {getattr(cfg, name)!r}")
     for m in cfg.milestones:
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:

@@ -17,6 +17,7 @@ bit-identical weights to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -27,10 +28,12 @@ import torch.nn as nn
 
 from crosslayer.errors import CheckpointError, CrosslayerError
 from crosslayer.io import write_json
+from crosslayer.ops.defaults import unset_training_defaults
 from crosslayer.train import checkpoint as ck
 from crosslayer.train import distributed as D
 from crosslayer.train.config import TrainConfig, check_model, differs, model_parameters, takes_argument
 from crosslayer.train.evaluate import evaluate
+from crosslayer.train.metrics import StepMetrics
 from crosslayer.train.outputs import METRIC_COLUMNS, results, write_metrics
 from crosslayer.train.rundir import RunDir
 from crosslayer.train.runtime import amp_context, is_out_of_memory, set_deterministic, set_seed
@@ -161,8 +164,9 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
         """Data, model, schedule, optimizer; then the saved state when resuming."""
-        cfg = self.cfg
         self.device = self.info.device
+        # --amp / --channels-last left unset: the device kind's defaults (bf16 + NHWC on CUDA)
+        self.cfg = cfg = dataclasses.replace(self.cfg, **unset_training_defaults(self.cfg, self.device.type))
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise TrainingError("--amp fp16: needs CUDA (on the CPU use --amp bf16)")
         state = self._load_resume_state()
@@ -185,6 +189,7 @@ class Trainer:
         self.wall_before, self.epoch_stats = 0.0, None
         if state is not None:
             self._restore(state)
+        self.step_metrics = StepMetrics(self.out_dir, self.spe, start_step=self.step, enabled=self.info.is_main)
 
     def _same_run(self, state: dict) -> str | None:
         """Why checkpoint ``state`` cannot continue this run (None if it can)."""
@@ -384,6 +389,7 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             loss, out, signalled = self._step(x, y, stop, epoch, batch)
             meter.add(loss, out, y)
+            self.step_metrics.update(self.step, lr, loss, out, y)  # metrics_steps.csv
             done = batch + 1
             self._show(bar, meter, epoch, done, lr)
             if signalled:

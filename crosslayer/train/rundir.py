@@ -22,8 +22,7 @@ from crosslayer.errors import CrosslayerError
 
 LOCK_NAME = ".lock"
 # the files a run writes (a failed start removes those it created, nothing else)
-RUN_FILES = ("config.json", "metrics.csv", "metrics.jsonl", "results.json", "best.pt", "tb", "steps.csv",
-             "steps.jsonl")
+RUN_FILES = ("config.json", "metrics.csv", "metrics.jsonl", "metrics_steps.csv", "results.json", "best.pt", "tb")
 
 
 class RunDirError(CrosslayerError):

@@ -1,0 +1,570 @@
+"""Everything a GPU should tell us, in one command and at most five minutes (GitHub issue #12):
+
+    python -m benchmarks.gpu                       # on a machine with one CUDA GPU
+    python -m benchmarks.gpu --device cpu --quick  # smoke run of the same code (the test suite runs it)
+
+In order, each step only if the time budget (``--budget-s``, default 300 s) still has room for it;
+a step that does not fit is skipped and listed as such in the output:
+
+1. the ``cuda``-marked tests (``pytest -m cuda tests/test_cuda.py``, in a subprocess);
+2. training and inference throughput and the peak memory of one training step
+   (``torch.cuda.max_memory_allocated`` minus what was allocated before it) of DenseNet-BC-100 at
+   batch 64 and 256 and DelugeNet-146 at batch 64: ours (fused, plain, memory-efficient, plain with
+   the CUDA training defaults channels_last + bf16) and torchvision's DenseNet built to the same
+   architecture (default, ``memory_efficient=True``, channels_last + bf16 autocast), all configurations of
+   one suite built in one process and timed round-robin with CUDA synchronisation around every
+   step (``benchmarks.core``);
+3. the seconds of one CIFAR-sized training epoch (50,000 synthetic 32x32 images resident on the
+   device, augmentation on the device, SGD step included) of DenseNet-BC-100 at the paper's
+   batch 64 and at batch 256, with the device's training defaults (``crosslayer.ops.defaults``);
+4. one real Fashion-MNIST epoch through ``crosslayer train`` (the demo's model and preset);
+5. ``torch.compile`` (ours plain and torchvision, each beside its eager twin), last because
+   compiling takes minutes; a compilation already started is not interrupted.
+
+Writes ``OUT/gpu.json`` (raw times and every number) and ``OUT/gpu.md`` (tables with the GPU name,
+driver, CUDA, torch version and date); ``--write-docs docs/benchmarks.md`` also replaces that
+file's ``bench:gpu`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import io
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import crosslayer
+from benchmarks import core, delugenet, densenet
+from crosslayer.errors import CrosslayerError
+from crosslayer.ops.defaults import training_defaults, use_fused
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BUDGET_S = 300.0
+# rough seconds each step takes on an H100/H200-class GPU (full run) and on 2 CPU cores (--quick):
+# a step starts only when the budget has at least this much left
+ESTIMATE_S = {"tests": (120, 30), "suite": (25, 10), "epoch64": (40, 5), "epoch256": (25, 5),
+              "fashion-mnist": (30, 15), "compile": (150, 60)}
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class Budget:
+    """Wall-clock budget of the whole run; ``allows`` records what it had to skip."""
+
+    def __init__(self, seconds: float, quick: bool, log=print):
+        self.seconds, self.quick, self.log = seconds, quick, log
+        self.t0 = time.perf_counter()
+        self.skipped: list[str] = []
+
+    def used(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.seconds - self.used()
+
+    def allows(self, what: str, kind: str) -> bool:
+        need = ESTIMATE_S[kind][1 if self.quick else 0]
+        if self.left() >= need:
+            return True
+        msg = (f"{what}: skipped, {max(self.left(), 0):.0f} s of the {self.seconds:.0f} s budget left and it "
+               f"needs about {need} s (--budget-s raises the budget)")
+        self.skipped.append(msg)
+        self.log(f"[gpu] {msg}")
+        return False
+
+
+# ------------------------------------------------------------------------------------- machine
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def gpu_info(device: str) -> dict:
+    """``benchmarks.core.machine_info`` plus the GPU, driver, CUDA and cuDNN versions and the
+    float32 settings that change what "float32" means on a GPU."""
+    info = core.machine_info(device)
+    info.update(device=device, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                cudnn_benchmark=torch.backends.cudnn.benchmark,
+                conv_fp32_precision=torch.backends.cudnn.conv.fp32_precision,
+                matmul_fp32_precision=torch.backends.cuda.matmul.fp32_precision)
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    capability=f"{props.major}.{props.minor}", driver=_driver_version())
+    else:
+        info.update(gpu=None, driver=None)
+    return info
+
+
+# ------------------------------------------------------------------------------------- configs
+
+def _ours_densenet(fused: bool | None, memory_efficient: bool = False):
+    return lambda n: crosslayer.create_model(densenet.MODEL, num_classes=n, fused=fused,
+                                             memory_efficient=memory_efficient)
+
+
+def _ours_delugenet(fused: bool | None, memory_efficient: bool = False):
+    return lambda n: crosslayer.create_model(delugenet.MODEL, num_classes=n, fused=fused,
+                                             memory_efficient=memory_efficient)
+
+
+def _variant(name: str, label: str, build, **options) -> tuple[core.Config, dict]:
+    """A configuration and the ``core.Options`` fields it changes (amp, channels_last, compile)."""
+    return core.Config(name, label, build), options
+
+
+BF16 = dict(amp="bf16", channels_last=True)
+
+
+def densenet_configs() -> dict:
+    tv = densenet.torchvision_densenet_bc100
+    return {v[0]: _variant(*v[:3], **v[3]) for v in [
+        ("tv", "torchvision DenseNet (default: memory_efficient=False, fp32)", tv, {}),
+        ("tv_me", "torchvision DenseNet (memory_efficient=True)", lambda n: tv(n, True), {}),
+        ("tv_cl_bf16", "torchvision DenseNet, channels_last + bf16 autocast", tv, BF16),
+        ("fused", "ours, fused blocks (fused=True)", _ours_densenet(True), {}),
+        ("plain", "ours, plain modules (fused=False; the CUDA default)", _ours_densenet(False), {}),
+        ("me", "ours, fused + memory_efficient", _ours_densenet(True, True), {}),
+        ("plain_me", "ours, plain + memory_efficient (checkpointed)", _ours_densenet(False, True), {}),
+        ("fused_cl_bf16", "ours, fused, channels_last + bf16 autocast", _ours_densenet(True), BF16),
+        ("default_cl_bf16", "ours, the CUDA training defaults (fused=None, channels_last + bf16)",
+         _ours_densenet(None), BF16),
+    ]}
+
+
+def delugenet_configs() -> dict:
+    return {v[0]: _variant(*v[:3], **v[3]) for v in [
+        ("reference", "per-consumer reference (crosslayer/models/reference.py)", delugenet.reference, {}),
+        ("fused", "ours, gradient bank (fused=True)", _ours_delugenet(True), {}),
+        ("plain", "ours, plain autograd (fused=False)", _ours_delugenet(False), {}),
+        ("me", "ours, fused + memory_efficient", _ours_delugenet(True, True), {}),
+        ("default_cl_bf16", "ours, the CUDA training defaults (fused=None, channels_last + bf16)",
+         _ours_delugenet(None), BF16),
+    ]}
+
+
+def compile_configs(model: str) -> dict:
+    """Each compiled configuration beside its eager twin, timed in the same rounds."""
+    if model == "delugenet":
+        ours = _ours_delugenet(False)
+        pairs = [("plain", "ours, plain (eager)", ours, {}),
+                 ("plain_compile", "ours, plain + torch.compile", ours, dict(compile=True))]
+    else:
+        tv, ours = densenet.torchvision_densenet_bc100, _ours_densenet(False)
+        pairs = [("tv", "torchvision DenseNet (eager)", tv, {}),
+                 ("tv_compile", "torchvision DenseNet + torch.compile", tv, dict(compile=True)),
+                 ("plain", "ours, plain (eager)", ours, {}),
+                 ("plain_compile", "ours, plain + torch.compile", ours, dict(compile=True))]
+    return {v[0]: _variant(*v[:3], **v[3]) for v in pairs}
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_memory(model, train_step, device: str, compiled: bool = False) -> dict:
+    """Memory of one training step: on CUDA the peak (``torch.cuda.max_memory_allocated`` minus
+    what was allocated before the step); on any device the bytes the autograd graph saves for
+    backward (distinct storages, parameters excluded; not for compiled models, whose graph
+    saves inside the compiled region)."""
+    out = {}
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train_step()
+        _sync(device)
+        out["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    if not compiled:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                saved[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            train_step()
+        _sync(device)
+        out["saved_mb"] = sum(saved.values()) / 2 ** 20
+    return out
+
+
+def _timing(times: list[float], batch: int) -> dict:
+    med = statistics.median(times)
+    return {"times": times, "median_ms": 1e3 * med, "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
+            "img_s": batch / med}
+
+
+def run_suite(configs: dict, opts: core.Options, log=print) -> dict:
+    """Build every configuration in this process, time training and inference steps round-robin
+    (``core.time_interleaved``: synchronised around every step), then one step's memory each."""
+    prepared, out = {}, {}
+    for k, (config, changes) in configs.items():
+        try:
+            prepared[k] = core.prepare(config, dataclasses.replace(opts, **changes))
+        except CrosslayerError as e:  # e.g. a model without that option in this version
+            out[k] = {"label": config.label, "not_run": str(e)}
+    log(f"[gpu] {len(prepared)} configurations, batch {opts.batch_size}: {opts.reps} interleaved rounds")
+    t_train = core.time_interleaved({k: p[2] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device)
+    t_infer = core.time_interleaved({k: p[3] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device)
+    for k, (model, _, train_step, _) in prepared.items():
+        config, changes = configs[k]
+        r = {"label": config.label, "options": changes, "params": sum(p.numel() for p in model.parameters()),
+             "train": _timing(t_train[k], opts.batch_size), "infer": _timing(t_infer[k], opts.batch_size)}
+        r.update(step_memory(model, train_step, opts.device, bool(changes.get("compile"))))
+        out[k] = r
+    del prepared
+    gc.collect()
+    if opts.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def cifar_epoch(device: str, batch_size: int, n_images: int, image_size: int = 32, log=print) -> dict:
+    """Seconds of one training epoch of DenseNet-BC-100 over ``n_images`` synthetic uint8 images
+    (``image_size`` square: CIFAR's 32 unless a smoke run) resident on the device (the library's
+    DeviceLoader: normalisation, flip, pad-crop on the device), SGD step included, with the
+    device's training defaults; after 3 warm-up steps."""
+    from crosslayer.data.loaders import DeviceLoader
+    from crosslayer.data.transforms import Augment
+
+    dev, settings = torch.device(device), training_defaults(torch.device(device).type)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, 3, image_size, image_size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n_images,), generator=g)
+    loader = DeviceLoader(images, labels, CIFAR_MEAN, CIFAR_STD, Augment(), batch_size, dev, train=True,
+                          channels_last=settings["channels_last"])
+    torch.manual_seed(0)
+    model = crosslayer.create_model(densenet.MODEL).to(dev)
+    if settings["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def step(x, y):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=settings["amp"] == "bf16"):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    loader.set_epoch(1)
+    for i, (x, y) in enumerate(loader):  # warm-up: cuDNN and allocator, not counted
+        step(x, y)
+        if i == 2:
+            break
+    loader.set_epoch(0)
+    _sync(device)
+    t0, steps = time.perf_counter(), 0
+    for x, y in loader:
+        loss = step(x, y)
+        steps += 1
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    log(f"[gpu] epoch of {n_images} images at batch {batch_size}: {seconds:.1f} s")
+    return {"batch_size": batch_size, "images": n_images, "image_size": image_size, "steps": steps, "seconds": seconds,
+            "images_per_s": n_images / seconds, "final_loss": loss.item(), **settings,
+            "fused": use_fused(model.fused, dev.type)}
+
+
+def fashion_mnist_epoch(device: str, data_dir: str | None, quick: bool, log=print) -> dict:
+    """One real Fashion-MNIST epoch through ``crosslayer train`` (the demo's DenseNet-BC-40 and
+    preset, the device's training defaults), evaluation included; the run directory is temporary."""
+    from crosslayer.cli import main as crosslayer_cli
+
+    with tempfile.TemporaryDirectory(prefix="crosslayer-gpu-fmnist-") as tmp:
+        argv = ["--model", "densenet_bc40_k12", "--data", "fashion-mnist", "--preset", "demo", "--epochs", "1",
+                "--device", device]
+        argv += (["--data-dir", data_dir] if data_dir else []) + (["--limit", "64"] if quick else [])
+        run_dir, err = os.path.join(tmp, "run"), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = crosslayer_cli(["train", *argv, "--out", run_dir, "--quiet", "--no-progress"])
+        if rc != 0:  # e.g. no data set files here: say so, go on
+            return {"not_run": f"crosslayer train exited {rc}: {err.getvalue().strip()[-300:]}"}
+        res = json.load(open(os.path.join(run_dir, "results.json")))
+        row = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).readline())
+        run_cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    log(f"[gpu] Fashion-MNIST epoch: {row['epoch_time_s']:.1f} s, test error {res['test_err']:.2f}%")
+    return {"command": "crosslayer train " + " ".join(shlex.quote(a) for a in argv),
+            "train_images": run_cfg["train_images"], "epoch_time_s": row["epoch_time_s"],
+            "images_per_s": row["images_per_s"], "test_err": res["test_err"], "wall_time_s": res["wall_time_s"],
+            "amp": run_cfg["amp"], "channels_last": run_cfg["channels_last"]}
+
+
+def run_cuda_tests(budget: Budget, log=print) -> dict:
+    """``pytest -m cuda tests/test_cuda.py`` in a subprocess (skipped tests say why)."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    timeout = max(10.0, min(240.0, budget.left() - 30))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"command": "pytest -m cuda tests/test_cuda.py", "summary": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    res = {"command": "pytest -m cuda tests/test_cuda.py", "returncode": p.returncode,
+           "summary": lines[-1].strip("= ") if lines else p.stderr.strip()[-200:],
+           "failed": [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))],
+           "seconds": time.perf_counter() - t0}
+    log(f"[gpu] cuda tests: {res['summary']}")
+    return res
+
+
+# ---------------------------------------------------------------------------------- the run
+
+def _steps(args, opts: core.Options, log) -> list:
+    """(section, name, budget kind, thunk) in the order they run: what the issue's goals rest on first."""
+    small, large = (2, None) if args.quick else (64, 256)
+    n_images = 4 if args.quick else 50_000
+
+    def suite(configs, batch):
+        return lambda: run_suite(configs(), dataclasses.replace(opts, batch_size=batch), log)
+
+    def epoch(batch):
+        return lambda: cifar_epoch(args.device, batch, n_images, opts.image_size, log)
+
+    steps = [("suites", f"densenet_bc100_b{small}", "suite", suite(densenet_configs, small)),
+             ("epochs", f"b{small}", "epoch64", epoch(small))]
+    if not args.quick:  # the same code at another batch size: not needed in a smoke run
+        steps += [("suites", f"densenet_bc100_b{large}", "suite", suite(densenet_configs, large)),
+                  ("epochs", f"b{large}", "epoch256", epoch(large))]
+    steps += [("suites", f"delugenet146_b{small}", "suite", suite(delugenet_configs, small)),
+              ("fashion_mnist", "epoch", "fashion-mnist",
+               lambda: fashion_mnist_epoch(args.device, args.data_dir, args.quick, log))]
+    if not (args.quick or args.no_compile):
+        steps += [("compiled", f"densenet_bc100_b{small}", "compile",
+                   suite(lambda: compile_configs("densenet"), small)),
+                  ("compiled", f"delugenet146_b{small}", "compile",
+                   suite(lambda: compile_configs("delugenet"), small))]
+    return steps
+
+
+def run(args, log=print) -> dict:
+    budget = Budget(args.budget_s, args.quick, log)
+    res = {"machine": gpu_info(args.device), "command": args.command, "quick": args.quick,
+           "budget_s": args.budget_s, "suites": {}, "epochs": {}, "compiled": {}, "fashion_mnist": {},
+           "tests": None, "errors": {}, "step_seconds": {}}
+    if args.skip_tests:
+        budget.skipped.append("cuda tests: skipped (--skip-tests)")
+    elif budget.allows("cuda tests", "tests"):
+        res["tests"] = run_cuda_tests(budget, log)
+        res["step_seconds"]["cuda tests"] = round(res["tests"].get("seconds", 0.0), 1)
+    reps = args.reps or (1 if args.quick else 10)
+    # --quick: 8x8 images (the models' per-layer work is what the smoke run exercises, not their speed)
+    opts = core.Options(device=args.device, reps=reps, warmup=1 if args.quick else 3, memory=False,
+                        image_size=8 if args.quick else 32)
+    if args.quick:
+        budget.skipped.append("DenseNet-BC-100 at the second batch size (256): not run (--quick)")
+    if args.quick or args.no_compile:
+        budget.skipped.append(f"torch.compile: not run ({'--quick' if args.quick else '--no-compile'})")
+    for section, name, kind, thunk in _steps(args, opts, log):
+        if not budget.allows(f"{section} {name}", kind):
+            continue
+        t0 = time.perf_counter()
+        try:
+            res[section][name] = thunk()
+        except Exception as e:  # noqa: BLE001 - one failed step (out of memory, a compiler error) must not lose the rest
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            res["errors"][f"{section} {name}"] = f"{type(e).__name__}: {first}"
+            log(f"[gpu] {section} {name} failed: {first}")
+        res["step_seconds"][f"{section} {name}"] = round(time.perf_counter() - t0, 1)
+    res["skipped"] = budget.skipped
+    res["seconds"] = budget.used()
+    res["goals"] = goals(res)
+    return res
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+def _ratio(suite: dict, a: str, b: str, key: tuple) -> float | None:
+    try:
+        x, y = suite[a], suite[b]
+        for k in key:
+            x, y = x[k], y[k]
+        return x / y
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def goals(res: dict) -> dict:
+    """The issue's goals, where this run measured what they need."""
+    g = {}
+    s = res["suites"].get("densenet_bc100_b64") or {}
+    for ours in ("fused", "plain"):
+        g[f"train_{ours}_vs_torchvision_fp32"] = _ratio(s, ours, "tv", ("train", "img_s"))
+    for ours in ("fused", "default"):
+        g[f"train_{ours}_cl_bf16_vs_torchvision_cl_bf16"] = _ratio(s, f"{ours}_cl_bf16", "tv_cl_bf16",
+                                                                   ("train", "img_s"))
+    g["me_peak_vs_torchvision"] = _ratio(s, "me", "tv", ("peak_mb",))
+    g["plain_me_peak_vs_torchvision"] = _ratio(s, "plain_me", "tv", ("peak_mb",))
+    e = res["epochs"].get("b64") or {}
+    g["epoch_b64_s"] = e.get("seconds") if e.get("images") == 50_000 else None
+    return {k: v for k, v in g.items() if v is not None}
+
+
+def _fmt(v, spec=".1f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def suite_table(suite: dict, baseline: str) -> str:
+    b = suite.get(baseline, {})
+    lines = ["| configuration | train img/s | × base | train step ms, median [min–max] | infer img/s | × base "
+             "| peak MB | ÷ base | saved-for-backward MB | ÷ base |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, r in suite.items():
+        if "not_run" in r:
+            lines.append(f"| {r['label']} | not run: {r['not_run']} |||||||||")
+            continue
+        t, i = r["train"], r["infer"]
+        lines.append(
+            f"| {r['label']} | {t['img_s']:.0f} | {_fmt(_ratio(suite, k, baseline, ('train', 'img_s')), '.2f')} | "
+            f"{t['median_ms']:.1f} [{t['min_ms']:.1f}–{t['max_ms']:.1f}] | {i['img_s']:.0f} | "
+            f"{_fmt(_ratio(suite, k, baseline, ('infer', 'img_s')), '.2f')} | {_fmt(r.get('peak_mb'), '.0f')} | "
+            f"{_fmt(_ratio(suite, k, baseline, ('peak_mb',)), '.2f')} | {_fmt(r.get('saved_mb'), '.0f')} | "
+            f"{_fmt(_ratio(suite, k, baseline, ('saved_mb',)), '.2f')} |")
+    if not b:
+        lines.append(f"\n(the baseline {baseline!r} was not measured: ratios omitted)")
+    return "\n".join(lines)
+
+
+def _header(res: dict) -> list[str]:
+    m = res["machine"]
+    gpu = (f"{m['gpu']} (compute capability {m['capability']}, {m['gpu_memory_gib']} GiB), driver {m['driver']}"
+           if m.get("gpu") else "no GPU")
+    out = [f"Command: `{res['command']}`  ",
+           f"GPU: {gpu}; CUDA {m['cuda']}, cuDNN {m['cudnn']}; torch {m['torch']}, torchvision "
+           f"{m.get('torchvision', '-')}; CPU {m['cpu']} (nproc {m['nproc']})  ",
+           f"Date: {m['date']}; the run took {res['seconds']:.0f} s of its {res['budget_s']:.0f} s budget; float32 "
+           f"convolutions {m['conv_fp32_precision']}, matmuls {m['matmul_fp32_precision']}; cudnn.benchmark "
+           f"{m['cudnn_benchmark']}; throughput = median of the interleaved rounds"]
+    if not m.get("gpu"):
+        out.append(f"\n**Smoke run on {m['device']}: no GPU was measured; these numbers say nothing about a GPU.**")
+    t = res.get("tests")
+    out.append(f"\nCUDA tests (`{t['command']}`): {t['summary']}" if t else "\nCUDA tests: not run")
+    return out
+
+
+def _epochs(res: dict) -> list[str]:
+    if not res["epochs"]:
+        return []
+    lines = ["\n### DenseNet-BC-100 training epoch (synthetic data resident on the device)\n",
+             "| batch | images | size | seconds | images/s | amp | channels_last | fused |",
+             "|---:|---:|---:|---:|---:|---|---|---|"]
+    for e in res["epochs"].values():
+        lines.append(f"| {e['batch_size']} | {e['images']:,} | {e['image_size']}² | {e['seconds']:.1f} | "
+                     f"{e['images_per_s']:.0f} | "
+                     f"{e['amp']} | {e['channels_last']} | {e['fused']} |")
+    return lines
+
+
+def markdown(res: dict) -> str:
+    out = _header(res)
+    titles = {"densenet": ("DenseNet-BC-100 vs torchvision's same-architecture DenseNet", "tv"),
+              "delugenet": ("DelugeNet-146 vs the per-consumer reference", "reference")}
+    for section, prefix in (("suites", ""), ("compiled", "torch.compile: ")):
+        for name, suite in res[section].items():
+            title, base = titles["densenet" if name.startswith("densenet") else "delugenet"]
+            base = base if section == "suites" else next(iter(suite))
+            out += [f"\n### {prefix}{title}, batch {name.rsplit('_b', 1)[1]}\n", suite_table(suite, base)]
+    out += _epochs(res)
+    f = res["fashion_mnist"].get("epoch")
+    if f:
+        out.append(f"\nFashion-MNIST, one epoch: not run ({f['not_run']})" if "not_run" in f else
+                   f"\nFashion-MNIST, one epoch (`{f['command']}`, {f['train_images']:,} images, amp {f['amp']}, "
+                   f"channels_last {f['channels_last']}): {f['epoch_time_s']:.1f} s with evaluation, "
+                   f"{f['images_per_s']:.0f} img/s in training, test error {f['test_err']:.2f}%")
+    if res["goals"]:
+        out.append("\nGoals (issue #12): " + "; ".join(f"{k} {v:.2f}" for k, v in res["goals"].items()))
+    for title, items in (("Skipped", res["skipped"]), ("Failed", [f"{k}: {v}" for k, v in res["errors"].items()])):
+        if items:
+            out.append(f"\n{title}:\n" + "\n".join(f"- {s}" for s in items))
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 8x8 images, batch 2 only, 1 round, 4-image "
+                                                        "epochs, 64 Fashion-MNIST images, no torch.compile")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock budget in seconds "
+                   "(default 300); steps that would not fit are skipped and listed")
+    p.add_argument("--out", default=os.path.join("runs", "gpu-benchmark"), help="folder for gpu.json and gpu.md")
+    p.add_argument("--write-docs", metavar="MD", help="also replace the bench:gpu section of this markdown file")
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: the standard places)")
+    p.add_argument("--reps", type=int, help="interleaved timing rounds (default 10; --quick 1)")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the cuda tests first")
+    p.add_argument("--no-compile", action="store_true", help="do not run the torch.compile configurations")
+    args = p.parse_args(argv)
+    args.command = "python -m benchmarks.gpu " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
+                                                                                     else argv))
+    return args
+
+
+def check_args(args) -> str | None:
+    """One line naming the flag and what is allowed, or None."""
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        return f"--device {args.device}: not a device; use cuda, cuda:N or cpu"
+    if dev.type not in ("cuda", "cpu"):
+        return f"--device {args.device}: use cuda, cuda:N or cpu"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device}: CUDA is not available on this machine (the smoke run: --device cpu --quick)"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if args.budget_s < 0:
+        return f"--budget-s {args.budget_s:g}: must be 0 or more seconds"
+    if args.reps is not None and args.reps < 1:
+        return f"--reps {args.reps}: must be at least 1"
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"benchmarks.gpu: {problem}", file=sys.stderr)
+        return 2
+    if torch.device(args.device).index is not None:
+        torch.cuda.set_device(torch.device(args.device))
+    res = run(args)
+    text = markdown(res)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+        f.write(text)
+    if args.write_docs:
+        core.update_markdown_section(args.write_docs, "bench:gpu", text)
+    print(text)
+    print(f"[gpu] wrote {os.path.join(args.out, 'gpu.json')} and gpu.md in {res['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,494 @@
+"""``crosslayer study``: the DenseNet and DelugeNet papers' claims, measured at CPU scale on real
+Fashion-MNIST in one command (the library part; ``crosslayer/cli/study.py`` only parses arguments).
+
+The grid (:data:`FAMILIES`): three sizes each of DenseNet-BC, pre-activation ResNet and DelugeNet,
+small variants built with the papers' rules (registered at the end of their model files, marked
+"not in the paper"), all trained with ONE recipe and the same number of epochs. Each run is an
+ordinary ``crosslayer train`` run directory (``OUT/runs/<model>_s<seed>``) that ``crosslayer report``
+and ``crosslayer reuse`` read. Written from the finished runs:
+
+* ``error_vs_params.png`` and ``error_vs_macs.png``: one line per family (DenseNet paper, Fig. 4);
+* ``results.md`` / ``results.csv``: test error mean ± sample standard deviation over seeds;
+* ``reuse/<run>/``: feature-reuse heatmaps of the DenseNets (DenseNet paper, Fig. 5) and the
+  cross-layer weight maps of the DelugeNets (DelugeNet paper, the CLDC weight figure);
+* ``curves_<family>.png``: the training curves of every run.
+
+Protocol: ``val_size`` training images are held out as a validation split; every run reports the
+test error of its final epoch (nothing is selected on the test set). The budget: the step time of
+every model is measured first, then the number of epochs (and, when even the minimum number of
+epochs of the whole training set does not fit, the number of training images) is chosen so that the
+grid fits; between runs the elapsed time is re-checked against the estimate (scaled by how much
+slower the finished runs were than estimated), a run that would overrun is deferred, and a timer
+stops a running one at the deadline (it saves ``last.pt``). Re-running with the same ``--out``
+keeps the plan (``study.json``), skips finished runs and continues unfinished or deferred ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from crosslayer.errors import CrosslayerError
+
+FAMILIES = {  # family label -> registered models, smallest first
+    "DenseNet-BC": ("densenet_bc16_k8", "densenet_bc28_k12", "densenet_bc40_k12"),
+    "pre-act ResNet": ("preact_resnet8", "preact_resnet20", "preact_resnet44"),
+    "DelugeNet": ("delugenet20_w25", "delugenet20_w50", "delugenet20_w75"),
+}
+DATA = "fashion-mnist"
+# One recipe for every run: the `demo` preset (one-cycle LR, SGD Nesterov, batch 64, peak LR 0.1).
+RECIPE = dict(preset="demo", batch_size=64, lr=0.1, val_size=2000, eval_batch_size=256)
+# ``--limit`` values tried (training images incl. validation), largest first. Down to 10000 the
+# whole 10,000-image test set is kept; SMALL_LIMITS (a busy machine) also cut the test set.
+LIMITS = (60000, 30000, 20000, 15000, 10000)
+SMALL_LIMITS = (10000, 6000, 4000, 3000, 2000)
+MIN_EPOCHS, MAX_EPOCHS = 3, 30  # >= 3 points per training curve before the training set shrinks
+SAFETY = 0.75  # share of the budget the estimates may fill (evaluation ran ~1.8x the estimate under load)
+RESERVE_S = 90.0  # at least this much is kept for the figures at the end
+RUN_OVERHEAD_S = 8.0  # per run: data set, model, multiply-add count, checkpoints
+
+
+@dataclass(frozen=True)
+class Run:
+    family: str
+    model: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_s{self.seed}"
+
+
+def family_of(model: str) -> str:
+    for label, models in FAMILIES.items():
+        if model in models:
+            return label
+    from crosslayer.models import model_info
+
+    return model_info(model).family
+
+
+def grid(seeds: int, families: dict = FAMILIES) -> list[Run]:
+    """The runs in the order they are trained: the smallest model of every family (``seeds``
+    seeds), then the next size of every family (one seed), and so on."""
+    if seeds < 1:
+        raise CrosslayerError(f"--seeds must be >= 1, got {seeds}")
+    runs = []
+    for size in range(max(len(m) for m in families.values())):
+        for seed in range(seeds if size == 0 else 1):
+            runs += [Run(fam, models[size], seed) for fam, models in families.items() if size < len(models)]
+    return runs
+
+
+# ---------------------------------------------------------------------------------- planning
+
+def measure_costs(models, image_shape=(1, 28, 28), num_classes: int = 10, batch_size: int = 64,
+                  steps: int = 2) -> dict[str, dict]:
+    """Seconds per image of a training step and of an evaluation forward pass, measured on this
+    machine now (random tensors of the data's shape; after one warm-up step)."""
+    import torch
+    import torch.nn.functional as F
+
+    from crosslayer.models import create_model
+
+    costs = {}
+    for name in models:
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=num_classes, in_channels=image_shape[0])
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x, y = torch.randn(batch_size, *image_shape), torch.randint(0, num_classes, (batch_size,))
+        times = []
+        for _ in range(steps + 1):
+            t = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+        model.eval()
+        xe = torch.randn(4 * batch_size, *image_shape)  # the study's evaluation batch
+        with torch.no_grad():
+            model(xe)
+            t = time.perf_counter()
+            model(xe)
+            t_eval = time.perf_counter() - t
+        costs[name] = dict(train_s_per_image=statistics.median(times[1:]) / batch_size,
+                           eval_s_per_image=t_eval / (4 * batch_size))
+    return costs
+
+
+def epoch_seconds(cost: dict, train_images: int, eval_images: int) -> float:
+    return train_images * cost["train_s_per_image"] + eval_images * cost["eval_s_per_image"]
+
+
+def val_images(limit: int, val_size: int) -> int:
+    """Validation images held out of ``limit`` training images: ``val_size``, at most a fifth."""
+    return min(val_size, limit // 5)
+
+
+def choose_size(costs: dict, runs: list[Run], seconds: float, n_train: int, n_test: int, val_size: int,
+                limits=LIMITS, small=SMALL_LIMITS) -> tuple[int, int]:
+    """(images drawn from the training set incl. validation, epochs) that fit the grid in
+    ``seconds``: the largest of ``limits`` with >= MIN_EPOCHS epochs (as many as fit, <= MAX_EPOCHS);
+    else the largest of ``small`` with at least one epoch (as many as fit, < MIN_EPOCHS); else the
+    smallest with one epoch (the runs that do not fit are deferred). Below the test set's size
+    ``--limit`` also cuts the test set: fewer images to evaluate every epoch."""
+    free = seconds - RUN_OVERHEAD_S * len(runs)
+
+    def epochs_at(n: int) -> int:
+        v = val_images(n, val_size)
+        per_epoch = sum(epoch_seconds(costs[r.model], n - v, min(n, n_test) + v) for r in runs)
+        return int(min(MAX_EPOCHS, max(0.0, free) // per_epoch))
+
+    def cands(ns):
+        return sorted({min(n, n_train) for n in ns}, reverse=True)
+
+    for n in cands(limits):
+        if epochs_at(n) >= MIN_EPOCHS:
+            return n, epochs_at(n)
+    for n in cands(small):
+        if epochs_at(n) >= 1:
+            return n, epochs_at(n)
+    return cands(small)[-1], 1
+
+
+def make_plan(runs: list[Run], costs: dict, budget_min: float, spent_s: float, n_train: int, n_test: int,
+              image_shape, data: str = DATA, recipe: dict = RECIPE) -> dict:
+    """The study plan (saved as ``study.json``): recipe, data sizes, epochs and per-run estimates."""
+    seconds = (budget_min * 60 - spent_s - reserve_s(budget_min)) * SAFETY
+    limit, epochs = choose_size(costs, runs, seconds, n_train, n_test, int(recipe["val_size"]))
+    val = val_images(limit, int(recipe["val_size"]))
+    plan = dict(data=data, recipe=dict(recipe), epochs=epochs, limit=limit if limit < n_train else None,
+                train_images=limit - val, val_images=val, test_images=min(limit, n_test),
+                image_shape=list(image_shape), budget_min=budget_min, costs=costs, estimates_s={},
+                created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    add_estimates(plan, runs)
+    return plan
+
+
+def add_estimates(plan: dict, runs: list[Run]) -> None:
+    """Seconds each run of ``runs`` is expected to take under ``plan`` (kept for runs it has)."""
+    for r in runs:
+        c = plan["costs"][r.model]
+        plan["estimates_s"].setdefault(r.name, RUN_OVERHEAD_S + plan["epochs"] * epoch_seconds(
+            c, plan["train_images"], plan["test_images"] + plan["val_images"]))
+    plan["runs"] = [asdict(r) for r in runs]
+
+
+def reserve_s(budget_min: float) -> float:
+    """Seconds kept at the end of the budget for the table and figures."""
+    return max(RESERVE_S, 0.05 * budget_min * 60)
+
+
+def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
+    """The plan as printed before training: recipe, data, epochs, every run with its estimate."""
+    r = plan["recipe"]
+    lines = [f"study plan: {len(runs)} runs on {plan['data']}, {plan['epochs']} epoch(s) each of "
+             f"{plan['train_images']:,} training images ({plan['val_images']:,} held out for validation, "
+             f"{plan['test_images']:,} test images, test error reported at the final epoch)",
+             f"  recipe: preset {r['preset']} (one-cycle LR), batch {r['batch_size']}, peak lr {r['lr']:g}; "
+             f"budget {plan['budget_min']:g} min"]
+    total = 0.0
+    for run in runs:
+        est = plan["estimates_s"].get(run.name)
+        c = plan["costs"].get(run.model, {})
+        state = done.get(run.name, "new")
+        if state != "complete" and est is not None:
+            total += est
+        step_ms = 1000 * c.get("train_s_per_image", math.nan) * r["batch_size"]
+        lines.append(f"  {run.name:<24} {run.family:<15} {step_ms:7.0f} ms/step  est. {(est or math.nan) / 60:5.1f} min"
+                     f"  {state}")
+    lines.append(f"  estimated training time left: {total / 60:.1f} min (step times measured when the plan was made, "
+                 f"{plan['created']})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- training
+
+def run_config(run: Run, plan: dict, out_dir: str, data_dir: str | None = None) -> dict:
+    """The ``crosslayer train`` config of one study run: the ONE place the study builds a config
+    (the same code path as ``crosslayer train --model M --data D --preset demo ...``)."""
+    from crosslayer.cli.train import add_arguments, build_config
+
+    r = plan["recipe"]
+    argv = ["--model", run.model, "--data", plan["data"], "--preset", r["preset"], "--out", out_dir,
+            "--epochs", str(plan["epochs"]), "--batch-size", str(r["batch_size"]), "--lr", str(r["lr"]),
+            "--val-size", str(plan["val_images"]), "--select-on", "final", "--seed", str(run.seed),
+            "--device", "cpu", "--amp", "none"]
+    if plan.get("limit"):
+        argv += ["--limit", str(plan["limit"])]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = build_config(parser.parse_args(argv))
+    cfg["eval_batch_size"] = int(r.get("eval_batch_size") or 0)
+    cfg["command"] = "crosslayer study (" + " ".join(argv) + ")"
+    return cfg
+
+
+def run_state(run_dir: str) -> tuple[str, int]:
+    """('complete' | 'partial' | 'new', epochs done) of a run directory."""
+    res_path = os.path.join(run_dir, "results.json")
+    res = {}
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            res = json.load(f)
+    if res.get("status") == "complete":
+        return "complete", int(res.get("epochs_done") or 0)
+    if any(os.path.exists(os.path.join(run_dir, n)) for n in ("last.pt", "last.pt.prev")):
+        return "partial", int(res.get("epochs_done") or 0)
+    return "new", 0
+
+
+class _Deadline:
+    """SIGTERM to this process at ``deadline`` (the Trainer's stop flag then saves last.pt and
+    returns); between runs the study's own handler records it instead of dying."""
+
+    def __init__(self, deadline: float):
+        self.deadline, self.fired, self.user_stop = deadline, False, False
+        self._timer = None
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self._timer = threading.Timer(max(0.0, self.deadline - time.time()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def _fire(self):
+        self.fired = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _handle(self, signum, frame):
+        self.user_stop = self.user_stop or not self.fired
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def _train_one(run: Run, plan: dict, run_dir: str, data_dir, resume: bool) -> int:
+    from crosslayer.train.loop import Trainer
+
+    return Trainer(run_config(run, plan, run_dir, data_dir), run_dir, resume=resume).run()
+
+
+def execute(plan: dict, runs: list[Run], out: str, deadline: float, data_dir=None, train=_train_one,
+            log=print) -> dict:
+    """Train the runs in order until ``deadline`` (time.time()): finished runs are skipped,
+    unfinished ones resumed, a run whose estimate (scaled by the slowdown seen so far) would pass
+    the deadline is deferred. Returns {run name: state} ('complete', 'partial', 'deferred', 'new')."""
+    states, ratio = {}, 1.0
+    spent_est, spent_real = 0.0, 0.0
+    with _Deadline(deadline) as dl:
+        for run in runs:
+            run_dir = os.path.join(out, "runs", run.name)
+            state, done = run_state(run_dir)
+            if state == "complete":
+                states[run.name] = state
+                continue
+            est = plan["estimates_s"][run.name] * (1 - done / max(1, plan["epochs"]))
+            if dl.fired or dl.user_stop or time.time() + est * ratio > deadline:
+                states[run.name] = "deferred" if state == "new" else state
+                log(f"study: {run.name}: deferred (needs ~{est * ratio / 60:.1f} min, "
+                    f"{max(0.0, deadline - time.time()) / 60:.1f} min left)")
+                continue
+            log(f"study: {run.name}: {'resuming' if state == 'partial' else 'training'} "
+                f"(estimate {est * ratio / 60:.1f} min)")
+            t0 = time.time()
+            rc = train(run, plan, run_dir, data_dir, state == "partial")
+            spent_est, spent_real = spent_est + est, spent_real + time.time() - t0
+            ratio = max(0.5, spent_real / max(1e-9, spent_est))
+            states[run.name] = run_state(run_dir)[0]
+            if rc and not dl.fired:
+                raise CrosslayerError(f"{run_dir}: training stopped (exit code {rc}); re-run the study to continue")
+    return states
+
+
+# ---------------------------------------------------------------------------------- results
+
+def aggregate(run_dirs) -> list[dict]:
+    """One row per model from finished run directories: family, params, multiply-adds, the final
+    test (and validation) error of every seed, their mean and sample standard deviation (NaN for
+    one seed), sorted by family then parameters."""
+    from crosslayer.analysis.tables import read_run
+
+    by_model: dict[str, list[dict]] = {}
+    for d in run_dirs:
+        run = read_run(d)
+        if run["results"].get("status") != "complete":
+            continue
+        by_model.setdefault(run["model"], []).append(run)
+    rows = []
+    for model, runs in by_model.items():
+        runs.sort(key=lambda r: int(r["config"].get("seed", 0)))
+        errs = [float(r["results"]["test_err"]) for r in runs]
+        vals = [float(r["results"]["val_err"]) for r in runs if r["results"].get("val_err") is not None]
+        res = runs[0]["results"]
+        rows.append(dict(family=family_of(model), model=model, params=int(res["params"]),
+                         macs=int(res["macs"]) if res.get("macs") is not None else None,
+                         seeds=[int(r["config"].get("seed", 0)) for r in runs], test_errs=errs,
+                         test_err_mean=statistics.fmean(errs),
+                         test_err_std=statistics.stdev(errs) if len(errs) > 1 else math.nan,
+                         val_err_mean=statistics.fmean(vals) if vals else math.nan,
+                         epochs=int(res.get("epochs_done") or 0),
+                         wall_min=statistics.fmean(float(r["results"].get("wall_time_s") or 0) for r in runs) / 60))
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    return sorted(rows, key=lambda r: (order.get(r["family"], len(order)), r["family"], r["params"]))
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: test error % as mean ± sample std over the seeds (n = number of seeds)."""
+    lines = ["| family | model | params | MACs (M) | seeds | test error % (mean ± std) | val error % | epochs |"
+             " train min/run |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        macs = f"{r['macs'] / 1e6:.2f}" if r["macs"] is not None else "-"
+        val = f"{r['val_err_mean']:.2f}" if not math.isnan(r["val_err_mean"]) else "-"
+        lines.append(f"| {r['family']} | {r['model']} | {r['params']:,} | {macs} | {len(r['seeds'])} | "
+                     f"{_pm(r['test_err_mean'], r['test_err_std'])} | {val} | {r['epochs']} | {r['wall_min']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("family", "model", "params", "macs", "seeds", "test_errs", "test_err_mean", "test_err_std",
+              "val_err_mean", "epochs", "wall_min")
+
+
+def write_table(rows: list[dict], out_dir: str) -> list[str]:
+    """``results.md`` and ``results.csv`` (per-seed errors joined with ';')."""
+    import csv
+
+    md, path = os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.csv")
+    with open(md, "w") as f:
+        f.write(format_table(rows))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for r in rows:
+            w.writerow([";".join(f"{v:g}" for v in r[k]) if isinstance(r[k], list) else
+                        ("" if r[k] is None or (isinstance(r[k], float) and math.isnan(r[k])) else r[k])
+                        for k in CSV_FIELDS])
+    return [md, path]
+
+
+def plot_error_vs(rows: list[dict], x: str, out_png: str) -> dict:
+    """Test error (mean over seeds, bars = std) vs ``x`` ('params' or 'macs'), one line per
+    family, log x (the DenseNet paper's Fig. 4). Returns the drawn data: {family: [(x, mean,
+    std, model), ...] sorted by x}."""
+    from crosslayer.analysis.plots import _figure, _save
+
+    series: dict[str, list[tuple]] = {}
+    for r in rows:
+        if r[x] is not None:
+            series.setdefault(r["family"], []).append((r[x], r["test_err_mean"], r["test_err_std"], r["model"]))
+    fig = _figure(7.5, 4.8)
+    ax = fig.subplots()
+    for i, (fam, pts) in enumerate(series.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                    marker="osD^v"[i % 5], capsize=3, label=fam)
+        for p in pts:
+            ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=6)
+    ax.set_xscale("log")
+    what = "parameters" if x == "params" else "multiply-adds per image"
+    ax.set(xlabel=f"{what} (log scale)", ylabel="test error (%), mean ± std over seeds",
+           title=f"Fashion-MNIST test error vs {what} (cf. DenseNet paper Fig. 4)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out_png)
+    return series
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
+def write_figures(out: str, runs: list[Run], log=print) -> list[str]:
+    """Table, Fig.-4 plots, training curves per family and the reuse maps (seed 0 of every
+    DenseNet and DelugeNet) from the finished runs under ``out/runs``. Returns the written paths."""
+    from crosslayer.analysis.plots import draw_reuse, plot_training_curves
+
+    finished = [r for r in runs if run_state(os.path.join(out, "runs", r.name))[0] == "complete"]
+    if not finished:
+        log("study: no finished runs yet, no table or figures")
+        return []
+    dirs = {r.name: os.path.join(out, "runs", r.name) for r in finished}
+    rows = aggregate(list(dirs.values()))
+    written = write_table(rows, out)
+    for x in ("params", "macs"):
+        path = os.path.join(out, f"error_vs_{x}.png")
+        plot_error_vs(rows, x, path)
+        written.append(path)
+    for fam in FAMILIES:
+        fam_dirs = [dirs[r.name] for r in finished if r.family == fam]
+        if fam_dirs:
+            written.append(plot_training_curves(fam_dirs, os.path.join(out, f"curves_{_slug(fam)}.png")))
+    for r in finished:
+        if r.seed == 0 and r.family in ("DenseNet-BC", "DelugeNet"):
+            try:
+                written += draw_reuse(os.path.join(dirs[r.name], "last.pt"), os.path.join(out, "reuse", r.name))
+            except CrosslayerError as e:
+                log(f"study: {r.name}: no reuse map ({e})")
+    return written
+
+
+def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, recipe: dict, t_start: float,
+                       measure, log) -> dict:
+    """The saved plan of ``out`` (estimates added for new runs), or a new one from step times
+    measured now. Loads the data set first: a bad --data-dir fails before anything is written."""
+    from crosslayer.data import load_dataset
+
+    path = os.path.join(out, "study.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            plan = json.load(f)
+        if plan.get("budget_min") != budget_min:
+            log(f"study: keeping the plan of {path} ({plan['epochs']} epochs, made for a {plan['budget_min']:g}-min "
+                f"budget); --budget {budget_min:g} only limits this invocation")
+    else:
+        bundle = load_dataset(DATA, data_dir=data_dir)
+        shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+        models = list(dict.fromkeys(r.model for r in runs))
+        log(f"study: measuring the step time of {len(models)} models on this machine ...")
+        costs = measure(models, shape, bundle.num_classes, int(recipe["batch_size"]))
+        plan = make_plan(runs, costs, budget_min, time.time() - t_start, len(bundle.train), len(bundle.test),
+                         shape, recipe=recipe)
+    add_estimates(plan, runs)  # e.g. more --seeds than the saved plan had
+    os.makedirs(out, exist_ok=True)
+    from crosslayer.train.loop import write_json
+
+    write_json(path, plan)
+    return plan
+
+
+def run_study(out: str, budget_min: float = 60.0, seeds: int = 2, data_dir: str | None = None, recipe=None,
+              families: dict = FAMILIES, measure=measure_costs, train=_train_one, log=print) -> dict:
+    """Plan, train and summarise the study within ``budget_min`` minutes (see the module doc).
+    Returns {"plan", "states", "written", "elapsed_s"}."""
+    if not budget_min > 0:
+        raise CrosslayerError(f"--budget must be a positive number of minutes, got {budget_min:g}")
+    t_start = time.time()
+    runs = grid(seeds, families)
+    plan = _load_or_make_plan(out, runs, budget_min, data_dir, dict(recipe or RECIPE), t_start, measure, log)
+    states = {r.name: run_state(os.path.join(out, "runs", r.name))[0] for r in runs}
+    log(format_plan(plan, runs, states))
+    states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log)
+    written = write_figures(out, runs, log)
+    elapsed = time.time() - t_start
+    left = [n for n, s in states.items() if s != "complete"]
+    log(f"study: {len(runs) - len(left)}/{len(runs)} runs finished, {elapsed / 60:.1f} min this invocation; "
+        f"wrote {len(written)} files in {out}")
+    if left:
+        log(f"study: not finished: {', '.join(left)} (re-run the same command to continue them)")
+    return dict(plan=plan, states=states, written=written, elapsed_s=elapsed)

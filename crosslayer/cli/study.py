@@ -1,0 +1,36 @@
+"""``crosslayer study``: train a grid of small DenseNet-BC, pre-activation ResNet and DelugeNet
+models on real Fashion-MNIST within a time budget and write the papers' figures from the results
+(docs/study.md; the library part is :mod:`crosslayer.analysis.study`).
+
+Examples::
+
+    OMP_NUM_THREADS=1 crosslayer study --out runs/study                 # the default 60-minute study
+    crosslayer study --out runs/study                                   # again: skips finished runs
+    crosslayer study --budget 240 --seeds 3 --out runs/study_long       # more epochs, more seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from crosslayer.cli._args import count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("Examples::", 1)[1]
+    parser.add_argument("--budget", type=float, default=60.0, metavar="MINUTES",
+                        help="wall-clock budget of this invocation; sets the epochs of a new study (default 60)")
+    parser.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
+    parser.add_argument("--seeds", type=count(1, 100), default=2,
+                        help="seeds of the smallest model of each family (default 2)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist "
+                             "and the usual places)")
+
+
+def main(args) -> int:
+    from crosslayer.analysis.study import run_study
+
+    run_study(args.out, budget_min=args.budget, seeds=args.seeds, data_dir=args.data_dir)
+    return 0

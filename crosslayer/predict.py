@@ -1,0 +1,117 @@
+"""Classify image files with a trained checkpoint (``crosslayer predict``).
+
+Each image is read with PIL and put through the run's evaluation transform: converted to the
+model's channels (grayscale for Fashion-MNIST/MNIST models, RGB otherwise), resized (shorter
+side) and centre-cropped to the training image size when it differs, scaled to [0, 1] and
+normalised with the mean/std the run trained with. Nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from crosslayer.errors import CrosslayerError
+
+
+class _Fit:
+    """PIL image -> ``mode`` ("L" or "RGB"), shorter side resized to ``resize_size`` and centre-cropped
+    to ``size`` x ``size``; an image already ``size`` x ``size`` is left as it is (no resampling)."""
+
+    def __init__(self, mode: str, size: int, resize_size: int | None = None):
+        self.mode, self.size, self.resize_size = mode, int(size), int(resize_size or size)
+
+    def __call__(self, img):
+        from torchvision.transforms import v2 as T
+
+        img = img.convert(self.mode)
+        if img.size == (self.size, self.size):
+            return img
+        img = T.functional.resize(img, self.resize_size, antialias=True)
+        return T.functional.center_crop(img, self.size)
+
+    def __repr__(self) -> str:
+        return f"_Fit(mode={self.mode!r}, size={self.size}, resize_size={self.resize_size})"
+
+
+def eval_transform(channels: int, size: int, mean, std, resize_size: int | None = None):
+    """The evaluation transform of a model taking ``channels`` x ``size`` x ``size`` images
+    normalised with ``mean``/``std``: PIL image -> float tensor (C, size, size)."""
+    from torchvision.transforms import v2 as T
+
+    return T.Compose([_Fit("L" if channels == 1 else "RGB", size, resize_size), T.PILToTensor(),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
+
+
+def run_normalisation(cfg: dict) -> tuple[tuple, tuple]:
+    """The mean/std a run normalised its images with: from its config when recorded, else the data
+    set's fixed statistics, else (data sets normalised by their own training images: synthetic)
+    recomputed from the same images (same ``limit``)."""
+    from crosslayer.data.registry import FOLDER_PREFIXES, IMAGENET, VARIANTS
+
+    if cfg.get("mean") and cfg.get("std"):
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    data = str(cfg.get("data") or "")
+    if data.startswith(FOLDER_PREFIXES):
+        return IMAGENET["mean"], IMAGENET["std"]
+    v = VARIANTS.get(data)
+    if v is not None and v.mean:
+        return v.mean, v.std
+    from crosslayer.data import load_dataset
+
+    bundle = load_dataset(data, data_dir=cfg.get("data_dir"), limit=cfg.get("limit"))
+    return bundle.mean, bundle.std
+
+
+def read_image(path: str):
+    """The PIL image at ``path``, fully decoded; one-line CrosslayerError for a missing or non-image file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        raise CrosslayerError(f"{path}: no such image file")
+    if os.path.isdir(path):
+        raise CrosslayerError(f"{path}: is a directory, not an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        kind = "not an image PIL can read" if isinstance(e, UnidentifiedImageError) else f"unreadable image ({e})"
+        raise CrosslayerError(f"{path}: {kind}") from None
+
+
+def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: str = "cpu") -> list[dict]:
+    """Top-``topk`` classes of each image: ``[{"image", "top": [{"class", "index", "prob"}, ...]}]``,
+    probabilities from the softmax of the model's logits, highest first."""
+    from crosslayer.train.checkpoint import load_model_from_checkpoint
+
+    if topk < 1:
+        raise CrosslayerError(f"--topk must be >= 1, got {topk}")
+    if not images:
+        raise CrosslayerError("give at least one IMAGE file")
+    pil = [read_image(p) for p in images]  # every file checked before the model is loaded
+    model, ckpt = load_model_from_checkpoint(checkpoint, map_location=device)
+    cfg = ckpt.get("config") or {}
+    channels, size = int(cfg.get("in_channels", 3)), int(cfg.get("image_size") or 32)
+    mean, std = run_normalisation(cfg)
+    transform = eval_transform(channels, size, mean, std)
+    classes = [str(c) for c in (cfg.get("classes") or range(int(cfg["num_classes"])))]
+    x = torch.stack([transform(img) for img in pil]).to(device)
+    with torch.no_grad():
+        probs = torch.softmax(model(x).float(), dim=1)
+    k = min(topk, probs.shape[1])
+    top_p, top_i = probs.topk(k, dim=1)
+    return [{"image": path, "top": [{"class": classes[i], "index": i, "prob": p}
+                                    for p, i in zip(tp.tolist(), ti.tolist())]}
+            for path, tp, ti in zip(images, top_p, top_i)]
+
+
+def format_predictions(results: list[dict]) -> str:
+    """Human-readable lines: the image, then one ``  class  probability%`` line per class."""
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        width = max(len(t["class"]) for t in r["top"])
+        lines += [f"  {t['class']:<{width}}  {100 * t['prob']:6.2f}%" for t in r["top"]]
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""``crosslayer study``: the grid, the budget plan, the machinery on a tiny budget (synthetic IDX
+files), resumability, and the aggregation (known run directories -> exact table and plot data)."""
+
+import csv
+import json
+import math
+import os
+import statistics
+import struct
+
+import numpy as np
+import pytest
+
+from crosslayer.analysis import study as S
+from crosslayer.cli import main as cli_main
+
+TINY = {"DenseNet-BC": ("densenet_bc16_k8",), "DelugeNet": ("delugenet20_w25",)}
+TINY_RECIPE = dict(S.RECIPE, batch_size=50, val_size=50)
+# (300 s - 90 s reserve) x 0.75 - 2 x 8 s overhead = 141.5 s; one epoch of 160 training images: 2 x 64 s
+FAKE_COST = {"train_s_per_image": 0.4, "eval_s_per_image": 0.0}
+
+
+def fake_measure(models, shape, num_classes, batch_size):
+    return {m: dict(FAKE_COST) for m in models}
+
+
+def write_idx(folder, n_train=200, n_test=100):
+    """Fashion-MNIST-format IDX files of random class-dependent 28x28 images."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for images, labels, n in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte", n_train),
+                              ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", n_test)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = (rng.integers(0, 60, (n, 28, 28)) + y[:, None, None] * 20).astype(np.uint8)
+        with open(os.path.join(folder, images), "wb") as f:
+            f.write(struct.pack(">HBBIII", 0, 8, 3, n, 28, 28) + x.tobytes())
+        with open(os.path.join(folder, labels), "wb") as f:
+            f.write(struct.pack(">HBBI", 0, 8, 1, n) + y.tobytes())
+    return str(folder)
+
+
+# ---------------------------------------------------------------- grid and models
+
+def test_grid_three_sizes_per_family_two_seeds_for_the_smallest():
+    runs = S.grid(2)
+    assert len(runs) == 3 * 3 + 3
+    assert len({r.name for r in runs}) == len(runs)
+    assert [(r.model, r.seed) for r in runs[:6]] == [(m[0], s) for s in (0, 1) for m in S.FAMILIES.values()]
+    assert all(r.seed == 0 for r in runs[6:])
+    with pytest.raises(S.CrosslayerError, match="--seeds"):
+        S.grid(0)
+
+
+@pytest.mark.parametrize("family", list(S.FAMILIES))
+def test_study_models_span_about_10x_params_and_take_fashion_mnist(family):
+    import torch
+
+    from crosslayer.counting import count_params
+    from crosslayer.models import create_model, model_info
+
+    params = []
+    for name in S.FAMILIES[family]:
+        model = create_model(name, num_classes=10, in_channels=1).eval()
+        params.append(count_params(model))
+        with torch.no_grad():
+            assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        if name != "densenet_bc40_k12":  # the demo's model, registered before the study
+            assert model_info(name).note == "small variant for crosslayer study (not in the paper)"
+    assert params == sorted(params) and params[-1] / params[0] >= 8
+
+
+# ---------------------------------------------------------------- plan
+
+def test_budget_scales_epochs_then_training_images():
+    runs = S.grid(1, {"A": ("densenet_bc16_k8",)})
+    costs = {"densenet_bc16_k8": {"train_s_per_image": 1e-3, "eval_s_per_image": 1e-4}}
+    # whole set (58k train + 2k val, 12k evaluated) costs 58 + 1.2 = 59.2 s an epoch; 8 s overhead a run
+    assert S.choose_size(costs, runs, 8 + 59.2 * 5.5, 60000, 10000, 2000) == (60000, 5)
+    assert S.choose_size(costs, runs, 1e6, 60000, 10000, 2000) == (60000, S.MAX_EPOCHS)
+    # 30k: 28 + 1.2 = 29.2 s an epoch -> 3 epochs fit in 100 s, the whole set only 1
+    assert S.choose_size(costs, runs, 8 + 100, 60000, 10000, 2000) == (30000, 3)
+    # 10k: 8 + 1.2 = 9.2 s an epoch: one or two epochs fit, three do not
+    assert S.choose_size(costs, runs, 8 + 20, 60000, 10000, 2000) == (10000, 2)
+    assert S.choose_size(costs, runs, 8 + 9.5, 60000, 10000, 2000) == (10000, 1)
+    # 6k: 1.2k val, 4.8k train, 7.2k evaluated: 5.52 s an epoch (the test set is cut to 6k)
+    assert S.choose_size(costs, runs, 8 + 6.2, 60000, 10000, 2000) == (6000, 1)
+    assert S.choose_size(costs, runs, 8 + 1, 60000, 10000, 2000) == (2000, 1)  # nothing fits: smallest
+    plan = S.make_plan(runs, costs, 60, 0, 60000, 10000, (1, 28, 28))
+    assert (plan["limit"], plan["train_images"], plan["val_images"], plan["test_images"]) == (None, 58000, 2000, 10000)
+    assert plan["estimates_s"] == {"densenet_bc16_k8_s0": pytest.approx(8 + plan["epochs"] * 59.2)}
+
+
+def test_run_config_is_a_train_config_with_the_plan(tmp_path):
+    plan = dict(data="fashion-mnist", recipe=dict(S.RECIPE), epochs=3, limit=6000, val_images=1200)
+    cfg = S.run_config(S.Run("DenseNet-BC", "densenet_bc16_k8", 1), plan, str(tmp_path / "r"))
+    assert (cfg["model"], cfg["epochs"], cfg["limit"], cfg["val_size"], cfg["seed"]) == (
+        "densenet_bc16_k8", 3, 6000, 1200, 1)
+    assert (cfg["select_on"], cfg["schedule"], cfg["batch_size"], cfg["lr"]) == ("final", "onecycle", 64, 0.1)
+
+
+# ---------------------------------------------------------------- machinery on a tiny budget
+
+def test_tiny_study_trains_writes_everything_and_a_rerun_skips_finished_runs(tmp_path, capsys):
+    data, out = write_idx(tmp_path / "data"), str(tmp_path / "study")
+    res = S.run_study(out, budget_min=5, seeds=1, data_dir=data, recipe=TINY_RECIPE, families=TINY,
+                      measure=fake_measure)
+    assert res["states"] == {"densenet_bc16_k8_s0": "complete", "delugenet20_w25_s0": "complete"}
+    printed = capsys.readouterr().out
+    assert printed.index("study plan:") < printed.index("densenet_bc16_k8 (19,978 params")
+    for name in ("results.md", "results.csv", "error_vs_params.png", "error_vs_macs.png", "curves_densenet_bc.png",
+                 "curves_delugenet.png", "reuse/densenet_bc16_k8_s0/densenet_reuse.png",
+                 "reuse/delugenet20_w25_s0/delugenet_stages.png", "study.json"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    run_dir = os.path.join(out, "runs", "densenet_bc16_k8_s0")
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert (cfg["val_images"], cfg["train_images"], cfg["test_images"], cfg["epochs"]) == (40, 160, 100, 1)
+    # an ordinary run directory: `crosslayer report` and `crosslayer reuse` read it
+    assert cli_main(["report", run_dir, "--out", str(tmp_path / "rep")]) == 0
+    assert cli_main(["reuse", os.path.join(run_dir, "last.pt"), "--out", str(tmp_path / "reuse")]) == 0
+
+    def must_not_train(*a):
+        raise AssertionError("a finished run was trained again")
+
+    again = S.run_study(out, budget_min=5, seeds=1, data_dir=data, recipe=TINY_RECIPE, families=TINY,
+                        measure=must_not_train, train=must_not_train)
+    assert set(again["states"].values()) == {"complete"}
+
+
+def test_execute_resumes_unfinished_runs_trains_new_ones_and_defers_what_does_not_fit(tmp_path):
+    runs = S.grid(1, {"A": ("m_done", "m_partial", "m_new", "m_big")})
+    plan = dict(epochs=4, estimates_s={"m_done_s0": 1.0, "m_partial_s0": 1.0, "m_new_s0": 1.0, "m_big_s0": 1e6})
+    for name, files in (("m_done_s0", {"results.json": '{"status": "complete", "epochs_done": 4}'}),
+                        ("m_partial_s0", {"last.pt": "", "results.json": '{"status": "running", "epochs_done": 2}'})):
+        os.makedirs(tmp_path / "runs" / name)
+        for f, text in files.items():
+            (tmp_path / "runs" / name / f).write_text(text)
+    calls = []
+
+    def train(run, plan, run_dir, data_dir, resume):
+        calls.append((run.name, resume))
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump({"status": "complete", "epochs_done": 4}, f)
+        return 0
+
+    import time
+
+    states = S.execute(plan, runs, str(tmp_path), time.time() + 600, train=train, log=lambda m: None)
+    assert calls == [("m_partial_s0", True), ("m_new_s0", False)]
+    assert states == {"m_done_s0": "complete", "m_partial_s0": "complete", "m_new_s0": "complete",
+                      "m_big_s0": "deferred"}
+
+
+def test_cli_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "study"
+    for argv, flag in ((["--data-dir", str(tmp_path / "nope")], "nope"), (["--budget", "0"], "--budget"),
+                       (["--seeds", "0"], "--seeds")):
+        assert cli_main(["study", "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and "Traceback" not in err
+        assert not out.exists()
+
+
+# ---------------------------------------------------------------- aggregation
+
+RUNS = {  # run name: (model, seed, test_err, val_err, params, macs, wall_time_s)
+    "densenet_bc16_k8_s0": ("densenet_bc16_k8", 0, 12.0, 13.0, 19978, 6673728, 60.0),
+    "densenet_bc16_k8_s1": ("densenet_bc16_k8", 1, 14.0, 15.0, 19978, 6673728, 120.0),
+    "densenet_bc28_k12_s0": ("densenet_bc28_k12", 0, 10.5, 11.0, 102298, 33149988, 300.0),
+    "preact_resnet8_s0": ("preact_resnet8", 0, 13.0, 12.0, 77562, 9345920, 30.0),
+    "preact_resnet8_s1": ("preact_resnet8", 1, 13.5, 12.5, 77562, 9345920, 30.0),
+    "preact_resnet8_s2": ("preact_resnet8", 2, 15.5, 14.5, 77562, 9345920, 30.0),
+    "preact_resnet20_s0": ("preact_resnet20", 0, 11.0, 10.0, 271994, 31021952, 90.0),
+}
+
+
+def write_runs(root, extra_unfinished=True):
+    dirs = []
+    for name, (model, seed, err, val, params, macs, wall) in RUNS.items():
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model": model, "seed": seed, "data": "fashion-mnist"}))
+        (d / "results.json").write_text(json.dumps({
+            "model": model, "test_err": err, "val_err": val, "params": params, "macs": macs, "epochs_done": 3,
+            "wall_time_s": wall, "status": "complete"}))
+        (d / "metrics.csv").write_text("epoch,lr,train_loss,train_err,test_loss,test_err,val_err,epoch_time_s,"
+                                       f"images_per_s\n1,0.1,1.0,30.0,1.1,31.0,32.0,1.0,10\n3,0.0,0.5,9.0,0.6,{err},"
+                                       f"{val},1.0,10\n")
+        dirs.append(str(d))
+    if extra_unfinished:  # an unfinished run is left out of the table
+        d = root / "preact_resnet44_s0"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model": "preact_resnet44", "seed": 0}))
+        (d / "results.json").write_text(json.dumps({"model": "preact_resnet44", "test_err": 1.0, "status": "running",
+                                                    "params": 660858, "epochs_done": 1}))
+        (d / "metrics.csv").write_text("epoch,test_err\n1,1.0\n")
+        dirs.append(str(d))
+    return dirs
+
+
+def test_aggregate_gives_exact_means_and_sample_std_over_seeds(tmp_path):
+    rows = S.aggregate(write_runs(tmp_path))
+    assert [r["model"] for r in rows] == ["densenet_bc16_k8", "densenet_bc28_k12", "preact_resnet8", "preact_resnet20"]
+    by = {r["model"]: r for r in rows}
+    assert by["densenet_bc16_k8"]["test_errs"] == [12.0, 14.0]
+    assert by["densenet_bc16_k8"]["test_err_mean"] == 13.0
+    assert by["densenet_bc16_k8"]["test_err_std"] == pytest.approx(math.sqrt(2))
+    assert by["densenet_bc16_k8"]["val_err_mean"] == 14.0 and by["densenet_bc16_k8"]["wall_min"] == 1.5
+    assert by["preact_resnet8"]["seeds"] == [0, 1, 2]
+    assert by["preact_resnet8"]["test_err_mean"] == pytest.approx(14.0)
+    assert by["preact_resnet8"]["test_err_std"] == pytest.approx(statistics.stdev([13.0, 13.5, 15.5]))
+    assert math.isnan(by["densenet_bc28_k12"]["test_err_std"])
+    assert by["preact_resnet20"]["family"] == "pre-act ResNet" and by["preact_resnet20"]["macs"] == 31021952
+
+
+def test_table_markdown_and_csv_are_exact(tmp_path):
+    rows = S.aggregate(write_runs(tmp_path / "runs"))
+    md, path = S.write_table(rows, str(tmp_path))
+    lines = open(md).read().splitlines()
+    assert lines[2] == "| DenseNet-BC | densenet_bc16_k8 | 19,978 | 6.67 | 2 | 13.00 ± 1.41 | 14.00 | 3 | 1.5 |"
+    assert lines[3] == "| DenseNet-BC | densenet_bc28_k12 | 102,298 | 33.15 | 1 | 10.50 | 11.00 | 3 | 5.0 |"
+    assert lines[4] == "| pre-act ResNet | preact_resnet8 | 77,562 | 9.35 | 3 | 14.00 ± 1.32 | 13.00 | 3 | 0.5 |"
+    assert len(lines) == 2 + 4
+    with open(path) as f:
+        got = list(csv.DictReader(f))
+    assert got[0]["test_errs"] == "12;14" and got[0]["seeds"] == "0;1" and float(got[0]["test_err_mean"]) == 13.0
+    assert got[1]["test_err_std"] == ""
+
+
+def test_error_vs_params_and_macs_plot_exactly_the_table(tmp_path):
+    rows = S.aggregate(write_runs(tmp_path / "runs"))[::-1]  # any row order: each line drawn in order of x
+    drawn = S.plot_error_vs(rows, "params", str(tmp_path / "p.png"))
+    assert set(drawn) == {"DenseNet-BC", "pre-act ResNet"}
+    assert [p[:2] for p in drawn["DenseNet-BC"]] == [(19978, 13.0), (102298, 10.5)]
+    assert [(p[0], p[3]) for p in drawn["pre-act ResNet"]] == [(77562, "preact_resnet8"), (271994, "preact_resnet20")]
+    assert drawn["pre-act ResNet"][0][2] == pytest.approx(statistics.stdev([13.0, 13.5, 15.5]))
+    drawn = S.plot_error_vs(rows, "macs", str(tmp_path / "m.png"))
+    assert [p[0] for p in drawn["DenseNet-BC"]] == [6673728, 33149988]
+    assert os.path.getsize(tmp_path / "p.png") > 0 and os.path.getsize(tmp_path / "m.png") > 0
