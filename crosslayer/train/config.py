@@ -348,6 +348,8 @@ def differs(saved: dict, cfg: TrainConfig) -> tuple[str, str] | None:
                 return f"--model-arg {k}={mine.get(k)!r}", f"{k}={theirs.get(k)!r}"
         elif name in ("drop_rate", "drop_rate_no_aug") and theirs is None:
             continue  # resolved away for a model without dropout
+        elif name in _UNSET_OK and mine is None:
+            continue  # the device kind's default, which the saved run resolved
         elif _norm(mine) != _norm(theirs):
             return f"{flag(name)} {mine}", f"{name}={theirs}"
     return None
