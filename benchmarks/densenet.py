@@ -16,7 +16,7 @@ from benchmarks import core
 from crosslayer.counting import count_macs
 
 MODEL = "densenet_bc100_k12"
-PARAMS = 769_162  # densenet.md §3, 10 classes
+PARAMS = 769_162  # DenseNet-BC (L=100, k=12), 10 classes: docs/architecture.md
 
 
 def torchvision_densenet_bc100(num_classes: int = 10, memory_efficient: bool = False) -> nn.Module:

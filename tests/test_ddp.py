@@ -1,7 +1,8 @@
 """Distributed data parallel on the CPU (gloo): two processes, a few steps on the synthetic data.
 
-Both ranks must end with identical parameters (DDP averages the gradients; BN statistics stay per
-rank), and only rank 0 may write the run directory (one metrics row per epoch, world_size 2)."""
+Both ranks must end with identical parameters (DDP averages the gradients) and identical BatchNorm
+buffers (computed per rank from its own half-batch, rank 0's broadcast by DDP before each forward),
+and only rank 0 may write the run directory (one metrics row per epoch, world_size 2)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def _worker(rank: int, world_size: int, port: int, out: str, hashes: str) -> Non
     assert trainer.run() == 0
     params = [p.detach().double().flatten() for p in trainer.model.parameters()]
     flat = torch.cat(params)
+    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k or "num_batches" in k},
+               os.path.join(hashes, f"buffers{rank}.pt"))
     with open(os.path.join(hashes, f"rank{rank}.json"), "w") as f:
         json.dump({"sum": flat.sum().item(), "abs": flat.abs().sum().item(), "first": flat[:16].tolist(),
                    "world_size": trainer.info.world_size, "steps": trainer.step}, f)
@@ -56,6 +59,18 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["steps"] == r1["steps"] == 4  # 64 images / global batch 32 = 2 steps per epoch
     assert r0["first"] == r1["first"] and r0["sum"] == r1["sum"] and r0["abs"] == r1["abs"]
+    # BatchNorm buffers: each rank normalises with its own half-batch (no SyncBatchNorm), and DDP
+    # broadcasts rank 0's running statistics before every forward, so the ranks evaluate (and end)
+    # with the same statistics, the ones last.pt holds
+    b0, b1 = (torch.load(os.path.join(hashes, f"buffers{r}.pt")) for r in (0, 1))
+    assert b0.keys() == b1.keys() and any("running_mean" in k for k in b0)
+    for k in b0:
+        assert torch.equal(b0[k], b1[k]), k
+        if "num_batches" in k:
+            assert b0[k].item() == 4, k
+    ck0 = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["model"]
+    for k in b0:  # the checkpoint holds rank 0's statistics
+        assert torch.equal(ck0[k], b0[k]), k
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["world_size"] == 2 and cfg["per_rank_batch_size"] == 16
     lines = open(os.path.join(out, "metrics.csv")).read().splitlines()

@@ -8,21 +8,6 @@ from crosslayer.models.delugenet import CrossLayerDepthwiseConv
 from crosslayer.models.reference import ReferenceDelugeNet
 
 
-def _pair(seed=0, **kw):
-    torch.manual_seed(seed)
-    net = crosslayer.create_model("delugenet_tiny" if False else "delugenet20", **kw)
-    # give the CLDCs distinct weights and biases so the test is not passing at the symmetric init
-    with torch.no_grad():
-        for c in net.cross_layer_convs():
-            c["module"].weight.uniform_(-1, 1)
-            c["module"].bias.uniform_(-0.5, 0.5)
-    return net, ReferenceDelugeNet(net)
-
-
-def _grads(model):
-    return {n: p.grad for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("n,channels_last", [(1, False), (2, True)])
 def test_shared_normalisation_equals_per_consumer_reference(n, channels_last):
     """float64, so any difference beyond rounding is a bug; ours in channels_last on CPU (its
@@ -39,7 +24,7 @@ def test_shared_normalisation_equals_per_consumer_reference(n, channels_last):
     ref = ReferenceDelugeNet(net).double()
     x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
     y = torch.randint(0, 5, (8,))
-    for step in range(2):  # two training steps: outputs, gradients, running statistics
+    for _ in range(2):  # two training steps: outputs, gradients, running statistics
         net.zero_grad()
         ref.zero_grad()
         out, out_ref = net(x), ref(x)
@@ -94,7 +79,7 @@ def test_cross_layer_conv_inventory_matches_spec():
     with torch.device("meta"):
         net = crosslayer.create_model("delugenet146")
     convs = net.cross_layer_convs()
-    assert len(convs) == 47  # delugenet.md §1.3
+    assert len(convs) == 47  # 6 + 15 + 23 composite CLDCs, 2 transitions, the head
     by_kind = [(c["stage"], c["kind"], c["module"].num_inputs) for c in convs]
     assert [L for s, k, L in by_kind if s == 1 and k == "composite"] == list(range(2, 8))
     assert (1, "transition", 8) in by_kind and (2, "transition", 17) in by_kind and (3, "head", 25) in by_kind

@@ -275,10 +275,13 @@ def test_channels_last_and_bf16_training_step(memory_efficient, fused):
     net = _densenet(memory_efficient=memory_efficient, fused=fused)
     x, y = _data()
     state = copy.deepcopy(net.state_dict())
+    net.cpu_channels_last = False  # the reference really runs NCHW (by default the CPU path converts to NHWC)
+    assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     F.cross_entropy(net(x), y).backward()
     ref = torch.cat([p.grad.flatten() for p in net.parameters()])
     net.load_state_dict(state)
     net.zero_grad()
+    net.cpu_channels_last = True
     net = net.to(memory_format=torch.channels_last)
     F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), y).backward()
     cl = torch.cat([p.grad.flatten() for p in net.parameters()])
@@ -292,7 +295,8 @@ def test_channels_last_and_bf16_training_step(memory_efficient, fused):
     F.cross_entropy(out.float(), y).backward()
     bf = torch.cat([p.grad.flatten() for p in net.parameters()])
     assert torch.isfinite(bf).all()
-    assert F.cosine_similarity(ref, bf, dim=0) > 0.95
+    # relative error, not cosine similarity (blind to a wrong scale); measured 0.15-0.16
+    assert ((bf - ref).norm() / ref.norm()).item() < 0.3
 
 
 def test_delugenet_memory_efficient_matches_fast_mode():

@@ -11,7 +11,7 @@ from crosslayer.cli.models import format_table, zoo_rows
 from crosslayer.counting import count_macs
 from crosslayer.errors import CrosslayerError
 
-# Exact counts computed in shared/specs (densenet.md §3 and §1.3, delugenet.md §5, baselines_ecosystem.md A.0).
+# Exact counts: docs/architecture.md derives each one.
 CIFAR_COUNTS = {  # name: (10 classes, 100 classes or None = derive)
     "densenet40_k12": (1_019_722, 1_060_132),
     "densenet100_k12": (6_979_642, 7_084_852),
@@ -24,7 +24,7 @@ CIFAR_COUNTS = {  # name: (10 classes, 100 classes or None = derive)
     "wide_delugenet146": (20_150_658, 20_191_068),
     "resnet20": (269_722, None),
     "resnet110": (1_727_962, None),
-    "preact_resnet110": (1_730_522, None),
+    "preact_resnet110": (1_727_962, None),  # zero-padding shortcuts (fb.resnet.torch preresnet.lua)
     "preact_resnet164": (1_703_258, None),
     "preact_resnet1001": (10_327_706, None),
     "resnet110_sd": (1_732_010, None),
@@ -33,7 +33,7 @@ CIFAR_COUNTS = {  # name: (10 classes, 100 classes or None = derive)
     "wrn16_8": (10_961_370, None),
     "wrn28_10": (36_479_194, None),
     "wrn40_4": (8_949_210, None),
-    "fractalnet20": (33_734_922, None),
+    "fractalnet20": (33_714_314, None),  # BN without scale/shift (Caffe BatchNorm, no Scale layer)
 }
 IMAGENET_COUNTS = {
     "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
@@ -230,16 +230,49 @@ def _small(name):
             "fractalnet": lambda: FractalNet(2, (16, 32, 32, 32, 32), (0.0,) * 5, drop_path=0.0)}[name]()
 
 
+def _first_conv_layout(model, x):
+    """Memory format of the input of the model's first convolution, seen at the aten level (no hooks,
+    so the fused paths stay on)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default and not seen:
+                t = args[0]
+                seen.append("NCHW" if t.is_contiguous() else
+                            "NHWC" if t.is_contiguous(memory_format=torch.channels_last) else "other")
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = model(x)
+    return seen[0], out
+
+
+# relative error ||g_bf16 - g_fp32|| / ||g_fp32|| of the gradients; measured 0.02-0.09 (FractalNet 0.27)
+BF16_GRAD_REL_ERR = {"densenet": 0.2, "delugenet": 0.2, "preact": 0.2, "sd": 0.2, "wrn": 0.2, "fractalnet": 0.4}
+
+
 @pytest.mark.parametrize("name", ["densenet", "delugenet", "preact", "sd", "wrn", "fractalnet"])
 def test_channels_last_and_bf16_autocast_paths(name):
-    """The CPU stand-ins of the CUDA paths: channels_last computes the same function, and a bf16
-    autocast training step runs with finite gradients pointing where the fp32 ones point."""
+    """The CPU stand-ins of the CUDA paths: channels_last computes the same function as NCHW (the
+    two really run in different layouts: the CPU NHWC switch of DenseNet/DelugeNet is off for the
+    NCHW run), and a bf16 autocast training step gives finite gradients close to the fp32 ones in
+    relative error (so a wrong scale would show, which a cosine similarity cannot see)."""
     torch.manual_seed(0)
     model = _small(name).eval()
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
-        ref = model(x)
-        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        if hasattr(model, "cpu_channels_last"):
+            model.cpu_channels_last = False
+        layout, ref = _first_conv_layout(model, x)
+        assert layout == "NCHW"
+        if hasattr(model, "cpu_channels_last"):
+            model.cpu_channels_last = True
+        cl_model = model.to(memory_format=torch.channels_last)
+        layout, cl = _first_conv_layout(cl_model, x.contiguous(memory_format=torch.channels_last))
+        assert layout == "NHWC"
     assert torch.allclose(ref, cl, atol=1e-4, rtol=1e-3)
     model = model.to(memory_format=torch.contiguous_format).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -254,7 +287,7 @@ def test_channels_last_and_bf16_autocast_paths(name):
     bf16 = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert torch.isfinite(bf16).all()
     # bf16 keeps ~3 significant digits; BN over small batches amplifies that noise in the gradients
-    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.95
+    assert ((bf16 - fp32).norm() / fp32.norm()).item() < BF16_GRAD_REL_ERR[name]
 
 
 @pytest.mark.parametrize("name,node", [("densenet_bc40_k12", "features.denseblock2.cat"),

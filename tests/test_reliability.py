@@ -368,7 +368,10 @@ def test_prefixed_state_dicts_load(tmp_path):
     sd = load_checkpoint(path)
     sd["model"] = {f"module._orig_mod.{k}": v for k, v in sd["model"].items()}
     save_checkpoint(tmp_path / "ddp.pt", sd)
-    load_model_from_checkpoint(tmp_path / "ddp.pt")
+    loaded, _ = load_model_from_checkpoint(tmp_path / "ddp.pt")
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():  # the prefixed weights, not a fresh initialisation
+        assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_export_safetensors(tmp_path):

@@ -52,7 +52,9 @@ PAPER_ROWS: dict[str, list[tuple]] = {
     "wrn16_8": [("densenet", "Wide ResNet", 16), ("delugenet", "Wide-ResNet (8x width)", 16)],
     "wrn28_10": [("densenet", "Wide ResNet", 28), ("delugenet", "Wide-ResNet (10x width)", 28)],
     "wrn40_4": [("delugenet", "Wide-ResNet (4x width)", 40)],
-    "fractalnet20": [("densenet", "FractalNet", 21), ("delugenet", "FractalNet", 20)],
+    # fractalnet20 has dropout and local drop-path: the "with Dropout/Drop-path" row, not the plain one; the
+    # DelugeNet table's FractalNet row holds the FractalNet paper's "++" (heavier augmentation) numbers
+    "fractalnet20": [("densenet", "FractalNet with Dropout/Drop-path", 21), ("delugenet", "FractalNet", 20)],
 }
 
 _SERIES_ALIASES = {"Wide-ResNet": "Wide ResNet", "ResNet with Identity Mappings": "ResNet (pre-activation)",

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what to train")
     g.add_argument("--model", help="model name (`crosslayer models` lists them)")
     g.add_argument("--data", help="data set: c10, c10+, c100, c100+, svhn, fashion-mnist(+), mnist(+), synthetic, "
-                                  "imagefolder:ROOT")
+                                  "imagefolder:ROOT, imagenet:ROOT")
     g.add_argument("--data-dir", default=None, help="folder with the data set files (default: the standard places)")
     _switch(g, "--download", "download missing data set files from the official URLs (md5-checked) into "
                              "--data-dir or ~/.cache/crosslayer")
@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="extra model constructor argument, e.g. growth_rate=12 (repeatable)")
     g.add_argument("--limit", type=int, help="use only the first N train and test images (smoke runs)")
     g.add_argument("--image-size", type=int, help="resize (and centre-crop) ImageFolder images to N x N pixels")
+    g.add_argument("--crop-size", type=int,
+                   help="imagenet:ROOT only: crop size (default 224; evaluation resizes to crop x 256/224 first)")
     g.add_argument("--list-presets", action="store_true", help="print the presets with their sources and exit")
     g.add_argument("--print-config", action="store_true", help="print the resolved preset + overrides and exit")
 
@@ -90,7 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--label-smoothing", type=float)
     h.add_argument("--drop-rate", type=float, help="dropout passed to the model (DenseNet, WRN)")
     h.add_argument("--val-size", type=int, help="hold out this many training images as a validation split")
-    h.add_argument("--select-on", choices=("final", "best_val"), help="which test error results.json reports")
+    h.add_argument("--select-on", choices=("final", "best_val", "best_test"),
+                   help="which test error results.json reports (docs/protocols.md)")
+    h.add_argument("--pad-mode", choices=("zero", "reflect"), help="padding of the random crop (WRN preset: reflect)")
     h.add_argument("--seed", type=int, help="random seed (default 0)")
 
     r = parser.add_argument_group("execution")

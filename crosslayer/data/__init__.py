@@ -18,11 +18,17 @@ mnist(+)            MNIST 60k/10k, 1x28x28                      0.1307 / 0.3081 
 synthetic(+)        seeded toy data 512/256, 3x32x32, 10 cls    train statistics             none / as c10+
 imagefolder:ROOT    ROOT/train, ROOT/val|test class folders     ImageNet mean/std            none
 imagefolder+:ROOT   same                                        ImageNet mean/std            flip + pad size/8 + crop
+imagenet:ROOT       ROOT/train, ROOT/val (ILSVRC-2012 layout)   ImageNet mean/std            fb.resnet.torch: random-
+                                                                                             resized crop 224, colour
+                                                                                             jitter, PCA lighting, flip
 ==================  =========================================  ===========================  =====================
 
 Augmentation order is the official DenseNet Lua code's: normalise → flip → zero-pad → crop, so the
 pad value is the mean colour. Fashion-MNIST+ does not flip: every shoe in Fashion-MNIST (train and
 test) points left, so mirrored shoes are off-distribution while the symmetric garments gain nothing.
+Protocol options of :func:`load_dataset` (set by the presets, docs/protocols.md): ``pad_mode``
+"reflect" (Wide ResNets), ``normalize="pixel_mean_global_std"`` (stochastic depth) and
+``val_split="svhn_balanced"`` (400 + 200 images per class, stochastic depth on SVHN).
 ``val_size`` holds out a seeded random subset of the training images (not augmented). The
 DenseNet SVHN protocol is ``load_dataset("svhn", val_size=6000)`` (which 6,000 images the paper
 used is not stated; ours is a seeded uniform subset of train+extra).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +55,8 @@ DATASETS: dict[str, str] = {k: v.description for k, v in VARIANTS.items()}
 DATASETS["imagefolder:ROOT"] = ("ROOT/train and ROOT/val (or ROOT/test) class folders; ImageNet mean/std; native size "
                                 "or --image-size N")
 DATASETS["imagefolder+:ROOT"] = "same + flip and random crop of the zero-padded (size/8) image"
+DATASETS["imagenet:ROOT"] = ("ROOT/train, ROOT/val class folders (ILSVRC-2012 layout); fb.resnet.torch augmentation: "
+                             "random-resized crop 224, colour jitter, PCA lighting, flip; eval resize 256 + centre 224")
 
 
 @dataclass
@@ -113,12 +116,14 @@ def _check_labels(y: torch.Tensor, num_classes: int, what: str):
 
 
 def bundle_from_tensors(name, train, test, classes, mean=None, std=None, aug=None, source="memory",
-                        val_size=0, seed=0, limit=None) -> DatasetBundle:
+                        val_size=0, seed=0, limit=None, val_indices=None, normalize=None) -> DatasetBundle:
     """Build a bundle from (uint8 NxCxHxW, int64 N) train/test pairs (also for tests and custom data).
 
     ``limit`` keeps the first ``limit`` images of train and test; then ``val_size`` images are
-    held out from train as a seeded random subset (no augmentation on them).
-    mean/std default to the per-channel statistics of the training images.
+    held out from train as a seeded random subset, or exactly the training images ``val_indices``
+    (no augmentation on them). mean/std default to the per-channel statistics of the training
+    images; ``normalize="pixel_mean_global_std"`` uses the training images' per-pixel mean image and
+    one global standard deviation instead (the stochastic-depth code's ``preprocess``).
     """
     (xtr, ytr), (xte, yte) = train, test
     xtr, xte = torch.as_tensor(xtr), torch.as_tensor(xte)
@@ -133,22 +138,24 @@ def bundle_from_tensors(name, train, test, classes, mean=None, std=None, aug=Non
                         f"differ in shape")
     if limit is not None:
         xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
-    if mean is None:
+    if normalize not in (None, "pixel_mean_global_std"):
+        raise DataError(f"{source}: unknown normalisation {normalize!r} (pixel_mean_global_std)")
+    if mean is None and normalize is None:
         f = xtr.float().div_(255)
         mean = tuple(f.mean(dim=(0, 2, 3)).tolist())
         std = tuple(f.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
     val = None
-    if val_size:
-        if not 0 < val_size < xtr.shape[0]:
-            raise DataError(f"{source}: val_size={val_size} must be between 1 and {xtr.shape[0] - 1} (training images)")
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(xtr.shape[0], generator=g)
-        vi, ti = perm[:val_size].sort().values, perm[val_size:].sort().values
+    if val_size or val_indices is not None:
+        vi, ti = _val_split(xtr.shape[0], val_size, seed, val_indices, source)
         val = (xtr[vi], ytr[vi])
         xtr, ytr = xtr[ti], ytr[ti]
+    if normalize == "pixel_mean_global_std":  # statistics of the training split only
+        mean, std = _pixel_mean_global_std(xtr)
+    if not isinstance(mean, torch.Tensor):
+        mean = tuple(float(m) for m in mean)
     b = DatasetBundle(
         name=name, num_classes=len(classes), in_channels=int(xtr.shape[1]), image_size=int(xtr.shape[-1]),
-        classes=list(classes), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+        classes=list(classes), mean=mean, std=tuple(float(s) for s in std),
         augment=aug is not None, source=source, train_tensors=(xtr.contiguous(), ytr), val_tensors=val,
         test_tensors=(xte.contiguous(), yte), aug=aug,
     )
@@ -156,6 +163,41 @@ def bundle_from_tensors(name, train, test, classes, mean=None, std=None, aug=Non
     b.val = b.dataset("val") if val is not None else None
     b.test = b.dataset("test")
     return b
+
+
+def _val_split(n: int, val_size: int, seed: int, val_indices, source: str):
+    """(validation indices, training indices), both sorted: ``val_indices`` as given, else a
+    seeded uniform random subset of ``val_size`` of the ``n`` training images."""
+    if val_indices is not None:
+        vi = torch.as_tensor(val_indices, dtype=torch.int64).unique()
+        if not 0 < vi.numel() < n or int(vi.max()) >= n:
+            raise DataError(f"{source}: the validation split needs 1 to {n - 1} of the {n} training images")
+    else:
+        if not 0 < val_size < n:
+            raise DataError(f"{source}: val_size={val_size} must be between 1 and {n - 1} (training images)")
+        vi = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:val_size].sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[vi] = False
+    return vi, keep.nonzero().flatten()
+
+
+def _pixel_mean_global_std(x: torch.Tensor):
+    """Per-pixel mean image (C, H, W) and one global standard deviation, on the 0-1 scale (the
+    stochastic-depth code: ``mean = data:mean(1)``, ``std = data:std()``; the scale cancels)."""
+    f = x.double().div_(255)
+    mean = f.mean(0).float()
+    std = float(f.std()) if f.numel() > 1 else 1.0
+    return mean, (max(std, 1e-3),) * int(x.shape[1])
+
+
+def with_padding(aug: Augment | None, pad_mode: str | None) -> Augment | None:
+    """``aug`` with its crop padding set to ``pad_mode`` ("zero" or "reflect"; None keeps it)."""
+    if aug is None or pad_mode is None:
+        return aug
+    modes = {"zero": "constant", "reflect": "reflect"}
+    if pad_mode not in modes:
+        raise DataError(f"pad mode {pad_mode!r} unknown; choose zero or reflect")
+    return dataclasses.replace(aug, padding_mode=modes[pad_mode])
 
 
 def synthetic(n_train=512, n_test=256, num_classes=10, size=32, channels=3):
@@ -174,11 +216,14 @@ def synthetic(n_train=512, n_test=256, num_classes=10, size=32, channels=3):
 
 
 def _unknown(name) -> DataError:
-    return DataError(f"{name}: unknown data set; valid: {', '.join(VARIANTS)}, imagefolder:ROOT, imagefolder+:ROOT")
+    return DataError(f"{name}: unknown data set; valid: {', '.join(VARIANTS)}, imagefolder:ROOT, imagefolder+:ROOT, "
+                     f"imagenet:ROOT")
 
 
 def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int = 0, seed: int = 0,
-                 limit: int | None = None, image_size: int | None = None) -> DatasetBundle:
+                 limit: int | None = None, image_size: int | None = None, *, pad_mode: str | None = None,
+                 normalize: str | None = None, val_split: str | None = None,
+                 crop_size: int | None = None) -> DatasetBundle:
     """Load data set variant ``name`` (see ``crosslayer.data`` docstring) into a :class:`DatasetBundle`.
 
     data_dir: directory with the files in their official formats (None: search the defaults, see
@@ -186,11 +231,20 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     val_size: hold out this many training images (seeded by ``seed``); limit: keep the first
     ``limit`` train and test images; image_size: image folders only, resize the shorter side to
     ``image_size`` and centre-crop a square (``--image-size``; default: the images' own size).
+    The protocol options a preset may set (docs/protocols.md): pad_mode "zero" | "reflect" (the
+    crop padding of augmented variants); normalize "pixel_mean_global_std" (mean image + one std);
+    val_split "svhn_balanced" (SVHN train+extra: 400 images per class from train and 200 per class
+    from extra, as the stochastic-depth code; ``val_size`` is then ignored). crop_size: ``imagenet:``
+    only (default 224; evaluation resizes the shorter side to crop_size x 256/224 first).
     """
     if limit is not None and limit < 1:
         raise DataError(f"{name}: limit must be >= 1, got {limit}")
     if image_size is not None and not 1 <= int(image_size) <= 4096:
         raise DataError(f"{name}: image_size must be from 1 to 4096, got {image_size}")
+    if name.startswith("imagenet:"):
+        from crosslayer.data.imagenet import load_imagenet
+
+        return load_imagenet(name, name[len("imagenet:"):] or data_dir, val_size, seed, limit, crop_size or 224)
     for pre in FOLDER_PREFIXES:
         if name.startswith(pre):
             from crosslayer.data.folder import load_imagefolder
@@ -201,6 +255,11 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     if v is None:
         raise _unknown(name)
     mean, std = (v.mean or None), (v.std or None)
+    val_indices = None
+    if val_split not in (None, "random", "svhn_balanced"):
+        raise DataError(f"validation split {val_split!r} unknown; choose random or svhn_balanced")
+    if val_split == "svhn_balanced" and v.family != "svhn":
+        raise DataError(f"{name}: the svhn_balanced validation split needs data svhn (train + extra)")
     if v.family == "synthetic":
         tr, te, classes = synthetic()
         source = "synthetic (seeded)"
@@ -216,10 +275,17 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     elif v.family in ("svhn", "svhn-train"):
         from crosslayer.data.svhn import load_svhn
 
-        tr, te, classes, source = load_svhn(data_dir, download, extra=v.family == "svhn")
+        tr, te, classes, source, n_train = load_svhn(data_dir, download, extra=v.family == "svhn",
+                                                     return_train_count=True)
+        if val_split == "svhn_balanced":
+            from crosslayer.data.svhn import balanced_val_indices
+
+            y = tr[1][:limit] if limit is not None else tr[1]
+            val_indices = balanced_val_indices(y, n_train, seed)
     else:  # pragma: no cover
         raise _unknown(name)
-    b = bundle_from_tensors(name, tuple(tr), tuple(te), classes, mean, std, v.aug, source, val_size, seed, limit)
+    b = bundle_from_tensors(name, tuple(tr), tuple(te), classes, mean, std, with_padding(v.aug, pad_mode), source,
+                            val_size, seed, limit, val_indices, normalize)
     if image_size is not None and int(image_size) != b.image_size:
         raise DataError(f"{name}: --image-size {image_size}: only image folders (imagefolder:ROOT) are resized; "
                         f"{name} images are {b.image_size}x{b.image_size}")

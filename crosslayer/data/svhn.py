@@ -62,8 +62,29 @@ def _count(path: Path) -> int:
     return int(shapes["X"][3])
 
 
-def load_svhn(data_dir=None, download_ok: bool = False, extra: bool = True):
-    """Return ((x_train, y_train), (x_test, y_test), classes, source); train = train (+ extra)."""
+def balanced_val_indices(labels, n_train: int, seed: int = 0, per_class: tuple[int, int] = (400, 200)):
+    """The stochastic-depth SVHN validation split (yueatsprograms/Stochastic_Depth,
+    ``svhn-dataset.lua``): ``per_class[0]`` images of each class from the train file (the first
+    ``n_train`` of ``labels``) and ``per_class[1]`` of each class from extra (the rest), each drawn
+    at random (the official code shuffles both files, then takes the first ones of each class).
+    With fewer images of a class than asked (small ``--limit`` runs), all but one. Sorted int64."""
+    import torch
+
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for lo, hi, k in ((0, min(n_train, len(labels)), per_class[0]), (n_train, len(labels), per_class[1])):
+        part = labels[lo:hi]
+        for c in range(10):
+            idx = (part == c).nonzero().flatten()
+            take = min(k, max(0, idx.numel() - 1))
+            picked.append(idx[torch.randperm(idx.numel(), generator=g)[:take]] + lo)
+    return torch.cat(picked).sort().values
+
+
+def load_svhn(data_dir=None, download_ok: bool = False, extra: bool = True, return_train_count: bool = False):
+    """Return ((x_train, y_train), (x_test, y_test), classes, source); train = train (+ extra).
+    With ``return_train_count`` also the number of images that come from the train file (first)."""
     import torch
 
     files = ["train_32x32.mat"] + (["extra_32x32.mat"] if extra else []) + ["test_32x32.mat"]
@@ -84,4 +105,5 @@ def load_svhn(data_dir=None, download_ok: bool = False, extra: bool = True):
     ytr = np.concatenate(ys)
     xte, yte = read_mat(found / files[-1])
     t = torch.from_numpy
-    return (t(xtr), t(ytr)), (t(xte), t(yte)), CLASSES, str(found)
+    out = (t(xtr), t(ytr)), (t(xte), t(yte)), CLASSES, str(found)
+    return (*out, counts[0]) if return_train_count else out

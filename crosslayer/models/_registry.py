@@ -12,7 +12,7 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -30,7 +30,6 @@ class ModelInfo:
     paper_params_m: float | None = None  # as printed in the paper's table
     paper: str = ""
     note: str = ""  # correction footnote for the printed figure, if any
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}

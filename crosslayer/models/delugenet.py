@@ -2,7 +2,7 @@
 
 J. Kuen, X. Kong, G. Wang, "DelugeNets: Deep Networks with Massive and Flexible Cross-layer
 Information Inflows", arXiv 1611.05552. Faithful to the official Lua code (xternalz/DelugeNets),
-which reproduces every published parameter count.
+which reproduces every published parameter count: see docs/architecture.md, "DelugeNet".
 
 A stage keeps the list S of its composite layers' outputs. Every consumer reads all of S through a
 cross-layer depthwise convolution (CLDC): a per-input affine-free batch normalisation, then a
@@ -152,7 +152,8 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
     """DelugeNet for CIFAR (``stem="cifar"``) or ImageNet (``stem="imagenet"``).
 
     ``units`` = composite layers per stage counting the stage's first unit (CIFAR DelugeNet-146:
-    (8, 16, 24) plus the transition outputs); ``widths`` = stage channels C_s (bottleneck width C_s/2).
+    (8, 16, 24) plus the transition outputs; docs/architecture.md); ``widths`` = stage channels C_s
+    (bottleneck width C_s/2).
 
     Speed switches (:class:`~crosslayer.models._base.SpeedSwitches`; same function, same weights):
     ``memory_efficient`` recomputes each composite layer's CLDC-BN-ReLU-conv1 in backward;
@@ -258,27 +259,48 @@ def wide_delugenet146(**kwargs):
     return delugenet_cifar(8, 1.75, **kwargs)
 
 
-@register_model("delugenet", depth=20, paper=PAPER, note="tiny DelugeNet (n=1) for quick CPU runs (not in the paper)")
+@register_model("delugenet", depth=20, paper=PAPER,
+                note="our own small variant (n=1) for quick CPU runs, not in the paper; the official builder "
+                     "would start stage 2 with a strided BN-ReLU bottleneck instead of a transition")
 def delugenet20(**kwargs):
-    """DelugeNet-20 (n=1): the smallest member of the CIFAR family, for tests and demos."""
+    """DelugeNet-20 (n=1): our own small variant for tests and demos, not in the paper.
+
+    Every stage boundary is the paper's transition (CLDC-BN-Conv3x3 stride 2). The official
+    ``delugenet.lua`` builder with n=1 differs at the stage-1 -> stage-2 boundary only: stage 1 then
+    has a single output, so its 'both_preact' unit takes the ``nLayers == 1`` branch and builds a
+    BN-ReLU-bottleneck with a strided 3x3 instead of a transition (docs/architecture.md)."""
     return delugenet_cifar(1, 1.0, **kwargs)
 
 
-def _register_imagenet(name: str, units: tuple[int, ...], params_m: float):
-    def fn(**kwargs):
-        composites = (units[0] - 1,) + tuple(u - 1 for u in units[1:])
-        return DelugeNet(composites, (128, 256, 512, 1024), 64, stem="imagenet", **kwargs)
+def delugenet_imagenet(units: tuple[int, ...], **kwargs) -> DelugeNet:
+    """ImageNet DelugeNet: ``units`` = the official ``cfg`` (composite layers + 1 per stage), stage
+    widths 128-256-512-1024, 7x7 stem of 64 channels (xternalz/DelugeNets ``delugenet.lua``)."""
+    composites = (units[0] - 1,) + tuple(u - 1 for u in units[1:])
+    return DelugeNet(composites, (128, 256, 512, 1024), 64, stem="imagenet", **kwargs)
 
-    fn.__name__ = name
-    fn.__doc__ = f"{name}: ImageNet DelugeNet, units per stage {units} (official README)."
+
+def _register_imagenet(units: tuple[int, ...], params_m: float):
     depth = 3 * sum(u - 1 for u in units) + 2
     return register_model("delugenet", depth=depth, input_size=(3, 224, 224), default_classes=1000,
-                          paper_params_m=params_m, paper=PAPER)(fn)
+                          paper_params_m=params_m, paper=PAPER)
 
 
-delugenet92 = _register_imagenet("delugenet92", (8, 8, 9, 9), 43.4)
-delugenet104 = _register_imagenet("delugenet104", (8, 9, 10, 11), 51.4)
-delugenet122 = _register_imagenet("delugenet122", (8, 10, 12, 14), 63.6)
+@_register_imagenet((8, 8, 9, 9), 43.4)
+def delugenet92(**kwargs):
+    """DelugeNet-92: ImageNet, units per stage (8, 8, 9, 9) (official README)."""
+    return delugenet_imagenet((8, 8, 9, 9), **kwargs)
+
+
+@_register_imagenet((8, 9, 10, 11), 51.4)
+def delugenet104(**kwargs):
+    """DelugeNet-104: ImageNet, units per stage (8, 9, 10, 11) (official README)."""
+    return delugenet_imagenet((8, 9, 10, 11), **kwargs)
+
+
+@_register_imagenet((8, 10, 12, 14), 63.6)
+def delugenet122(**kwargs):
+    """DelugeNet-122: ImageNet, units per stage (8, 10, 12, 14) (official README)."""
+    return delugenet_imagenet((8, 10, 12, 14), **kwargs)
 
 
 # ---------------------------------------------------------------- small variants for `crosslayer study`

@@ -254,25 +254,39 @@ def _imagenet(blocks, k, kwargs):
                     **kwargs)
 
 
-# name -> (layers per block, growth rate); Table 1, plus DenseNet-161 from the official code.
-_IMAGENET = {"densenet121": ((6, 12, 24, 16), 32), "densenet169": ((6, 12, 32, 32), 32),
-             "densenet201": ((6, 12, 48, 32), 32), "densenet264": ((6, 12, 64, 48), 32),
-             "densenet161": ((6, 12, 36, 24), 48)}
+def _register_imagenet(depth: int, note: str = ""):
+    return register_model("densenet", depth=depth, input_size=(3, 224, 224), default_classes=1000, paper=PAPER,
+                          note=note)
 
 
-def _register_imagenet(name, blocks, k):
-    def fn(**kwargs):
-        return _imagenet(blocks, k, kwargs)
-
-    fn.__name__ = name
-    fn.__doc__ = f"{name} (ImageNet, k={k}, blocks {blocks}), Table 1."
-    note = "from the official code / torchvision; not in Table 1" if name == "densenet161" else ""
-    return register_model("densenet", depth=int(name[len("densenet"):]), input_size=(3, 224, 224),
-                          default_classes=1000, paper=PAPER, note=note)(fn)
+@_register_imagenet(121)
+def densenet121(**kwargs):
+    """DenseNet-121 (ImageNet, k=32, blocks 6-12-24-16), Table 1."""
+    return _imagenet((6, 12, 24, 16), 32, kwargs)
 
 
-for _name, (_blocks, _k) in _IMAGENET.items():
-    globals()[_name] = _register_imagenet(_name, _blocks, _k)
+@_register_imagenet(169)
+def densenet169(**kwargs):
+    """DenseNet-169 (ImageNet, k=32, blocks 6-12-32-32), Table 1."""
+    return _imagenet((6, 12, 32, 32), 32, kwargs)
+
+
+@_register_imagenet(201)
+def densenet201(**kwargs):
+    """DenseNet-201 (ImageNet, k=32, blocks 6-12-48-32), Table 1."""
+    return _imagenet((6, 12, 48, 32), 32, kwargs)
+
+
+@_register_imagenet(264)
+def densenet264(**kwargs):
+    """DenseNet-264 (ImageNet, k=32, blocks 6-12-64-48), Table 1."""
+    return _imagenet((6, 12, 64, 48), 32, kwargs)
+
+
+@_register_imagenet(161, note="from the official code / torchvision; not in Table 1")
+def densenet161(**kwargs):
+    """DenseNet-161 (ImageNet, k=48, blocks 6-12-36-24), liuzhuang13/DenseNet README and torchvision."""
+    return _imagenet((6, 12, 36, 24), 48, kwargs)
 
 
 _OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")

@@ -2,19 +2,34 @@
 
 G. Larsson, M. Maire, G. Shakhnarovich, "FractalNet: Ultra-Deep Neural Networks without Residuals",
 ICLR 2017. The fractal expansion rule f_1(z) = conv(z), f_{C+1}(z) = join(f_C(f_C(z)), conv(z))
-(Eq. 1), with join = element-wise mean, B blocks each followed by 2x2 max-pooling, and drop-path
-regularisation (local: each join input dropped with probability 15%, at least one kept).
-Conv unit as in the released Caffe generator: conv3x3 (with bias) -> dropout -> BN -> ReLU.
+(Sec. 2, Eq. 1), with join = element-wise mean, B blocks each reducing the resolution by 2x2
+max-pooling, and drop-path regularisation (Sec. 3.1; local: each join input dropped with
+probability 15%, at least one kept).
 
-The released configuration (C=3 columns, B=5 blocks, widths 64-128-256-512-512) has 33.7M
-parameters, not the 38.6M printed in the DenseNet and DelugeNet tables; no public configuration
-reproduces 38.6M.
+Built as the authors' released Caffe generator (gustavla/fractalnet, ``generation/fractalnet.py``
+and ``generation/globals.crox``), which produced the paper's CIFAR numbers:
+
+* conv unit = conv3x3 (with bias) -> dropout -> Caffe ``BatchNorm`` (no ``Scale`` layer, so no
+  learnable scale/shift) -> ReLU;
+* at the end of a block every column is max-pooled *before* the block's last join
+  (``pool2 conv0_0 ...`` then ``join3``); ``pool="after_join"`` pools the joined output instead,
+  as Fig. 1 of the paper draws it (a different function);
+* Caffe ``xavier`` fillers (U(+-sqrt(3 / fan_in))) for conv and classifier weights, zero biases;
+* biases learn at twice the base learning rate and have no weight decay (``lr_mult: 2,
+  decay_mult: 0``): :meth:`FractalNet.param_groups` hands those groups to the trainer.
+
+The released configuration (C=3 columns, B=5 blocks, widths 64-128-256-512-512) has 33,714,314
+parameters for 10 classes, not the 38.6M printed in the DenseNet and DelugeNet tables; see
+docs/architecture.md, "Errata".
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from crosslayer.models._base import ClassifierMixin
 from crosslayer.models._registry import register_model
@@ -22,22 +37,36 @@ from crosslayer.models._registry import register_model
 PAPER = "Larsson et al., FractalNet: Ultra-Deep Neural Networks without Residuals, ICLR 2017"
 
 
+def caffe_xavier_(weight: torch.Tensor) -> torch.Tensor:
+    """Caffe's ``xavier`` filler (default ``variance_norm: FAN_IN``): U(-a, a), a = sqrt(3 / fan_in).
+    (PyTorch's ``xavier_uniform_`` averages fan-in and fan-out instead.)"""
+    fan_in = weight[0].numel()
+    bound = math.sqrt(3.0 / fan_in)
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)
+
+
 class ConvUnit(nn.Sequential):
-    """conv3x3 (bias) -> dropout -> BN -> ReLU."""
+    """conv3x3 (bias) -> dropout -> BN without affine parameters -> ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, drop_rate: float):
         super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.Dropout(drop_rate),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+                         nn.BatchNorm2d(out_channels, affine=False), nn.ReLU(inplace=True))
 
 
 class FractalBlock(nn.Module):
     """f_C of Eq. (1), built recursively: column c (1..C) has 2^(c-1) conv units; a join averages
-    the outputs of the columns that meet there, with local drop-path in training."""
+    the outputs of the columns that meet there, with local drop-path in training.
+
+    ``pool`` (top-level block only): ``"columns"`` max-pools each column before the final join
+    (released code), ``"after_join"`` max-pools the join's output (Fig. 1), ``None`` no pooling."""
 
     def __init__(self, columns: int, in_channels: int, out_channels: int, drop_rate: float = 0.0,
-                 drop_path: float = 0.15):
+                 drop_path: float = 0.15, pool: str | None = None):
         super().__init__()
-        self.columns, self.drop_path = columns, drop_path
+        if pool not in (None, "columns", "after_join"):
+            raise ValueError(f"pool must be 'columns', 'after_join' or None, got {pool!r}")
+        self.columns, self.drop_path, self.pool = columns, drop_path, pool
         self.conv = ConvUnit(in_channels, out_channels, drop_rate)
         if columns > 1:
             self.first = FractalBlock(columns - 1, in_channels, out_channels, drop_rate, drop_path)
@@ -58,34 +87,53 @@ class FractalBlock(nn.Module):
         return torch.stack(paths).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._join(self.paths(x))
+        paths = self.paths(x)
+        if self.pool == "columns":
+            paths = [F.max_pool2d(p, 2) for p in paths]
+        out = self._join(paths)
+        return F.max_pool2d(out, 2) if self.pool == "after_join" else out
 
 
 class FractalNet(ClassifierMixin, nn.Module):
-    """FractalNet for 32x32 inputs: ``len(widths)`` fractal blocks, each followed by 2x2 max-pool."""
+    """FractalNet for 32x32 inputs: ``len(widths)`` fractal blocks, each halving the resolution by
+    2x2 max-pooling (``pool``: where, see :class:`FractalBlock`)."""
 
     def __init__(self, columns: int = 3, widths: tuple[int, ...] = (64, 128, 256, 512, 512),
                  drop_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4), drop_path: float = 0.15,
-                 num_classes: int = 10, in_channels: int = 3):
+                 num_classes: int = 10, in_channels: int = 3, pool: str = "columns"):
         super().__init__()
         blocks, channels = [], in_channels
         for w, d in zip(widths, drop_rates):
-            blocks += [FractalBlock(columns, channels, w, d, drop_path), nn.MaxPool2d(2)]
+            blocks.append(FractalBlock(columns, channels, w, d, drop_path, pool))
             channels = w
         self.blocks = nn.Sequential(*blocks)
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = self.classifier_head(channels, num_classes)
-        for m in self.modules():  # Xavier, as the released Caffe generator
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
+        for m in self.modules():  # weight_filler xavier, bias_filler constant 0 (globals.crox)
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                caffe_xavier_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
+    def reset_classifier(self, num_classes: int) -> None:
+        super().reset_classifier(num_classes)
+        if num_classes > 0:
+            caffe_xavier_(self.classifier.weight)
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """SGD parameter groups of the released solver set-up: weights at ``lr`` with
+        ``weight_decay``; biases at 2 x ``lr`` without weight decay (``lr_mult: 2, decay_mult: 0``
+        for every conv and the classifier in globals.crox). BN has no parameters."""
+        weights = [p for n, p in self.named_parameters() if not n.endswith("bias")]
+        biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        return [{"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
+                {"params": biases, "lr": 2 * lr, "weight_decay": 0.0, "name": "biases"}]
+
 
 @register_model("fractalnet", depth=20, paper_params_m=38.6, paper=PAPER,
                 note="the released configuration (C=3, B=5) has 33.7M; 38.6M is not reproducible")
 def fractalnet20(**kwargs):
-    """FractalNet, 20 conv layers (C=3 columns, B=5 blocks), drop-path 15%."""
+    """FractalNet, 20 conv layers (C=3 columns, B=5 blocks), dropout 0-0.4 and local drop-path 15%."""
     return FractalNet(**kwargs)

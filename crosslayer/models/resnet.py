@@ -58,22 +58,36 @@ class BasicBlock(nn.Module):
 
 class PreActBlock(nn.Module):
     """Pre-activation basic unit x + F(x), F = BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3 (He 2016b,
-    Fig. 4e; dropout between the convs as in Wide ResNets). Where the shape changes, the shortcut
-    is a 1x1 projection of the pre-activated input."""
+    Fig. 4e; dropout between the convs as in Wide ResNets).
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_rate: float = 0.0):
+    ``shortcut`` where the shape changes: ``"projection"`` = 1x1 conv (option B), ``"zero_pad"`` =
+    strided subsampling + zero channels (option A, parameter-free). ``preact_shortcut``: the
+    shortcut reads the pre-activated input BN-ReLU(x) instead of x (fb.resnet.torch
+    ``preresnet.lua`` 'both_preact' units, the first of each stage); None = only where the shape
+    changes (Wide ResNets, ``models/wide-resnet.lua``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, drop_rate: float = 0.0,
+                 shortcut: str = "projection", preact_shortcut: bool | None = None):
         super().__init__()
-        self.drop_rate = drop_rate
+        if shortcut not in ("projection", "zero_pad"):
+            raise ValueError(f"shortcut must be 'projection' or 'zero_pad', got {shortcut!r}")
+        changes = stride != 1 or in_channels != out_channels
+        self.drop_rate, self.out_channels, self.stride = drop_rate, out_channels, stride
+        self.preact_shortcut = changes if preact_shortcut is None else preact_shortcut
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
-                         if stride != 1 or in_channels != out_channels else None)
+                         if changes and shortcut == "projection" else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(pre)
+        shortcut = pre if self.preact_shortcut else x
+        if self.shortcut is not None:
+            shortcut = self.shortcut(shortcut)
+        else:
+            shortcut = zero_pad_shortcut(shortcut, self.out_channels, self.stride)
         out = F.relu(self.bn2(self.conv1(pre)))
         if self.drop_rate > 0:
             out = F.dropout(out, self.drop_rate, self.training)
@@ -114,12 +128,17 @@ class CifarResNet(ClassifierMixin, nn.Module):
     ``unit``: 'basic' (post-activation, He 2016), 'preact' or 'preact_bottleneck' (He 2016b).
     ``death_rate`` p_L > 0 makes a stochastic-depth ResNet with the linear decay rule
     p_l = 1 - l/L * (1 - p_L) (Huang 2016, Eq. 4), with ``death_rate`` = 1 - p_L.
+    ``shortcut_type`` ('preact' units) is fb.resnet.torch's ``-shortcutType``: 'A' zero-padded
+    identity (its CIFAR default), 'B' 1x1 projection where the shape changes; as in its
+    ``preresnet.lua``, the first unit of each stage shares its BN-ReLU with the shortcut.
     """
 
     def __init__(self, blocks_per_stage: int, unit: str = "basic", widths: tuple[int, int, int] = (16, 32, 64),
                  num_classes: int = 10, in_channels: int = 3, conv_bias: bool = False, death_rate: float = 0.0,
-                 shortcut_pool: str = "subsample"):
+                 shortcut_pool: str = "subsample", shortcut_type: str = "A"):
         super().__init__()
+        if shortcut_type not in ("A", "B"):
+            raise ValueError(f"shortcut_type must be 'A' (zero-padding) or 'B' (projection), got {shortcut_type!r}")
         preact = unit.startswith("preact")
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=conv_bias)
         self.stem_bn = None if preact else nn.BatchNorm2d(16)
@@ -132,7 +151,8 @@ class CifarResNet(ClassifierMixin, nn.Module):
                     p = 1.0 - idx / total * death_rate
                     layers.append(BasicBlock(channels, width, stride, conv_bias, p, shortcut_pool))
                 elif unit == "preact":
-                    layers.append(PreActBlock(channels, width, stride))
+                    layers.append(PreActBlock(channels, width, stride, shortcut="zero_pad" if shortcut_type == "A"
+                                              else "projection", preact_shortcut=b == 0))
                 elif unit == "preact_bottleneck":
                     layers.append(PreActBottleneck(channels, width, stride))
                 else:
@@ -164,7 +184,9 @@ def resnet_cifar(depth: int, **kwargs) -> CifarResNet:
 
 
 def preact_resnet_cifar(depth: int, bottleneck: bool | None = None, **kwargs) -> CifarResNet:
-    """Pre-activation CIFAR ResNet: basic units (6n+2) or bottleneck units (9n+2, widths 64/128/256)."""
+    """Pre-activation CIFAR ResNet: basic units (6n+2, fb.resnet.torch ``preresnet.lua``, zero-padding
+    shortcuts by default) or bottleneck units (9n+2, widths 64/128/256, KaimingHe/resnet-1k-layers,
+    1x1 projections)."""
     if bottleneck is None:
         bottleneck = depth >= 164
     if bottleneck:
@@ -193,7 +215,8 @@ def resnet20(**kwargs):
 
 @register_model("preact_resnet", depth=110, paper_params_m=1.7, paper=PREACT)
 def preact_resnet110(**kwargs):
-    """Pre-activation ResNet-110, basic units."""
+    """Pre-activation ResNet-110, basic units, zero-padding (option A) shortcuts as fb.resnet.torch
+    ``preresnet.lua`` builds it for CIFAR (``shortcut_type="B"``: 1x1 projections, 1,730,522 params)."""
     return preact_resnet_cifar(110, bottleneck=False, **kwargs)
 
 
@@ -232,17 +255,20 @@ STUDY_NOTE = "small variant for crosslayer study (not in the paper)"
 
 @register_model("preact_resnet", depth=8, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
 def preact_resnet8(**kwargs):
-    """Pre-activation ResNet-8 (n=1), basic units."""
+    """Pre-activation ResNet-8 (n=1), basic units, 1x1 projection shortcuts (as docs/study.md measured it)."""
+    kwargs.setdefault("shortcut_type", "B")
     return preact_resnet_cifar(8, bottleneck=False, **kwargs)
 
 
 @register_model("preact_resnet", depth=20, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
 def preact_resnet20(**kwargs):
-    """Pre-activation ResNet-20 (n=3), basic units."""
+    """Pre-activation ResNet-20 (n=3), basic units, 1x1 projection shortcuts (as docs/study.md measured it)."""
+    kwargs.setdefault("shortcut_type", "B")
     return preact_resnet_cifar(20, bottleneck=False, **kwargs)
 
 
 @register_model("preact_resnet", depth=44, input_size=(1, 28, 28), paper=PREACT, note=STUDY_NOTE)
 def preact_resnet44(**kwargs):
-    """Pre-activation ResNet-44 (n=7), basic units."""
+    """Pre-activation ResNet-44 (n=7), basic units, 1x1 projection shortcuts (as docs/study.md measured it)."""
+    kwargs.setdefault("shortcut_type", "B")
     return preact_resnet_cifar(44, bottleneck=False, **kwargs)

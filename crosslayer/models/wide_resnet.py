@@ -4,6 +4,11 @@ S. Zagoruyko, N. Komodakis, "Wide Residual Networks", BMVC 2016: WRN-d-k has dep
 n pre-activation basic blocks per stage, stage widths 16k/32k/64k, a 16-channel stem, 1x1
 projection shortcuts on the pre-activated input where the width changes, and optional dropout
 between the two 3x3 convs of each block.
+
+Initialised as the released code (szagoruyko/wide-residual-networks, ``models/utils.lua``):
+``MSRinit`` = He normal with n = k*k*in_channels (fan-in), conv biases removed, ``FCinit`` = zero
+classifier bias, and BatchNorm left at Torch's default (scale ~ U(0, 1), shift 0). ``init="fan_out"``
+gives the fb.resnet.torch rule (He fan-out, BN scale 1) used by the other models instead.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ class WideResNet(ClassifierMixin, nn.Module):
     """WRN-depth-width for 32x32 inputs (Table 1 of the paper)."""
 
     def __init__(self, depth: int = 28, width: int = 10, drop_rate: float = 0.0, num_classes: int = 10,
-                 in_channels: int = 3):
+                 in_channels: int = 3, init: str = "official"):
         super().__init__()
+        if init not in ("official", "fan_out"):
+            raise ValueError(f"init must be 'official' or 'fan_out', got {init!r}")
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth {depth} needs (depth-4) divisible by 6")
         n = (depth - 4) // 6
@@ -39,14 +46,32 @@ class WideResNet(ClassifierMixin, nn.Module):
         self.final_bn = nn.BatchNorm2d(channels)
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = self.classifier_head(channels, num_classes)
-        init_he_fan_out(self)
+        if init == "official":
+            init_wrn_official(self)
+        else:
+            init_he_fan_out(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.final_bn(self.blocks(self.stem(x))))
 
 
+def init_wrn_official(model: nn.Module) -> None:
+    """``utils.MSRinit`` + ``utils.FCinit`` of the released Torch code; BatchNorm at Torch's
+    ``reset()`` default (weight ~ U(0, 1), bias 0); Linear weight at Torch's default
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (= PyTorch's)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.0, 1.0)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 def wide_resnet(depth: int, width: int, dropout: float = 0.0, **kwargs) -> WideResNet:
-    """Generic WRN-depth-width with dropout probability ``dropout`` (0.3 on CIFAR, 0.4 on SVHN)."""
+    """Generic WRN-depth-width with dropout probability ``dropout`` (0 by default as the released
+    ``train.lua``; 0.3 on CIFAR and 0.4 on SVHN for the "-dropout" variants)."""
     kwargs.setdefault("drop_rate", dropout)
     return WideResNet(depth, width, **kwargs)
 

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 from crosslayer.errors import CrosslayerError
-from crosslayer.train.presets import get_preset
+from crosslayer.train.presets import preset_for
 
 
 class ConfigError(CrosslayerError):
@@ -68,7 +68,11 @@ class TrainConfig:
     drop_rate: float | None = None
     drop_rate_no_aug: float | None = None
     val_size: int | None = None
+    val_split: str | None = None
+    pad_mode: str | None = None
+    normalize: str | None = None
     select_on: str | None = None
+    crop_size: int | None = None  # imagenet:ROOT only
     # how to run it
     device: str = "auto"
     amp: str | None = None  # None: the device kind's default (crosslayer.ops.defaults: bf16 on CUDA)
@@ -108,15 +112,18 @@ class TrainConfig:
 
 PRESET_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
                  "milestone_shift", "gamma", "schedule_unit", "warmup_epochs", "warmup_steps", "warmup_lr",
-                 "label_smoothing", "drop_rate", "drop_rate_no_aug", "val_size", "select_on")
+                 "label_smoothing", "drop_rate", "drop_rate_no_aug", "val_size", "val_split", "pad_mode", "normalize",
+                 "select_on")
 
 
 def _apply_preset(cfg: TrainConfig, given_epochs: bool) -> None:
     """Fill the hyper-parameters left at None from the preset. A protocol counted in iterations
     (He et al.) keeps its iterations unless epochs were given; given iterations win over epochs."""
-    preset = get_preset(cfg.preset).for_dataset(cfg.data if isinstance(cfg.data, str) else "")
+    preset = preset_for(cfg.preset, cfg.data if isinstance(cfg.data, str) else "", cfg.model)
     if cfg.iterations is None and not given_epochs:
         cfg.iterations = preset.iterations
+    if cfg.lr is None:  # a protocol whose lr is defined for a reference global batch scales it linearly
+        cfg.lr = preset.lr_for_batch(cfg.batch_size if cfg.batch_size is not None else preset.batch_size)
     for name in PRESET_FIELDS:
         if getattr(cfg, name) is None:
             value = getattr(preset, name)
@@ -137,6 +144,7 @@ _RANGES = {
     "max_steps": (int, 1, None, True, True, True),
     "limit": (int, 1, None, True, True, True),
     "image_size": (int, 1, None, True, True, True),
+    "crop_size": (int, 1, None, True, True, True),
     "val_size": (int, 0, None, True, True, False),
     "num_workers": (int, 0, None, True, True, False),
     "checkpoint_every": (int, 0, None, True, True, False),
@@ -156,10 +164,11 @@ _RANGES = {
 _CHOICES = {
     "schedule": ("step", "cosine", "linear", "onecycle", "constant"),
     "schedule_unit": ("epoch", "step"),
-    "select_on": ("final", "best_val"),
+    "select_on": ("final", "best_val", "best_test"),
+    "pad_mode": ("zero", "reflect"),
     "amp": ("none", "bf16", "fp16"),
 }
-_UNSET_OK = ("amp", "channels_last")  # None: the device kind's default, decided when the device is known
+_UNSET_OK = ("amp", "channels_last", "pad_mode")  # None: the device kind's default, decided when the device is known
 _BOOLS = ("download", "nesterov", "channels_last", "compile", "memory_efficient", "deterministic", "sync_bn",
           "tensorboard", "progress", "quiet")
 

@@ -64,7 +64,7 @@ def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_class
     was_training = model.training
     model.eval()
     loader.set_epoch(0)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, count, top-5 correct
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if confusion else None
     for x, y in loader:
         with amp_context(amp, device):
@@ -74,6 +74,7 @@ def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_class
         pred = out.argmax(1)
         sums[1] += (pred == y).sum()
         sums[2] += y.numel()
+        sums[3] += (out.topk(min(5, out.shape[1]), 1).indices == y[:, None]).any(1).sum()
         if conf is not None:
             conf += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
     if info is not None:
@@ -82,7 +83,8 @@ def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_class
             D.all_reduce_sum(conf, info)
     model.train(was_training)
     n = max(1.0, sums[2].item())
-    res = {"loss": sums[0].item() / n, "err": 100.0 * (1 - sums[1].item() / n), "count": int(sums[2].item())}
+    res = {"loss": sums[0].item() / n, "err": 100.0 * (1 - sums[1].item() / n), "count": int(sums[2].item()),
+           "err5": 100.0 * (1 - sums[3].item() / n)}
     if conf is not None:
         res["confusion"] = conf.cpu()
     return res
@@ -156,7 +158,8 @@ def _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res) -> dict:
     support = conf.sum(1)
     per_class = {c: (float(conf[i, i]) / float(support[i]) if support[i] else None) for i, c in enumerate(classes)}
     return {"checkpoint": os.path.abspath(checkpoint), "model": ckpt_cfg.get("model"), "data": bundle.name,
-            "split": split, "images": res["count"], "error": res["err"], "accuracy": 100.0 - res["err"],
+            "split": split, "images": res["count"], "error": res["err"], "top5_error": res["err5"],
+            "accuracy": 100.0 - res["err"],
             "loss": res["loss"], "epoch": ckpt.get("epoch"), "per_class_accuracy": per_class, "classes": classes,
             "confusion": conf.tolist()}
 
@@ -172,7 +175,8 @@ def _write_outputs(out: str, result: dict) -> None:
 def format_eval(r: dict) -> str:
     classes = r["classes"]
     width = max(8, max(len(c) for c in classes) + 1)
-    lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['images']} images): error {r['error']:.2f}%  "
+    top5 = f"  top-5 error {r['top5_error']:.2f}%" if r.get("top5_error") is not None else ""
+    lines = [f"{r['model']} on {r['data']} ({r['split']}, {r['images']} images): error {r['error']:.2f}%{top5}  "
              f"accuracy {r['accuracy']:.2f}%  loss {r['loss']:.4f}", "",
              f"{'class':<{width}} {'accuracy':>8}"]
     for c in classes:

@@ -177,7 +177,10 @@ class Trainer:
         self.sched = resolve_schedule(cfg, self.spe)
         self.epochs = self.sched["epochs"]
         self.facts = self._facts()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        # a model may define its paper's parameter groups (FractalNet: biases at 2x lr, no weight decay)
+        params = (self.model.param_groups(cfg.lr, cfg.weight_decay) if hasattr(self.model, "param_groups")
+                  else self.model.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=bool(cfg.nesterov) and cfg.momentum > 0,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.sched, self.spe))
@@ -220,7 +223,9 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.bundle = bundle = load_dataset(cfg.data, data_dir=cfg.data_dir, val_size=int(cfg.val_size or 0),
                                             seed=cfg.seed, limit=cfg.limit, download=cfg.download,
-                                            image_size=cfg.image_size)
+                                            image_size=cfg.image_size, pad_mode=cfg.pad_mode,
+                                            normalize=cfg.normalize, val_split=cfg.val_split,
+                                            crop_size=cfg.crop_size)
         bs = D.per_rank_batch(int(cfg.batch_size), info)
         common = dict(rank=info.rank, world_size=info.world_size, seed=cfg.seed, channels_last=cfg.channels_last,
                       num_workers=cfg.num_workers, fast=cfg.fast)
@@ -487,7 +492,7 @@ class Trainer:
                "train_err": 100.0 * (1 - s[1] / max(1, s[2])), "test_loss": test["loss"], "test_err": test["err"],
                "val_err": val["err"] if val is not None else None,
                "epoch_time_s": round(train_time + time.perf_counter() - t_eval, 3),
-               "images_per_s": round(s[2] / max(train_time, 1e-9), 1)}
+               "images_per_s": round(s[2] / max(train_time, 1e-9), 1), "test_top5_err": test["err5"]}
         self.history.append(row)
         self.epoch, self.batch_in_epoch, self.epoch_stats = epoch + 1, 0, None
         if self.best_test_err is None or test["err"] < self.best_test_err:

@@ -11,7 +11,7 @@ import os
 from crosslayer.io import write_csv, write_jsonl
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_err",
-                  "epoch_time_s", "images_per_s"]
+                  "epoch_time_s", "images_per_s", "test_top5_err"]
 
 
 def write_metrics(out_dir: str, history: list[dict]) -> None:
@@ -28,12 +28,15 @@ def results(record: dict, history: list[dict], best_test_err, wall_time_s: float
            "best_test_err": best_test_err, "epochs_done": len(history),
            "params": record.get("params"), "macs": record.get("macs"), "wall_time_s": round(wall_time_s, 2),
            "val_err": last.get("val_err"), "step": step, "status": status,
-           "select_on": record.get("select_on") or "final"}
+           "select_on": record.get("select_on") or "final", "test_top5_err": last.get("test_top5_err")}
+    if history:  # fb.resnet.torch prints the top-5 error of the best top-1 epoch
+        res["best_test_top5_err"] = min(history, key=lambda r: r["test_err"]).get("test_top5_err")
     with_val = [r for r in history if r.get("val_err") is not None]
     if with_val:
         best = min(with_val, key=lambda r: r["val_err"])
         res["test_err_at_best_val"] = best["test_err"]
         res["best_val_epoch"] = best["epoch"]
     res["reported_test_err"] = (res.get("test_err_at_best_val") if res["select_on"] == "best_val"
-                                and "test_err_at_best_val" in res else res["test_err"])
+                                and "test_err_at_best_val" in res else
+                                res["best_test_err"] if res["select_on"] == "best_test" else res["test_err"])
     return res
