@@ -100,6 +100,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def __getitem__(self, name: str):
+        """Read access as ``cfg["lr"]``, for code written against the config dict of config.json."""
+        if name not in FIELDS:
+            raise KeyError(name)
+        return getattr(self, name)
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """From a ``config.json`` (also of older versions, whose extra keys are ignored)."""
@@ -220,9 +226,9 @@ def _check_device(device) -> None:
 def _check_data(data) -> None:
     from crosslayer.data.registry import FOLDER_PREFIXES, VARIANTS
 
-    if not isinstance(data, str) or not (data in VARIANTS or data.startswith(tuple(FOLDER_PREFIXES))):
+    if not isinstance(data, str) or not (data in VARIANTS or data.startswith((*FOLDER_PREFIXES, "imagenet:"))):
         raise ConfigError(f"--data {data}: unknown data set; valid: {', '.join(VARIANTS)}, imagefolder:ROOT, "
-                          f"imagefolder+:ROOT")
+                          f"imagefolder+:ROOT, imagenet:ROOT")
 
 
 def validate(cfg: TrainConfig) -> None:
