@@ -36,5 +36,5 @@ def test_demo_quick_writes_its_files(tmp_path, capsys):
     assert (out / "curves.png").exists() and (out / "confusion.png").exists()
     assert any(p.suffix == ".png" for p in (out / "reuse").iterdir())
     # running it again reuses the finished run instead of failing
-    assert cli(["demo", "--quick", "--limit", "128", "--data", data, "--out", str(out), "--no-progress", "--amp", "none",
-                "--no-plots"]) == 0
+    assert cli(["demo", "--quick", "--limit", "128", "--data", data, "--out", str(out), "--no-progress",
+                "--amp", "none", "--no-plots"]) == 0

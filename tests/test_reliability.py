@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import crosslayer.io
 from crosslayer.errors import CheckpointError
 from crosslayer.train import checkpoint as ck
 from crosslayer.train.checkpoint import (
@@ -128,7 +129,7 @@ def test_previous_kept_without_hard_links(tmp_path, monkeypatch):
     def no_link(*a, **k):
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(ck.os, "link", no_link)
+    monkeypatch.setattr(os, "link", no_link)
     p = tmp_path / "last.pt"
     s1, s2 = _tiny_state(seed=1, step=1), _tiny_state(seed=2, step=2)
     save_checkpoint(p, s1)
@@ -174,8 +175,8 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
         partial["tmp"] = path
         return fh
 
-    monkeypatch.setattr(ck.torch, "save", save_until_full)
-    monkeypatch.setattr(ck, "open", spy_open, raising=False)
+    monkeypatch.setattr(torch, "save", save_until_full)
+    monkeypatch.setattr(crosslayer.io, "open", spy_open, raising=False)  # atomic_write opens the tmp file
     with pytest.raises(CheckpointError) as ei:
         save_checkpoint(p, _tiny_state(seed=2, step=2))
     monkeypatch.undo()
@@ -197,7 +198,7 @@ def test_full_disk_at_fsync(tmp_path, monkeypatch):
     def bad_fsync(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ck.os, "fsync", bad_fsync)
+    monkeypatch.setattr(os, "fsync", bad_fsync)
     with pytest.raises(CheckpointError, match="No space left on device"):
         save_checkpoint(p, _tiny_state(seed=2))
     monkeypatch.undo()
@@ -214,7 +215,7 @@ def test_interrupt_during_write_leaves_no_tmp(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck.torch, "save", interrupted)
+    monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(p, _tiny_state(seed=2))
     monkeypatch.undo()
@@ -524,7 +525,9 @@ def test_sigterm_sigint_save_a_checkpoint_then_resume(tmp_path, sig, code):
                          stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         _wait_for(lambda: (out / "last.pt").exists(), p, every=0.01)  # epoch 1 done (step 8)
-        # past the epoch-end saves, into epoch 2 (a signal at an epoch end stops there, nothing to save)
+        # past the epoch-end saves (results.json is written after last.pt and best.pt), into epoch 2
+        # (a signal at an epoch end stops there, nothing to save)
+        _wait_for(lambda: (out / "results.json").exists(), p, every=0.01)
         time.sleep(0.25)
         p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=60)
@@ -798,7 +801,7 @@ def test_full_disk_during_training_keeps_last_checkpoint(tmp_path, monkeypatch, 
     assert rc == 0, err
     before = (out / "last.pt").read_bytes()
     real_save = torch.save
-    monkeypatch.setattr(ck.torch, "save", lambda obj, f, *a, **k: real_save(obj, _FullDisk(f, 4096), *a, **k))
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, _FullDisk(f, 4096), *a, **k))
     rc, _, err = _cli(capsys, "train", "--out", out, "--resume", "--no-progress")
     monkeypatch.undo()
     _assert_one_line_error(rc, err, f"{out / 'last.pt'}: could not write checkpoint (No space left on device)")

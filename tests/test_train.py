@@ -20,8 +20,9 @@ import torch
 
 from crosslayer.cli import main as cli
 from crosslayer.cli.train import add_arguments, build_config
-from crosslayer.train.loop import METRIC_COLUMNS, lr_lambda
+from crosslayer.train.outputs import METRIC_COLUMNS
 from crosslayer.train.presets import PRESETS, get_preset, resolve_milestones
+from crosslayer.train.schedule import lr_lambda
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 TINY = ["--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", "synthetic"]
@@ -38,7 +39,7 @@ def _cfg(*argv):
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return build_config(p.parse_args(list(argv)))
+    return build_config(p.parse_args(list(argv))).to_dict()
 
 
 def _rows(path):
@@ -73,7 +74,8 @@ def test_presets_match_the_papers():
     assert resolve_milestones(w.milestones, w.milestone_shift, 200) == [59, 119, 159]
     assert w.for_dataset("svhn").drop_rate == 0.4
     pa = get_preset("preact")
-    assert (pa.iterations, pa.batch_size, pa.weight_decay, pa.warmup_lr, pa.warmup_steps) == (64000, 128, 1e-4, 0.01, 400)
+    assert (pa.iterations, pa.batch_size, pa.weight_decay, pa.warmup_lr, pa.warmup_steps) == \
+        (64000, 128, 1e-4, 0.01, 400)
     assert pa.schedule_unit == "step" and resolve_milestones(pa.milestones, 0, 64000) == [32000, 48000]
     sd = get_preset("stochastic-depth")
     assert (sd.epochs, sd.batch_size, sd.nesterov, sd.weight_decay, sd.val_size) == (500, 128, True, 1e-4, 5000)

@@ -20,13 +20,16 @@ OpenMP threads than free cores every step waits on spinning threads (measured 30
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shlex
 import shutil
+import sys
 import time
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.train.config import TrainConfig, differs, read_saved_config
+from crosslayer.train.rundir import check_out_path
 
 MODEL = "densenet_bc40_k12"
 DATA = "fashion-mnist"
@@ -39,8 +42,9 @@ RUN_FILES = ("config.json", "metrics.csv", "metrics.jsonl", "last.pt", "last.pt.
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--data", default=DATA, help="fashion-mnist (default) or fashion-mnist+ (shift augmentation)")
-    parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files "
-                                                         "(default: /usr/share/datasets/fashion-mnist and the usual places)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist "
+                             "and the usual places)")
     parser.add_argument("--model", default=MODEL, help=f"model (default {MODEL})")
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs (default {DEFAULTS['epochs']})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {DEFAULTS['batch_size']})")
@@ -64,43 +68,33 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def demo_config(args) -> dict:
-    """The train config of the demo (a `crosslayer train` config built from the `demo` preset)."""
-    from crosslayer.cli.train import add_arguments as train_args
-    from crosslayer.cli.train import build_config
-
+def demo_config(args) -> TrainConfig:
+    """The demo's TrainConfig: the ``demo`` preset with the demo's defaults and the given flags."""
     base = QUICK if args.quick else DEFAULTS
-    epochs = args.epochs or base["epochs"]
-    bs = args.batch_size or base["batch_size"]
-    lr = args.lr or base["lr"]
-    limit = args.limit if args.limit is not None else base["limit"]
     amp = args.amp
     if amp == "auto":
-        amp = "bf16" if (args.device in ("cpu", "auto") and cpu_has_bf16()) or args.device.startswith("cuda") else "none"
-    p = argparse.ArgumentParser()
-    train_args(p)
-    argv = ["--model", args.model, "--data", args.data, "--preset", "demo", "--out", args.out,
-            "--epochs", str(epochs), "--batch-size", str(bs), "--lr", str(lr), "--amp", amp, "--device", args.device]
-    if limit:
-        argv += ["--limit", str(limit)]
-    if args.data_dir:
-        argv += ["--data-dir", args.data_dir]
-    if args.no_progress:
-        argv += ["--no-progress"]
-    cfg = build_config(p.parse_args(argv))
-    cfg["command"] = "crosslayer demo " + " ".join(argv)
-    return cfg
+        native = (args.device in ("cpu", "auto") and cpu_has_bf16()) or args.device.startswith("cuda")
+        amp = "bf16" if native else "none"
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]
+    argv = " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "demo"
+    return TrainConfig(model=args.model, data=args.data, preset="demo", epochs=pick("epochs"),
+                       batch_size=pick("batch_size"), lr=pick("lr"), limit=pick("limit"), amp=amp, device=args.device,
+                       data_dir=args.data_dir, progress=not args.no_progress, command=f"crosslayer {argv}")
 
 
-def _same_run(out: str, cfg: dict) -> bool | None:
-    """None: no previous run; True: a previous run with the same recipe; False: a different one."""
-    path = os.path.join(out, "config.json")
-    if not os.path.exists(os.path.join(out, "last.pt")) or not os.path.exists(path):
-        return None
-    with open(path) as f:
-        old = json.load(f)
-    keys = ("model", "data", "batch_size", "lr", "limit", "amp")
-    return all(old.get(k) == cfg.get(k) for k in keys) and old.get("epochs") == cfg.get("epochs")
+def _previous_run(out: str, cfg: TrainConfig) -> bool:
+    """True if ``out`` holds a demo run with this recipe (to continue or reuse), False if it holds
+    none; a run with another recipe is refused in one line."""
+    saved = read_saved_config(out) if os.path.exists(os.path.join(out, "last.pt")) else None
+    if saved is None:
+        return False
+    diff = differs(saved, cfg)
+    if diff is None and saved.get("epochs") != cfg.epochs:
+        diff = (f"--epochs {cfg.epochs}", f"epochs={saved.get('epochs')}")
+    if diff is not None:
+        raise CrosslayerError(f"{out}: holds a demo run with different settings ({diff[1]}; asked {diff[0]}); pass "
+                              f"--fresh to replace it or choose another --out")
+    return True
 
 
 def main(args) -> int:
@@ -109,25 +103,23 @@ def main(args) -> int:
     t0 = time.perf_counter()
     cfg = demo_config(args)
     out = args.out
+    check_out_path(out)
     if args.fresh:
         for name in RUN_FILES:
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
         shutil.rmtree(os.path.join(out, "reuse"), ignore_errors=True)
-    same = _same_run(out, cfg)
-    if same is False:
-        raise CrosslayerError(f"{out}: holds a demo run with different settings; pass --fresh to replace it or "
-                              f"choose another --out")
-    print(f"crosslayer demo: {cfg['model']} on {cfg['data']}, {cfg['epochs']} epoch(s), batch {cfg['batch_size']}, "
-          f"lr {cfg['lr']:g} one-cycle, amp {cfg['amp']} -> {out}", flush=True)
-    rc = Trainer(cfg, out, resume=bool(same)).run()
+    same = _previous_run(out, cfg)
+    print(f"crosslayer demo: {cfg.model} on {cfg.data}, {cfg.epochs} epoch(s), batch {cfg.batch_size}, "
+          f"lr {cfg.lr:g} one-cycle, amp {cfg.amp} -> {out}", flush=True)
+    rc = Trainer(cfg, out, resume=same).run()
     if rc:
         return rc
 
     from crosslayer.train.evaluate import evaluate_checkpoint
 
-    ev = evaluate_checkpoint(os.path.join(out, "last.pt"), cfg["data"], out=out, data_dir=args.data_dir,
-                             limit=cfg.get("limit"), device=args.device, amp=cfg["amp"], quiet=True)
+    ev = evaluate_checkpoint(os.path.join(out, "last.pt"), cfg.data, out=out, data_dir=args.data_dir,
+                             limit=cfg.limit, device=args.device, amp=cfg.amp, quiet=True)
     written = ["eval.json", "confusion.csv"]
     notes = []
     if not args.no_plots:

@@ -17,13 +17,12 @@ import json
 import shlex
 import sys
 
-from crosslayer.errors import CrosslayerError
-from crosslayer.train.presets import PRESETS, format_presets, preset_for
+from crosslayer.train.config import ConfigError, TrainConfig, resume_config
+from crosslayer.train.presets import PRESETS, format_presets
 
-# argparse dest -> config key, for the preset values the command line overrides
-OVERRIDES = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
-             "milestone_shift", "gamma", "schedule_unit", "iterations", "warmup_epochs", "warmup_steps", "warmup_lr",
-             "label_smoothing", "drop_rate", "val_size", "select_on", "pad_mode")
+# flags that are not TrainConfig fields
+NOT_FIELDS = ("out", "resume", "list_presets", "print_config", "model_arg", "slow_loader", "no_progress", "command",
+              "_module")
 
 
 def _floats(text: str) -> list[float]:
@@ -44,6 +43,11 @@ def _kv(text: str):
     return k.strip(), v
 
 
+def _switch(group, name: str, help: str) -> None:
+    """An on/off flag that is None when not given (so --resume can tell it was not)."""
+    group.add_argument(name, action="store_true", default=None, help=help)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("Examples::", 1)[1]
@@ -52,22 +56,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="data set: c10, c10+, c100, c100+, svhn, fashion-mnist(+), mnist(+), synthetic, "
                                   "imagefolder:ROOT, imagenet:ROOT")
     g.add_argument("--data-dir", default=None, help="folder with the data set files (default: the standard places)")
-    g.add_argument("--download", action="store_true", help="download missing data set files from the official URLs "
-                                                             "(md5-checked) into --data-dir or ~/.cache/crosslayer")
-    g.add_argument("--preset", default="densenet", choices=list(PRESETS), help="training protocol (default densenet)")
+    _switch(g, "--download", "download missing data set files from the official URLs (md5-checked) into "
+                             "--data-dir or ~/.cache/crosslayer")
+    g.add_argument("--preset", choices=list(PRESETS), help="training protocol (default densenet)")
     g.add_argument("--out", help="run directory (config.json, metrics.csv, last.pt, best.pt, results.json)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (or last.pt.prev)")
-    g.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last.pt (or last.pt.prev) with its saved config; --epochs "
+                        "extends it, --checkpoint-every and --num-workers may change")
+    g.add_argument("--model-arg", action="append", type=_kv, metavar="KEY=VALUE",
                    help="extra model constructor argument, e.g. growth_rate=12 (repeatable)")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N train and test images (smoke runs)")
-    g.add_argument("--crop-size", type=int, default=None,
+    g.add_argument("--limit", type=int, help="use only the first N train and test images (smoke runs)")
+    g.add_argument("--image-size", type=int, help="resize (and centre-crop) ImageFolder images to N x N pixels")
+    g.add_argument("--crop-size", type=int,
                    help="imagenet:ROOT only: crop size (default 224; evaluation resizes to crop x 256/224 first)")
     g.add_argument("--list-presets", action="store_true", help="print the presets with their sources and exit")
     g.add_argument("--print-config", action="store_true", help="print the resolved preset + overrides and exit")
 
     h = parser.add_argument_group("hyper-parameters (default: the preset's)")
     h.add_argument("--epochs", type=int)
-    h.add_argument("--iterations", type=int, help="train for this many steps (He et al. protocols); sets the epochs")
+    h.add_argument("--iterations", type=int, help="train for this many steps (He et al. protocols; wins over epochs)")
     h.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
     h.add_argument("--lr", type=float)
     h.add_argument("--momentum", type=float)
@@ -88,87 +95,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--select-on", choices=("final", "best_val", "best_test"),
                    help="which test error results.json reports (docs/protocols.md)")
     h.add_argument("--pad-mode", choices=("zero", "reflect"), help="padding of the random crop (WRN preset: reflect)")
-    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--seed", type=int, help="random seed (default 0)")
 
     r = parser.add_argument_group("execution")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
-    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
+    r.add_argument("--amp", choices=("none", "bf16", "fp16"),
                    help="autocast: bf16 (CPU and CUDA) or fp16 with GradScaler (CUDA); default: bf16 on CUDA "
                         "(GPUs with native bf16), none elsewhere (docs/benchmarks.md, 'Defaults per device')")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format; default: on for CUDA, off elsewhere")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--memory-efficient", action="store_true",
-                   help="recompute concatenations in backward (DenseNet / DelugeNet): less memory, ~20%% slower")
-    r.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
-    r.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (default: per-process BN)")
-    r.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (only for data without tensors)")
-    r.add_argument("--slow-loader", action="store_true", help="use torch DataLoader instead of the device-resident path")
-    r.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    _switch(r, "--compile", "torch.compile the model")
+    _switch(r, "--memory-efficient", "recompute concatenations in backward (DenseNet / DelugeNet): less memory, "
+                                     "~20%% slower")
+    _switch(r, "--deterministic", "deterministic algorithms (bit-exact resume on CPU)")
+    _switch(r, "--sync-bn", "SyncBatchNorm across processes (default: per-process BN)")
+    r.add_argument("--num-workers", type=int, help="DataLoader workers (only for data without tensors)")
+    _switch(r, "--slow-loader", "use torch DataLoader instead of the device-resident path")
+    r.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="also save last.pt every N steps inside an epoch (default: at each epoch end only)")
-    r.add_argument("--max-steps", type=int, default=None, help="stop after N steps in total (saves last.pt)")
-    r.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (TensorBoard)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
-    r.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    r.add_argument("--max-steps", type=int, help="stop after N steps in total (saves last.pt; not kept by --resume)")
+    _switch(r, "--tensorboard", "also log to OUT/tb (TensorBoard)")
+    _switch(r, "--no-progress", "no progress bar (also off when not a terminal)")
+    _switch(r, "--quiet", "print nothing but errors")
 
 
-def build_config(args) -> dict:
-    """Preset (adjusted for the data set) + explicit command-line overrides -> config dict."""
-    preset = preset_for(args.preset, args.data, args.model)
-    cfg = preset.as_dict()
-    for k in ("name", "per_dataset", "per_model", "description", "source", "select_evidence", "table_rows",
-              "lr_reference_batch"):
-        cfg.pop(k)
-    explicit = {}
-    for k in OVERRIDES:
-        v = getattr(args, k, None)
-        if v is not None:
-            cfg[k] = list(v) if isinstance(v, tuple) else v
-            explicit[k] = cfg[k]
-    if "lr" not in explicit:  # protocols whose lr is defined for a reference global batch (ImageNet)
-        cfg["lr"] = preset.lr_for_batch(int(cfg["batch_size"]))
-    if args.epochs is not None and args.iterations is None:
-        cfg["iterations"] = None
-    cfg.update(
-        model=args.model, data=args.data, data_dir=args.data_dir, download=args.download, preset=args.preset,
-        limit=args.limit, crop_size=args.crop_size,
-        model_kwargs=dict(args.model_arg), seed=args.seed, deterministic=args.deterministic,
-        amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-        memory_efficient=args.memory_efficient, sync_bn=args.sync_bn, device=args.device,
-        num_workers=args.num_workers, fast=False if args.slow_loader else None,
-        checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, tensorboard=args.tensorboard,
-        progress=not args.no_progress, quiet=args.quiet, epochs_explicit=args.epochs is not None,
-        command="crosslayer " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "crosslayer train",
-        preset_description=preset.description, preset_source=preset.source,
-    )
-    cfg["_explicit"] = explicit
-    return cfg
+def given_options(args) -> dict:
+    """The TrainConfig fields set on the command line (flags left out keep the preset's / saved values)."""
+    given = {k: v for k, v in vars(args).items() if k not in NOT_FIELDS and v is not None}
+    if args.model_arg:
+        given["model_kwargs"] = dict(args.model_arg)
+    if args.slow_loader:
+        given["fast"] = False
+    if args.no_progress:
+        given["progress"] = False
+    return given
+
+
+def _command() -> str:
+    return "crosslayer " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "crosslayer train"
+
+
+def build_config(args) -> TrainConfig:
+    """The run's TrainConfig from the command line: preset, then the given flags, validated."""
+    given = given_options(args)
+    if args.resume and args.out:
+        return resume_config(args.out, given, _command())
+    if not (given.get("model") and given.get("data")):
+        raise ConfigError("--model and --data are required (or --resume with --out of an existing run)")
+    return TrainConfig(**given, command=_command())
 
 
 def main(args) -> int:
     if args.list_presets:
         print(format_presets())
         return 0
-    if args.resume and args.out and not (args.model and args.data):
-        pass  # model/data come from the checkpoint
-    elif not (args.model and args.data):
-        raise CrosslayerError("--model and --data are required (or --resume with --out of an existing run)")
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out (the run directory to continue)")
     cfg = build_config(args)
     if args.print_config:
-        print(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, indent=2))
+        print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     if not args.out:
-        raise CrosslayerError("--out DIR is required")
-    if args.tensorboard:
+        raise ConfigError("--out DIR is required")
+    if cfg.tensorboard:
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
-            raise CrosslayerError("--tensorboard needs the tensorboard package: pip install 'crosslayer[tensorboard]'")
-    if args.resume and not (args.model and args.data):
-        import os
-
-        if not (os.path.exists(os.path.join(args.out, "last.pt")) or os.path.exists(os.path.join(args.out, "last.pt.prev"))):
-            raise CrosslayerError(f"{args.out}: no checkpoint to resume (and no --model/--data to start a new run)")
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'crosslayer[tensorboard]'")
     from crosslayer.train.loop import Trainer
+    from crosslayer.train.rundir import check_out_path
 
+    check_out_path(args.out)
     return Trainer(cfg, args.out, resume=args.resume).run()

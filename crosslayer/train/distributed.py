@@ -2,11 +2,12 @@
 
 ``torchrun --nproc_per_node N -m crosslayer train ...`` exports RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT; :func:`init_distributed` reads them, picks the device
-(``cuda:LOCAL_RANK`` with NCCL, or the CPU with Gloo) and joins the process group. Conventions
-(as torchvision's and timm's reference scripts; docs/protocols.md): the ``--batch-size`` is the GLOBAL batch, split evenly over the
-ranks; BatchNorm statistics stay per rank unless ``--sync-bn``; only rank 0 prints, logs and
-writes checkpoints; metrics are summed over ranks with ``all_reduce``. torchrun restarts failed
-workers with the same arguments, so pass ``--resume`` when launching under torchrun with restarts.
+(``cuda:LOCAL_RANK`` with NCCL, or the CPU with Gloo) and joins the process group. Conventions:
+the ``--batch-size`` is the GLOBAL batch (the papers' batch sizes are per step, whatever the
+number of GPUs), split evenly over the ranks; BatchNorm statistics stay per rank unless
+``--sync-bn``; only rank 0 prints, logs and writes checkpoints; metrics are summed over ranks with
+``all_reduce``. torchrun restarts failed workers with the same arguments, so pass ``--resume``
+when launching under torchrun with restarts.
 """
 
 from __future__ import annotations
@@ -108,15 +109,6 @@ def gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's ``obj`` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def convert_sync_bn(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: top-1 and top-5 error %, per-class accuracy and the confusion matrix.
+"""Evaluation: a model over a loader (:func:`evaluate`, used after every training epoch) and a
+checkpoint on a data set (:func:`evaluate_checkpoint`: error %, per-class accuracy, confusion matrix).
 
 :func:`evaluate_checkpoint` prints a table and writes ``eval.json`` {"error", "accuracy", "per_class_accuracy",
 "confusion", ...} and ``confusion.csv`` (rows = true class, columns = predicted class) into ``out`` (default: the
@@ -8,13 +9,17 @@ over the batches is drawn on stderr when it is a terminal.
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from crosslayer.errors import CheckpointError, CrosslayerError, check_output_dir
+from crosslayer.io import write_csv, write_json
+from crosslayer.train import distributed as D
+from crosslayer.train.runtime import amp_context, is_out_of_memory
 
 RUN_DIR_CHECKPOINTS = ("best.pt", "last.pt")  # what a run directory stands for, in this order
 
@@ -51,9 +56,38 @@ class _Progress:
             yield from bar
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    text = str(e)
-    return "out of memory" in text.lower() or "can't allocate memory" in text
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_classes: int, info=None,
+             confusion: bool = False) -> dict:
+    """Loss, error % (and optionally the confusion matrix, rows = true class) over ``loader``,
+    summed over DDP ranks."""
+    was_training = model.training
+    model.eval()
+    loader.set_epoch(0)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, count, top-5 correct
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if confusion else None
+    for x, y in loader:
+        with amp_context(amp, device):
+            out = model(x)
+        out = out.float()
+        sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+        pred = out.argmax(1)
+        sums[1] += (pred == y).sum()
+        sums[2] += y.numel()
+        sums[3] += (out.topk(min(5, out.shape[1]), 1).indices == y[:, None]).any(1).sum()
+        if conf is not None:
+            conf += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    if info is not None:
+        D.all_reduce_sum(sums, info)
+        if conf is not None:
+            D.all_reduce_sum(conf, info)
+    model.train(was_training)
+    n = max(1.0, sums[2].item())
+    res = {"loss": sums[0].item() / n, "err": 100.0 * (1 - sums[1].item() / n), "count": int(sums[2].item()),
+           "err5": 100.0 * (1 - sums[3].item() / n)}
+    if conf is not None:
+        res["confusion"] = conf.cpu()
+    return res
 
 
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | None = None, split: str = "test",
@@ -67,7 +101,6 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     from crosslayer.data import build_loader
     from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
     from crosslayer.train.distributed import pick_device
-    from crosslayer.train.loop import evaluate
 
     if batch_size < 1:
         raise CrosslayerError(f"--batch-size {batch_size}: must be at least 1")
@@ -87,7 +120,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     try:
         res = evaluate(model, _Progress(loader, show, f"eval {split}"), amp, dev, bundle.num_classes, confusion=True)
     except RuntimeError as e:
-        if _is_out_of_memory(e):
+        if is_out_of_memory(e):
             raise CrosslayerError(f"--batch-size {batch_size}: out of memory evaluating {checkpoint} on {dev}; "
                                   f"try a smaller --batch-size") from None
         first = str(e).strip().splitlines()[0][:200]
@@ -132,15 +165,11 @@ def _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res) -> dict:
 
 
 def _write_outputs(out: str, result: dict) -> None:
-    from crosslayer.train.loop import write_json
-
+    """eval.json and confusion.csv (rows = true class), each written atomically."""
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "eval.json"), result)
-    with open(os.path.join(out, "confusion.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["true\\pred"] + result["classes"])
-        for c, row in zip(result["classes"], result["confusion"]):
-            w.writerow([c] + row)
+    write_csv(os.path.join(out, "confusion.csv"), ["true\\pred"] + result["classes"],
+              ([c] + row for c, row in zip(result["classes"], result["confusion"])))
 
 
 def format_eval(r: dict) -> str:
