@@ -8,7 +8,6 @@ import argparse
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from crosslayer.data.registry import bundle_from_tensors
 from crosslayer.data.transforms import Augment, TensorImageDataset, augment_batch
 from crosslayer.errors import DataError
 from crosslayer.train.loop import Trainer, lr_lambda
+from crosslayer.train.outputs import results
 from crosslayer.train.presets import PRESETS, format_presets, get_preset, preset_for, resolve_milestones
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,12 +238,11 @@ def test_every_paper_preset_says_which_error_it_reports():
     assert all(f"`{name}`" in protocols for name in PRESETS)
     hist = [{"epoch": 1, "test_err": 9.0, "test_top5_err": 1.0}, {"epoch": 2, "test_err": 8.0, "test_top5_err": 0.5},
             {"epoch": 3, "test_err": 8.5, "test_top5_err": 0.7}]
-    fake = SimpleNamespace(history=hist, best_test_err=8.0, cfg={"model": "m", "data": "d", "select_on": "best_test"},
-                           wall_before=0.0, t_start=0.0, step=3)
-    res = Trainer.results(fake, "complete")
+    record = {"model": "m", "data": "d", "select_on": "best_test"}
+    res = results(record, hist, best_test_err=8.0, wall_time_s=0.0, step=3, status="complete")
     assert res["reported_test_err"] == 8.0 and res["test_err"] == 8.5 and res["best_test_top5_err"] == 0.5
-    fake.cfg["select_on"] = "final"
-    assert Trainer.results(fake, "complete")["reported_test_err"] == 8.5
+    record["select_on"] = "final"
+    assert results(record, hist, best_test_err=8.0, wall_time_s=0.0, step=3, status="complete")["reported_test_err"] == 8.5
 
 
 # --- registry and citations (issue 10 item 5) --------------------------------------------------

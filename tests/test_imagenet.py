@@ -157,6 +157,6 @@ def test_imagenet_two_process_torchrun_on_cpu(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["world_size"], cfg["per_rank_batch_size"], cfg["train_images"], cfg["image_size"]) == (2, 4, 16, 32)
+    assert (cfg["world_size"], cfg["per_rank_batch_size"], cfg["train_images"], cfg["input_shape"][1]) == (2, 4, 16, 32)
     res = json.loads((out / "results.json").read_text())
     assert res["step"] == 2 and res["status"] == "complete"  # 16 images / global batch 8
