@@ -44,7 +44,7 @@ FAMILIES = {  # family label -> registered models, smallest first
 }
 DATA = "fashion-mnist"
 # One recipe for every run: the `demo` preset (one-cycle LR, SGD Nesterov, batch 64, peak LR 0.1).
-RECIPE = dict(preset="demo", batch_size=64, lr=0.1, val_size=2000, eval_batch_size=256)
+RECIPE = dict(preset="demo", batch_size=64, lr=0.1, val_size=2000)
 # ``--limit`` values tried (training images incl. validation), largest first. Down to 10000 the
 # whole 10,000-image test set is kept; SMALL_LIMITS (a busy machine) also cut the test set.
 LIMITS = (60000, 30000, 20000, 15000, 10000)
@@ -212,7 +212,7 @@ def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
 
 # ---------------------------------------------------------------------------------- training
 
-def run_config(run: Run, plan: dict, out_dir: str, data_dir: str | None = None) -> dict:
+def run_config(run: Run, plan: dict, out_dir: str, data_dir: str | None = None):
     """The ``crosslayer train`` config of one study run: the ONE place the study builds a config
     (the same code path as ``crosslayer train --model M --data D --preset demo ...``)."""
     from crosslayer.cli.train import add_arguments, build_config
@@ -228,9 +228,8 @@ def run_config(run: Run, plan: dict, out_dir: str, data_dir: str | None = None) 
         argv += ["--data-dir", data_dir]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    cfg = build_config(parser.parse_args(argv))
-    cfg["eval_batch_size"] = int(r.get("eval_batch_size") or 0)
-    cfg["command"] = "crosslayer study (" + " ".join(argv) + ")"
+    cfg = build_config(parser.parse_args(argv))  # a validated TrainConfig
+    cfg.command = "crosslayer study (" + " ".join(argv) + ")"
     return cfg
 
 
