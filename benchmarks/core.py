@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crosslayer.counting import SavedBytes
+
 
 @dataclass
 class Config:
@@ -193,18 +195,9 @@ def _rss_kb(field: str = "VmRSS:") -> int:
 def measure_memory_inprocess(config: Config, opts: Options) -> dict:
     """Peak memory of ONE training step (run in a fresh process, see the module docstring)."""
     model, x, train_step, _ = prepare(config, opts)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     train_step()  # warm-up: one-time allocations (kernels' caches, grad buffers of the parameters)
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.nbytes() > 0:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
     out = {}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(exclude=model.parameters()) as saved:
         if opts.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -229,7 +222,7 @@ def measure_memory_inprocess(config: Config, opts: Options) -> dict:
             peak_kb = _rss_kb("VmHWM:")
             out["peak_mb"] = (peak_kb - base_kb) / 1024 if reset else float("nan")
             out["method"] = "peak RSS (VmHWM) during one step - RSS before it (fresh process, clear_refs reset)"
-    out["saved_mb"] = sum(saved.values()) / 2 ** 20
+    out["saved_mb"] = saved.total / 2 ** 20
     return out
 
 

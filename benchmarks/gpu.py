@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import crosslayer
 from benchmarks import core, delugenet, densenet
+from crosslayer.counting import SavedBytes
 from crosslayer.errors import CrosslayerError
 from crosslayer.ops.defaults import training_defaults, use_fused
 
@@ -195,19 +196,10 @@ def step_memory(model, train_step, device: str, compiled: bool = False) -> dict:
         _sync(device)
         out["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     if not compiled:
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            if s.data_ptr() not in params:
-                saved[s.data_ptr()] = s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedBytes(exclude=model.parameters()) as saved:
             train_step()
         _sync(device)
-        out["saved_mb"] = sum(saved.values()) / 2 ** 20
+        out["saved_mb"] = saved.total / 2 ** 20
     return out
 
 

@@ -56,3 +56,31 @@ def executed_macs(model: nn.Module, x: torch.Tensor) -> int:
         return _forward_macs(model, x)
     finally:
         model.train(was)
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward inside a ``with`` block
+    (storages of ``exclude``, e.g. a model's parameters, not counted): ``.total`` after the block.
+    Saved tensors are kept alive until backward, so no storage is reused while counting."""
+
+    def __init__(self, exclude=()):
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self.storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self._excluded and s.nbytes() > 0:
+            self.storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())

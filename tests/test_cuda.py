@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import crosslayer
 from crosslayer.cli import main as cli
+from crosslayer.counting import SavedBytes
 from crosslayer.ops import defaults
 from crosslayer.ops.defaults import training_defaults, unset_training_defaults
 
@@ -237,18 +238,9 @@ def test_fused_equals_plain_bf16(build, device):
 
 def _saved_bytes(net, x) -> int:
     """Bytes of the distinct storages one forward saves for backward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(exclude=net.parameters()) as saved:
         net(x).float().sum().backward()
-    return sum(saved.values())
+    return saved.total
 
 
 def _cuda_step_peak(net, x) -> int:

@@ -15,22 +15,14 @@ import torch
 import torch.nn.functional as F
 
 import crosslayer
+from crosslayer.counting import SavedBytes
 from crosslayer.models.delugenet import CompositeLayer
 
 
 def _saved_bytes(net, x, y):
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            saved[s.data_ptr()] = s.nbytes()
-        return t  # kept alive until backward: storages are not reused while counting
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(exclude=net.parameters()) as saved:
         F.cross_entropy(net(x), y).backward()
-    return sum(saved.values())
+    return saved.total
 
 
 def _composite_input_bytes(net, x):

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import crosslayer
+from crosslayer.counting import SavedBytes
 
 
 def _densenet(seed=0, **kw):
@@ -244,18 +245,9 @@ def test_torchvision_memory_efficient_updates_bn_statistics_twice():
 
 
 def _saved_bytes(net, x):
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(exclude=net.parameters()) as saved:
         net(x).sum().backward()
-    return sum(saved.values())
+    return saved.total
 
 
 def test_memory_efficient_saves_less_for_backward():
