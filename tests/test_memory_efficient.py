@@ -93,19 +93,27 @@ def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_effici
 
 
 def test_fused_blocks_float32_and_frozen_parameters():
-    """float32: the two forms agree to rounding; parameters that do not require grad get none."""
+    """float32: the fused form is as close to the float64 result as the plain form is (rounding,
+    amplified by 40 BatchNorm backward passes, is the only difference); parameters that do not
+    require grad get none."""
     fused = _densenet()
+    for net in (fused,):
+        net.features.denseblock1.denselayer1.requires_grad_(False)
     plain = copy.deepcopy(fused)
     plain.fused = False
-    for net in (fused, plain):
-        net.features.denseblock1.denselayer1.requires_grad_(False)
+    exact = copy.deepcopy(plain).double()
     x, y = _data()
     out_f, g_f = _train_steps(fused, x, y, steps=1)
     out_p, g_p = _train_steps(plain, x, y, steps=1)
+    out_x, g_x = _train_steps(exact, x.double(), y, steps=1)
     assert torch.allclose(out_f, out_p, atol=1e-4)
-    assert g_f.keys() == g_p.keys() and "features.denseblock1.denselayer1.conv1.weight" not in g_f
+    assert g_f.keys() == g_p.keys() == g_x.keys() and "features.denseblock1.denselayer1.conv1.weight" not in g_f
+
+    def rel(g, name):
+        return ((g[name].double() - g_x[name]).norm() / g_x[name].norm().clamp_min(1e-30)).item()
+
     for name in g_f:
-        assert torch.allclose(g_f[name], g_p[name], atol=1e-4, rtol=1e-2), name
+        assert rel(g_f, name) <= 3 * rel(g_p, name) + 1e-5, (name, rel(g_f, name), rel(g_p, name))
     assert fused.features.denseblock1.denselayer1.conv1.weight.grad is None
 
 

@@ -57,6 +57,20 @@ def test_predict_applies_the_runs_normalisation(trained, tmp_path):
         np.testing.assert_allclose([t["prob"] for t in r["top"]], top.values.numpy(), rtol=1e-5)
 
 
+def test_the_run_records_its_normalisation_and_predict_needs_no_data(trained, tmp_path, monkeypatch):
+    cfg = torch.load(trained, map_location="cpu", weights_only=False)["config"]
+    bundle = load_dataset("synthetic", limit=64)
+    np.testing.assert_allclose(cfg["mean"], bundle.mean) and np.testing.assert_allclose(cfg["std"], bundle.std)
+    paths, _ = _pngs(tmp_path, 1)
+    expected = predict_images(str(trained), paths, topk=2)
+
+    def no_data(*a, **k):
+        raise AssertionError("predict loaded the training data to recompute its statistics")
+
+    monkeypatch.setattr("crosslayer.data.load_dataset", no_data)
+    assert predict_images(str(trained), paths, topk=2) == expected
+
+
 def test_predict_cli_text_and_json(trained, tmp_path, capsys):
     paths, _ = _pngs(tmp_path, 2)
     assert cli(["predict", str(trained), *paths, "--topk", "2"]) == 0

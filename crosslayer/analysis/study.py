@@ -90,9 +90,10 @@ def grid(seeds: int, families: dict = FAMILIES) -> list[Run]:
 # ---------------------------------------------------------------------------------- planning
 
 def measure_costs(models, image_shape=(1, 28, 28), num_classes: int = 10, batch_size: int = 64,
-                  steps: int = 2) -> dict[str, dict]:
+                  steps: int = 4, warmup: int = 2) -> dict[str, dict]:
     """Seconds per image of a training step and of an evaluation forward pass, measured on this
-    machine now (random tensors of the data's shape; after one warm-up step)."""
+    machine now (random tensors of the data's shape; the median of ``steps`` steps after ``warmup``
+    warm-up steps, so one step disturbed by another process does not set the plan)."""
     import torch
     import torch.nn.functional as F
 
@@ -105,7 +106,7 @@ def measure_costs(models, image_shape=(1, 28, 28), num_classes: int = 10, batch_
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x, y = torch.randn(batch_size, *image_shape), torch.randint(0, num_classes, (batch_size,))
         times = []
-        for _ in range(steps + 1):
+        for _ in range(warmup + steps):
             t = time.perf_counter()
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -119,7 +120,7 @@ def measure_costs(models, image_shape=(1, 28, 28), num_classes: int = 10, batch_
             t = time.perf_counter()
             model(xe)
             t_eval = time.perf_counter() - t
-        costs[name] = dict(train_s_per_image=statistics.median(times[1:]) / batch_size,
+        costs[name] = dict(train_s_per_image=statistics.median(times[warmup:]) / batch_size,
                            eval_s_per_image=t_eval / (4 * batch_size))
     return costs
 
