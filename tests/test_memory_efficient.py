@@ -109,11 +109,16 @@ def test_fused_blocks_float32_and_frozen_parameters():
     assert torch.allclose(out_f, out_p, atol=1e-4)
     assert g_f.keys() == g_p.keys() == g_x.keys() and "features.denseblock1.denselayer1.conv1.weight" not in g_f
 
-    def rel(g, name):
-        return ((g[name].double() - g_x[name]).norm() / g_x[name].norm().clamp_min(1e-30)).item()
+    def rel(g, names):  # distance to the float64 gradient, relative to its size
+        diff = torch.cat([(g[n].double() - g_x[n]).flatten() for n in names])
+        return (diff.norm() / torch.cat([g_x[n].flatten() for n in names]).norm()).item()
 
+    # Seen with one thread: both forms ~0.5% from float64 overall; single small gradients that are
+    # sums with heavy cancellation (a BatchNorm bias of 4e-3) up to 2% in either form. A wrong
+    # gradient (a missing term, a wrong column) is off by O(1).
+    assert rel(g_f, g_f) <= max(3 * rel(g_p, g_p), 1e-3), (rel(g_f, g_f), rel(g_p, g_p))
     for name in g_f:
-        assert rel(g_f, name) <= 3 * rel(g_p, name) + 1e-5, (name, rel(g_f, name), rel(g_p, name))
+        assert rel(g_f, [name]) < 0.1, (name, rel(g_f, [name]), rel(g_p, [name]))
     assert fused.features.denseblock1.denselayer1.conv1.weight.grad is None
 
 
