@@ -38,3 +38,19 @@ def test_demo_quick_writes_its_files(tmp_path, capsys):
     # running it again reuses the finished run instead of failing
     assert cli(["demo", "--quick", "--limit", "128", "--data", data, "--out", str(out), "--no-progress",
                 "--amp", "none", "--no-plots"]) == 0
+
+
+def test_demo_chooses_bf16_only_on_cpus_with_native_bf16(monkeypatch):
+    """--amp auto: bf16 autocast where the CPU computes bf16 natively (avx512_bf16 / AMX), float32
+    elsewhere (emulated bf16 is slower than float32); an explicit --amp wins either way."""
+    import argparse
+
+    from crosslayer.cli import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    for native in (False, True):
+        monkeypatch.setattr(demo, "cpu_has_bf16", lambda: native)
+        assert demo.demo_config(parser.parse_args([])).amp == ("bf16" if native else "none")
+        assert demo.demo_config(parser.parse_args(["--amp", "none"])).amp == "none"
+        assert demo.demo_config(parser.parse_args(["--amp", "bf16"])).amp == "bf16"
