@@ -4,7 +4,7 @@ models on real Fashion-MNIST within a time budget and write the papers' figures 
 
 Examples::
 
-    OMP_NUM_THREADS=1 crosslayer study --out runs/study                 # the default 60-minute study
+    crosslayer study --out runs/study                                   # the default 60-minute study
     crosslayer study --out runs/study                                   # again: skips finished runs
     crosslayer study --budget 240 --seeds 3 --out runs/study_long       # more epochs, more seeds
 """
