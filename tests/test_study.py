@@ -237,3 +237,28 @@ def test_error_vs_params_and_macs_plot_exactly_the_table(tmp_path):
     drawn = S.plot_error_vs(rows, "macs", str(tmp_path / "m.png"))
     assert [p[0] for p in drawn["DenseNet-BC"]] == [6673728, 33149988]
     assert os.path.getsize(tmp_path / "p.png") > 0 and os.path.getsize(tmp_path / "m.png") > 0
+
+
+def test_measure_costs_ignores_the_warm_up_steps_and_takes_the_median(monkeypatch):
+    """The plan's step time: the median of the timed steps, the warm-up steps not counted (a
+    disturbed step or a slow first step must not set the number of epochs)."""
+    import time
+
+    # every training step lasts 1 s, except the two warm-ups (100 s) and one disturbed step (50 s)
+    step_s = iter([100.0, 100.0, 1.0, 50.0, 1.0, 1.0])
+    clock = [0.0]
+
+    def fake_perf_counter():
+        return clock[0]
+
+    import torch.nn.functional as F
+    real_ce = F.cross_entropy
+
+    def ce(*a, **k):  # once per training step: advance the clock by that step's duration
+        clock[0] += next(step_s)
+        return real_ce(*a, **k)
+
+    monkeypatch.setattr(time, "perf_counter", fake_perf_counter)
+    monkeypatch.setattr(F, "cross_entropy", ce)
+    costs = S.measure_costs(["preact_resnet8"], (1, 8, 8), 10, batch_size=4, steps=4, warmup=2)
+    assert costs["preact_resnet8"]["train_s_per_image"] == pytest.approx(1.0 / 4)
