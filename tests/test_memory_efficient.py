@@ -97,8 +97,7 @@ def test_fused_blocks_float32_and_frozen_parameters():
     amplified by 40 BatchNorm backward passes, is the only difference); parameters that do not
     require grad get none."""
     fused = _densenet()
-    for net in (fused,):
-        net.features.denseblock1.denselayer1.requires_grad_(False)
+    fused.features.denseblock1.denselayer1.requires_grad_(False)
     plain = copy.deepcopy(fused)
     plain.fused = False
     exact = copy.deepcopy(plain).double()

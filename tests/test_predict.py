@@ -60,7 +60,8 @@ def test_predict_applies_the_runs_normalisation(trained, tmp_path):
 def test_the_run_records_its_normalisation_and_predict_needs_no_data(trained, tmp_path, monkeypatch):
     cfg = torch.load(trained, map_location="cpu", weights_only=False)["config"]
     bundle = load_dataset("synthetic", limit=64)
-    np.testing.assert_allclose(cfg["mean"], bundle.mean) and np.testing.assert_allclose(cfg["std"], bundle.std)
+    np.testing.assert_allclose(cfg["mean"], bundle.mean)
+    np.testing.assert_allclose(cfg["std"], bundle.std)
     paths, _ = _pngs(tmp_path, 1)
     expected = predict_images(str(trained), paths, topk=2)
 
