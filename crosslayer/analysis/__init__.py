@@ -7,7 +7,7 @@ figures are drawn through ``matplotlib.figure.Figure`` (Agg), without touching p
 
 from __future__ import annotations
 
-import importlib
+from crosslayer._lazy import lazy_exports
 
 _EXPORTS = {
     "densenet_reuse": "crosslayer.analysis.reuse",
@@ -26,14 +26,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'crosslayer.analysis' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -9,15 +9,9 @@ Names are imported on first use (PEP 562), so importing a submodule stays cheap.
 
 from __future__ import annotations
 
-import importlib
+from crosslayer._lazy import lazy_exports
 
 _EXPORTS = {"TrainConfig": "crosslayer.train.config", "Trainer": "crosslayer.train.loop"}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'crosslayer.train' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
