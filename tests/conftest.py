@@ -12,3 +12,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every matplotlib Figure saved while the test runs (still written to disk)."""
+    from matplotlib.figure import Figure
+
+    figs, real = [], Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        figs.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figs

@@ -126,29 +126,14 @@ def test_eval_cli_writes_the_confusion_matrix_rows_true(oracle_checkpoint, tmp_p
     assert [[int(v) for v in row[1:]] for row in rows[1:]] == _expected()
 
 
-def _capture_figures(monkeypatch):
-    """Figures saved by the plotting code, captured as they are saved (still written to disk)."""
-    from matplotlib.figure import Figure
-
-    figs, real = [], Figure.savefig
-
-    def savefig(self, *args, **kwargs):
-        figs.append(self)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    return figs
-
-
-def test_confusion_plot_draws_rows_as_true_classes(tmp_path, monkeypatch):
+def test_confusion_plot_draws_rows_as_true_classes(tmp_path, figures):
     from crosslayer.analysis import plot_confusion
 
-    figs = _capture_figures(monkeypatch)
     classes = [f"c{i}" for i in range(N)]
     exp = np.array(_expected(), dtype=float)
     plot_confusion(_expected(), classes, str(tmp_path / "cm.png"))
-    assert len(figs) == 1 and (tmp_path / "cm.png").exists()
-    ax = next(a for a in figs[0].axes if a.get_images())
+    assert len(figures) == 1 and (tmp_path / "cm.png").exists()
+    ax = next(a for a in figures[0].axes if a.get_images())
     assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
     assert [t.get_text() for t in ax.get_xticklabels()] == classes
     assert [t.get_text() for t in ax.get_yticklabels()] == classes

@@ -24,21 +24,6 @@ HISTORY = {"lr": [0.1, 0.1, 0.01, 0.001], "train_loss": [1.9, 1.2, 0.9, 0.8],
            "test_err": [60.0, 45.0, 38.0, 36.0], "val_err": [55.0, 44.0, 39.0, 37.5]}
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """Every matplotlib Figure saved while the test runs (still written to disk)."""
-    from matplotlib.figure import Figure
-
-    figs, real = [], Figure.savefig
-
-    def savefig(self, *args, **kwargs):
-        figs.append(self)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    return figs
-
-
 def _run_dir(path, with_val=True):
     """A run directory whose metrics files are written by the trainer's own writer."""
     path.mkdir(parents=True)
