@@ -19,6 +19,7 @@ import torch
 from crosslayer import cli
 from crosslayer.errors import CrosslayerError
 from crosslayer.train.checkpoint import save_checkpoint
+from tests.helpers import assert_one_line_error as _one_line_error
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -29,15 +30,6 @@ def _cli(capsys, *argv):
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-def _one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _ckpt(path, model="resnet20", num_classes=10, data="synthetic", **model_kwargs):

@@ -392,6 +392,7 @@ def test_export_safetensors(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 from crosslayer import cli  # noqa: E402
+from tests.helpers import assert_one_line_error as _assert_one_line_error  # noqa: E402
 
 PY = sys.executable
 # A tiny, fast run: synthetic data cut to 64 train / 64 test images, batch 16 -> 4 steps per epoch,
@@ -440,16 +441,6 @@ def _cli(capsys, *argv):
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-def _assert_one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _load_sd(path):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from crosslayer.cli import main as cli
+from tests.helpers import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,13 +43,7 @@ def _tree(root) -> dict:
 def _one_line_error(capsys, argv, *needles):
     rc = cli([str(a) for a in argv])
     out, err = capsys.readouterr()
-    assert rc == 2, (rc, err, out[-2000:])
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
-    return lines[0]
+    return assert_one_line_error(rc, err, *needles, out=out)
 
 
 @pytest.fixture(scope="module")
