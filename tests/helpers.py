@@ -11,3 +11,18 @@ def assert_one_line_error(rc, err, *needles, out=""):
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
     return lines[0]
+
+
+def tree_snapshot(root) -> dict:
+    """Every path under ``root`` (relative) with its kind, size and modification time: compare two
+    snapshots to see that a refused command changed nothing."""
+    import os
+    import stat
+
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime_ns)
+    return out

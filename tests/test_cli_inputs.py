@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 import tempfile
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 
 from crosslayer import cli
 from crosslayer.train.checkpoint import save_checkpoint
+from tests.helpers import tree_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BIG = str(10**12)  # absurd: no count of images, classes or pixels is this large
@@ -41,19 +41,8 @@ def place(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _tree(root) -> dict:
-    """Every path under root with its size and modification time."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            out[os.path.relpath(p, root)] = (stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime_ns)
-    return out
-
-
 def _refused(capsys, root, argv, needles):
-    before = _tree(root)
+    before = tree_snapshot(root)
     rc = cli.main([str(a).format(tmp=root) for a in argv])
     out, err = capsys.readouterr()
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -61,7 +50,7 @@ def _refused(capsys, root, argv, needles):
     assert len(lines) == 1 and "Traceback" not in err, (argv, err)
     for n in needles:
         assert n.format(tmp=root) in lines[0], (argv, n, lines[0])
-    assert _tree(root) == before, argv  # nothing created or changed
+    assert tree_snapshot(root) == before, argv  # nothing created or changed
     return lines[0]
 
 
@@ -157,9 +146,9 @@ def test_read_only_output_folders_are_refused(capsys):
                  (["report", "{tmp}/run", "--out", "{tmp}"], ["--out {tmp}", "cannot write"])]
         for argv, needles in cases:
             with _without_write_access(ro):
-                before = _tree(ro)
+                before = tree_snapshot(ro)
                 rc = cli.main([a.format(tmp=ro) for a in argv])
-                after = _tree(ro)
+                after = tree_snapshot(ro)
             out, err = capsys.readouterr()
             lines = [ln for ln in err.splitlines() if ln.strip()]
             assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, err)

@@ -20,24 +20,13 @@ import pytest
 import torch
 
 from crosslayer.cli import main as cli
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, tree_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", "synthetic", "--limit", "32",
         "--batch-size", "16", "--epochs", "1", "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def _tree(root) -> dict:
-    """Every path under ``root`` with its size and modification time (to see that nothing changed)."""
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = os.path.join(d, name)
-            st = os.lstat(p)
-            out[p] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 def _one_line_error(capsys, argv, *needles):
@@ -98,10 +87,10 @@ BAD_TRAIN = [
 
 @pytest.mark.parametrize("flag, value, allowed", BAD_TRAIN, ids=[f"{f}={v}" for f, v, _ in BAD_TRAIN])
 def test_bad_train_value_is_one_line(tmp_path, capsys, flag, value, allowed):
-    before = _tree(tmp_path)
+    before = tree_snapshot(tmp_path)
     line = _one_line_error(capsys, ["train", *_with(flag, value), "--out", tmp_path / "run"], allowed)
     assert flag in line
-    assert _tree(tmp_path) == before  # no run directory, no file
+    assert tree_snapshot(tmp_path) == before  # no run directory, no file
 
 
 BAD_DEMO = [("--epochs", "0", "integer >= 1"), ("--batch-size", "0", "integer >= 1"), ("--lr", "-1", ">= 0"),
@@ -110,11 +99,11 @@ BAD_DEMO = [("--epochs", "0", "integer >= 1"), ("--batch-size", "0", "integer >=
 
 @pytest.mark.parametrize("flag, value, allowed", BAD_DEMO, ids=[f"{f}={v}" for f, v, _ in BAD_DEMO])
 def test_bad_demo_value_is_one_line(tmp_path, capsys, flag, value, allowed):
-    before = _tree(tmp_path)
+    before = tree_snapshot(tmp_path)
     line = _one_line_error(capsys, ["demo", "--quick", "--data", "synthetic", "--no-plots", "--no-progress",
                                     flag, value, "--out", tmp_path / "demo"], allowed)
     assert flag in line
-    assert _tree(tmp_path) == before
+    assert tree_snapshot(tmp_path) == before
 
 
 def test_unknown_model_and_memory_efficient_leave_nothing(tmp_path, capsys):
@@ -129,11 +118,11 @@ def test_unknown_model_and_memory_efficient_leave_nothing(tmp_path, capsys):
 def test_out_naming_a_file_or_below_a_file(tmp_path, capsys, cmd):
     f = tmp_path / "notes.txt"
     f.write_text("mine")
-    before = _tree(tmp_path)
+    before = tree_snapshot(tmp_path)
     argv = TINY if cmd == "train" else ["--quick", "--data", "synthetic", "--no-plots", "--no-progress"]
     _one_line_error(capsys, [cmd, *argv, "--out", f], "--out", str(f), "is a file")
     _one_line_error(capsys, [cmd, *argv, "--out", f / "run"], "--out", str(f), "is a file")
-    assert _tree(tmp_path) == before and f.read_text() == "mine"
+    assert tree_snapshot(tmp_path) == before and f.read_text() == "mine"
 
 
 def test_failed_start_leaves_no_empty_folder(tmp_path, capsys):
@@ -256,11 +245,11 @@ REFUSED_ON_RESUME = [("--model", "resnet20"), ("--model-arg", "growth_rate=8"), 
 
 @pytest.mark.parametrize("flag, value", REFUSED_ON_RESUME, ids=[f for f, _ in REFUSED_ON_RESUME])
 def test_resume_refuses_a_flag_that_changes_what_is_trained(finished_run, capsys, flag, value):
-    before = _tree(finished_run)
+    before = tree_snapshot(finished_run)
     line = _one_line_error(capsys, ["train", "--out", finished_run, "--resume", flag, value], "--resume",
                            str(finished_run))
     assert line.split(": error: ", 1)[1].startswith(f"{flag} {value}: ")
-    assert _tree(finished_run) == before
+    assert tree_snapshot(finished_run) == before
 
 
 def test_resume_without_a_run_is_one_line(tmp_path, capsys):
@@ -310,8 +299,8 @@ def test_prev_of_another_run_is_never_used(tmp_path, capsys):
                 "--epochs", "1", "--quiet", "--out", str(other)]) == 0
     os.replace(other / "last.pt", out / "last.pt.prev")
     os.remove(out / "last.pt")
-    before = _tree(out)
+    before = tree_snapshot(out)
     _one_line_error(capsys, ["train", "--out", out, "--resume"], str(out / "last.pt.prev"), "another run",
                     "model=resnet20")
     _one_line_error(capsys, ["train", "--out", out, "--resume", "--model", "resnet20"], "--model resnet20")
-    assert _tree(out) == before
+    assert tree_snapshot(out) == before
