@@ -83,8 +83,10 @@ def read_image(path: str):
 
 def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: str = "cpu") -> list[dict]:
     """Top-``topk`` classes of each image: ``[{"image", "top": [{"class", "index", "prob"}, ...]}]``,
-    probabilities from the softmax of the model's logits, highest first."""
+    probabilities from the softmax of the model's logits (with the test-time augmentation the run
+    evaluated with), highest first."""
     from crosslayer.train.checkpoint import load_model_from_checkpoint
+    from crosslayer.train.evaluate import tta_logits
 
     if topk < 1:
         raise CrosslayerError(f"--topk must be >= 1, got {topk}")
@@ -99,7 +101,7 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
     classes = [str(c) for c in (cfg.get("classes") or range(int(cfg["num_classes"])))]
     x = torch.stack([transform(img) for img in pil]).to(device)
     with torch.no_grad():
-        probs = torch.softmax(model(x).float(), dim=1)
+        probs = torch.softmax(tta_logits(model, x, cfg.get("tta") or "none"), dim=1)
     k = min(topk, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
     return [{"image": path, "top": [{"class": classes[i], "index": i, "prob": p}

@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
     add_device(parser)
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--tta", choices=("none", "flip"), default=None,
+                        help="test-time augmentation (default: the one the run evaluated with; flip = mean logits of "
+                             "each image and its mirror)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors (eval.json is still written)")
 
@@ -52,6 +55,6 @@ def main(args) -> int:
     evaluate_checkpoint(checkpoint, args.data, out=args.out, split=args.split, batch_size=args.batch_size,
                         device=args.device, amp=args.amp, data_dir=args.data_dir, limit=args.limit,
                         val_size=args.val_size, channels_last=args.channels_last, download=args.download,
-                        image_size=args.image_size, quiet=args.quiet,
+                        image_size=args.image_size, quiet=args.quiet, tta=args.tta,
                         progress=False if (args.quiet or args.no_progress) else None)
     return 0

@@ -90,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--warmup-steps", type=int)
     h.add_argument("--warmup-lr", type=float, help="constant LR during warm-up (default: linear ramp)")
     h.add_argument("--label-smoothing", type=float)
+    h.add_argument("--tta", choices=("none", "flip"),
+                   help="test-time augmentation of every evaluation: flip = mean logits of each image and its mirror")
     h.add_argument("--drop-rate", type=float, help="dropout passed to the model (DenseNet, WRN)")
     h.add_argument("--val-size", type=int, help="hold out this many training images as a validation split")
     h.add_argument("--select-on", choices=("final", "best_val", "best_test"),

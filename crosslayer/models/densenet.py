@@ -119,7 +119,9 @@ class Transition(nn.Sequential):
 
 class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     """DenseNet(-B)(-C) for CIFAR/SVHN (``stem="cifar"``: one 3x3 conv, three blocks) or ImageNet
-    (``stem="imagenet"``: 7x7/2 conv-BN-ReLU-3x3/2 max-pool, four blocks).
+    (``stem="imagenet"``: 7x7/2 conv-BN-ReLU-3x3/2 max-pool, four blocks). ``stem="cifar-s2"`` is
+    the CIFAR stem with stride 2 (our own, not in the paper: the first block runs at half the input
+    resolution, as the ImageNet stem's downsampling does; the demo uses it on 28x28 images).
 
     Args follow the paper: ``growth_rate`` k, ``bottleneck`` (B), ``compression`` theta (C),
     ``num_init_features`` c_0 (16 for basic DenseNet, 2k for DenseNet-BC), ``drop_rate``.
@@ -143,12 +145,14 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
         self.block_config = tuple(block_config)
         if stem == "cifar":
             layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
+        elif stem == "cifar-s2":
+            layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, stride=2, padding=1, bias=False))]
         elif stem == "imagenet":
             layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 7, 2, 3, bias=False)),
                       ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
                       ("pool0", nn.MaxPool2d(3, 2, 1))]
         else:
-            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+            raise ValueError(f"stem must be 'cifar', 'cifar-s2' or 'imagenet', got {stem!r}")
         self.features = nn.Sequential(OrderedDict(layers))
         channels = num_init_features
         for i, num_layers in enumerate(block_config):

@@ -65,6 +65,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     warmup_lr: float | None = None
     label_smoothing: float | None = None
+    tta: str | None = None
     drop_rate: float | None = None
     drop_rate_no_aug: float | None = None
     val_size: int | None = None
@@ -118,8 +119,8 @@ class TrainConfig:
 
 PRESET_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
                  "milestone_shift", "gamma", "schedule_unit", "warmup_epochs", "warmup_steps", "warmup_lr",
-                 "label_smoothing", "drop_rate", "drop_rate_no_aug", "val_size", "val_split", "pad_mode", "normalize",
-                 "select_on")
+                 "label_smoothing", "tta", "drop_rate", "drop_rate_no_aug", "val_size", "val_split", "pad_mode",
+                 "normalize", "select_on")
 
 
 def _apply_preset(cfg: TrainConfig, given_epochs: bool) -> None:
@@ -172,6 +173,7 @@ _CHOICES = {
     "schedule_unit": ("epoch", "step"),
     "select_on": ("final", "best_val", "best_test"),
     "pad_mode": ("zero", "reflect"),
+    "tta": ("none", "flip"),
     "amp": ("none", "bf16", "fp16"),
 }
 _UNSET_OK = ("amp", "channels_last", "pad_mode")  # None: the device kind's default, decided when the device is known

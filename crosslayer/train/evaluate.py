@@ -56,11 +56,19 @@ class _Progress:
             yield from bar
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's float32 logits for ``x``; ``tta="flip"``: the mean of those for ``x`` and for its
+    left-right mirror (test-time augmentation)."""
+    out = model(x).float()
+    return (out + model(x.flip(3)).float()) / 2 if tta == "flip" else out
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_classes: int, info=None,
-             confusion: bool = False) -> dict:
+             confusion: bool = False, tta: str = "none") -> dict:
     """Loss, error % (and optionally the confusion matrix, rows = true class) over ``loader``,
-    summed over DDP ranks."""
+    summed over DDP ranks. ``tta="flip"``: the logits are the mean of the model's logits for each
+    image and its left-right mirror."""
     was_training = model.training
     model.eval()
     loader.set_epoch(0)
@@ -68,8 +76,7 @@ def evaluate(model: nn.Module, loader, amp: str, device: torch.device, num_class
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if confusion else None
     for x, y in loader:
         with amp_context(amp, device):
-            out = model(x)
-        out = out.float()
+            out = tta_logits(model, x, tta)
         sums[0] += F.cross_entropy(out, y, reduction="sum").double()
         pred = out.argmax(1)
         sums[1] += (pred == y).sum()
@@ -94,10 +101,11 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
                         batch_size: int = 256, device: str = "auto", amp: str = "none", data_dir=None,
                         limit: int | None = None, val_size: int | None = None, channels_last: bool = False,
                         quiet: bool = False, download: bool = False, image_size: int | None = None,
-                        progress: bool | None = None) -> dict:
+                        progress: bool | None = None, tta: str | None = None) -> dict:
     """Evaluate ``checkpoint`` (a file or a run directory) on ``data``; writes eval.json + confusion.csv into
     ``out``; returns the result. ``image_size`` resizes image folders; ``progress`` None: a bar when stderr is a
-    terminal and not ``quiet``. The output folder and device are checked before any work."""
+    terminal and not ``quiet``; ``tta`` None: the test-time augmentation the run evaluated with (its config's).
+    The output folder and device are checked before any work."""
     from crosslayer.data import build_loader
     from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
     from crosslayer.train.distributed import pick_device
@@ -109,6 +117,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     check_output_dir(out)
     dev = pick_device(device)
     ckpt_cfg = load_checkpoint(checkpoint).get("config") or {}
+    tta = tta or ckpt_cfg.get("tta") or "none"
     bundle = _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size)
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu", num_classes=bundle.num_classes,
                                              in_channels=bundle.in_channels, data=f"data {bundle.name}")
@@ -118,7 +127,8 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     loader = build_loader(bundle, split, batch_size, dev, train=False, channels_last=channels_last)
     show = (not quiet and sys.stderr.isatty()) if progress is None else progress
     try:
-        res = evaluate(model, _Progress(loader, show, f"eval {split}"), amp, dev, bundle.num_classes, confusion=True)
+        res = evaluate(model, _Progress(loader, show, f"eval {split}"), amp, dev, bundle.num_classes, confusion=True,
+                       tta=tta)
     except RuntimeError as e:
         if is_out_of_memory(e):
             raise CrosslayerError(f"--batch-size {batch_size}: out of memory evaluating {checkpoint} on {dev}; "
@@ -126,7 +136,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
         first = str(e).strip().splitlines()[0][:200]
         raise CrosslayerError(f"{checkpoint}: model {ckpt_cfg.get('model')} cannot take data {bundle.name} "
                               f"({bundle.in_channels}x{bundle.image_size}x{bundle.image_size}): {first}") from None
-    result = _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res)
+    result = _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res) | {"tta": tta}
     _write_outputs(out, result)
     if not quiet:
         print(format_eval(result))

@@ -479,7 +479,8 @@ class Trainer:
         if loader is None:
             return None
         try:
-            return evaluate(self.net, loader, self.cfg.amp, self.device, self.bundle.num_classes, self.info)
+            return evaluate(self.net, loader, self.cfg.amp, self.device, self.bundle.num_classes, self.info,
+                            tta=self.cfg.tta)
         except RuntimeError as e:
             if is_out_of_memory(e):
                 raise self._oom("evaluation") from None

@@ -43,6 +43,7 @@ class Preset:
     warmup_steps: int = 0
     warmup_lr: float | None = None  # LR during warm-up (constant, He et al.); None = linear ramp from 0
     label_smoothing: float = 0.0
+    tta: str = "none"  # test-time augmentation of every evaluation: none | flip (mean logits of x and its mirror)
     drop_rate: float | None = None  # None: the model's default
     drop_rate_no_aug: float | None = None  # used instead when the data set has no augmentation
     val_size: int = 0
