@@ -26,7 +26,7 @@ def test_demo_quick_writes_its_files(tmp_path, capsys):
                  "confusion.csv"):
         assert (out / name).exists(), name
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"] == "densenet_bc40_k12" and cfg["preset"] == "demo"
+    assert cfg["model"] == "densenet_bc40_k12_s2" and cfg["preset"] == "demo"
     ev = json.loads((out / "eval.json").read_text())
     assert sum(map(sum, ev["confusion"])) == 128
     try:

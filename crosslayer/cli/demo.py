@@ -31,9 +31,9 @@ from crosslayer.errors import CrosslayerError
 from crosslayer.train.config import TrainConfig, differs, read_saved_config
 from crosslayer.train.rundir import check_out_path
 
-MODEL = "densenet_bc40_k12"
+MODEL = "densenet_bc40_k12_s2"
 DATA = "fashion-mnist"
-DEFAULTS = dict(epochs=2, batch_size=64, lr=0.1, limit=None)
+DEFAULTS = dict(epochs=6, batch_size=64, lr=0.1, limit=None)
 QUICK = dict(epochs=1, batch_size=64, lr=0.1, limit=3000)
 RUN_FILES = ("config.json", "metrics.csv", "metrics.jsonl", "last.pt", "last.pt.prev", "best.pt", "results.json",
              "eval.json", "confusion.csv", "curves.png", "confusion.png")

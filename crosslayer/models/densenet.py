@@ -119,9 +119,10 @@ class Transition(nn.Sequential):
 
 class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     """DenseNet(-B)(-C) for CIFAR/SVHN (``stem="cifar"``: one 3x3 conv, three blocks) or ImageNet
-    (``stem="imagenet"``: 7x7/2 conv-BN-ReLU-3x3/2 max-pool, four blocks). ``stem="cifar-s2"`` is
-    the CIFAR stem with stride 2 (our own, not in the paper: the first block runs at half the input
-    resolution, as the ImageNet stem's downsampling does; the demo uses it on 28x28 images).
+    (``stem="imagenet"``: 7x7/2 conv-BN-ReLU-3x3/2 max-pool, four blocks). Our own stems, not in
+    the paper, run the first block at half the input resolution (as the ImageNet stem's downsampling
+    does; for the demo's 28x28 images): ``"cifar-s2"``, the 3x3 conv with stride 2, and
+    ``"cifar-pool"``, the 3x3 conv followed by a 2x2 max-pool.
 
     Args follow the paper: ``growth_rate`` k, ``bottleneck`` (B), ``compression`` theta (C),
     ``num_init_features`` c_0 (16 for basic DenseNet, 2k for DenseNet-BC), ``drop_rate``.
@@ -147,12 +148,15 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
             layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
         elif stem == "cifar-s2":
             layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, stride=2, padding=1, bias=False))]
+        elif stem == "cifar-pool":
+            layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False)),
+                      ("pool0", nn.MaxPool2d(2))]
         elif stem == "imagenet":
             layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 7, 2, 3, bias=False)),
                       ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
                       ("pool0", nn.MaxPool2d(3, 2, 1))]
         else:
-            raise ValueError(f"stem must be 'cifar', 'cifar-s2' or 'imagenet', got {stem!r}")
+            raise ValueError(f"stem must be 'cifar', 'cifar-s2', 'cifar-pool' or 'imagenet', got {stem!r}")
         self.features = nn.Sequential(OrderedDict(layers))
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
@@ -249,7 +253,17 @@ def densenet_bc190_k40(**kwargs):
 
 @register_model("densenet", depth=40, paper=PAPER, note="small DenseNet-BC for quick CPU runs (not in the paper)")
 def densenet_bc40_k12(**kwargs):
-    """DenseNet-BC (L=40, k=12): the demo model, 6 layers per block."""
+    """DenseNet-BC (L=40, k=12): 6 layers per block."""
+    return _cifar(40, 12, True, kwargs)
+
+
+@register_model("densenet", depth=40, input_size=(1, 28, 28), paper=PAPER,
+                note="the demo's model: DenseNet-BC L=40 k=12 with a stride-2 stem (not in the paper)")
+def densenet_bc40_k12_s2(**kwargs):
+    """DenseNet-BC (L=40, k=12) with the stride-2 stem ``"cifar-s2"``: the blocks run at half the input
+    resolution (14/7/3 for 28x28 images), ~4x fewer multiply-adds than :func:`densenet_bc40_k12`,
+    same parameters. The demo's model (docs/benchmarks.md, "Demo")."""
+    kwargs.setdefault("stem", "cifar-s2")
     return _cifar(40, 12, True, kwargs)
 
 
