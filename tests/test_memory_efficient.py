@@ -56,6 +56,7 @@ def _buffers(net):
     ("densenet_bc40_k12", 32, True, False),
     ("densenet_bc40_k12", 32, False, True),
     ("densenet_bc40_k12", 30, True, True),  # odd map size before the second transition
+    ("densenet_bc40_k12_s2", 28, True, False),  # the demo's model: stride-2 stem, maps 14, 7, 3
     ("densenet40_k12", 32, True, False),  # basic DenseNet: 3x3 conv on the concatenation
 ])
 def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_efficient):
