@@ -158,6 +158,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):
         assert cli_main(["study", "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and flag in err and "Traceback" not in err
+        assert "--download" not in err  # study has no such flag
         assert not out.exists()
 
 

@@ -104,7 +104,10 @@ def _run(argv: list[str]) -> int:
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except CrosslayerError as e:
-        _report(prog, str(e))
+        message = str(e)
+        if not hasattr(args, "download"):  # the data loaders' hint names a flag this command lacks
+            message = message.replace("pass --data-dir or --download", "pass --data-dir")
+        _report(prog, message)
         return 2
     except OSError as e:
         if isinstance(e, BrokenPipeError):  # e.g. `crosslayer models | head`: the reader left, nothing to report
