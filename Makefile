@@ -10,6 +10,7 @@ $(BIN)/crosslayer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m crosslayer.ops.cpu_kernels  # compile the optional CPU kernels now, not in the first run
 	touch $@
 
 # Fashion-MNIST comes from Debian's package dataset-fashion-mnist (IDX files under $(FMNIST)).

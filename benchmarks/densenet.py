@@ -48,6 +48,21 @@ def _ours(memory_efficient: bool = False, fused: bool = True, cpu_channels_last:
     return build
 
 
+class _WithoutKernels(nn.Module):
+    """Runs a model on PyTorch operators only (no compiled CPU kernels): the fused path decides in
+    forward, and backward follows that decision."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from crosslayer.ops import cpu_kernels
+
+        with cpu_kernels.disabled():
+            return self.model(x)
+
+
 class _ChannelsLast(nn.Module):
     """Runs a model with its weights and input in channels_last (what our DenseNet does on CPU)."""
 
@@ -59,7 +74,7 @@ class _ChannelsLast(nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
-SWEEP = ("torchvision", "torchvision_compiled", "ours")  # the configurations of the batch-size sweep
+SWEEP = ("torchvision", "torchvision_compiled", "ours", "ours_ops")  # the configurations of the batch-size sweep
 
 
 def configs() -> dict[str, core.Config]:
@@ -76,6 +91,8 @@ def configs() -> dict[str, core.Config]:
                                       lambda n: _ChannelsLast(torchvision_densenet_bc100(n, False))),
         "ours": core.Config("ours", "crosslayer densenet_bc100_k12 (defaults: fused blocks, channels_last on CPU)",
                             _ours()),
+        "ours_ops": core.Config("ours_ops", "crosslayer densenet_bc100_k12, PyTorch operators only (no compiled "
+                                "CPU kernels: CROSSLAYER_CPU_KERNELS=0)", lambda n: _WithoutKernels(_ours()(n))),
         "ours_me": core.Config("ours_me", "crosslayer densenet_bc100_k12 (memory_efficient=True)", _ours(True)),
         "ours_plain": core.Config("ours_plain", "crosslayer, plain per-layer modules (fused=False)",
                                   _ours(False, False)),
@@ -153,7 +170,7 @@ def run(opts: core.Options, log=print) -> dict:
     cfgs = _selected(opts)
     macs = count_macs(MODEL, opts.num_classes)  # per image, conv + linear, the paper's architecture
     fused = executed_macs(opts.num_classes)
-    flops = {k: 2 * (fused if k in ("ours", "ours_me", "ours_nocl") else macs) for k in cfgs}
+    flops = {k: 2 * (fused if k in ("ours", "ours_ops", "ours_me", "ours_nocl") else macs) for k in cfgs}
     res = {"macs": dict(architecture=macs, fused=fused), "sweep": {}}
     if not opts.extra.get("sweep_only"):
         res |= core.run_suite("densenet", cfgs, opts, flops, log=log)

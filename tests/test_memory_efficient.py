@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import crosslayer
 from crosslayer.counting import SavedBytes
+from crosslayer.ops import cpu_kernels
 
 
 def _densenet(seed=0, **kw):
@@ -52,14 +53,16 @@ def _buffers(net):
     return {k: v for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
 
 
-@pytest.mark.parametrize("model,size,channels_last,memory_efficient", [
-    ("densenet_bc40_k12", 32, True, False),
-    ("densenet_bc40_k12", 32, False, True),
-    ("densenet_bc40_k12", 30, True, True),  # odd map size before the second transition
-    ("densenet_bc40_k12_s2", 28, True, False),  # the demo's model: stride-2 stem, maps 14, 7, 3
-    ("densenet40_k12", 32, True, False),  # basic DenseNet: 3x3 conv on the concatenation
+@pytest.mark.parametrize("model,size,channels_last,memory_efficient,kernels", [
+    ("densenet_bc40_k12", 32, True, False, True),  # the compiled consumer kernel, where it builds
+    ("densenet_bc40_k12", 32, True, False, False),  # PyTorch operators only
+    ("densenet_bc40_k12", 32, False, True, True),
+    ("densenet_bc40_k12", 32, False, True, False),
+    ("densenet_bc40_k12", 30, True, True, True),  # odd map size before the second transition
+    ("densenet_bc40_k12_s2", 28, True, False, True),  # the demo's model: stride-2 stem, maps 14, 7, 3
+    ("densenet40_k12", 32, True, False, True),  # basic DenseNet: 3x3 conv on the concatenation
 ])
-def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_efficient):
+def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_efficient, kernels, monkeypatch):
     """Fused blocks (shared buffer, normalise once, pool before the transition conv) compute the
     plain per-layer function: in float64 outputs, gradients and running statistics agree to 1e-10
     over two SGD steps, and so do eval-mode outputs."""
@@ -74,6 +77,8 @@ def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_effici
     plain = copy.deepcopy(fused)
     plain.fused = False
     plain.set_memory_efficient(False)
+    if not kernels:
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     x, y = _data()
     x = F.interpolate(x, size=size).double()
     out_f, g_f = _train_steps(fused, x, y)
@@ -264,13 +269,19 @@ def _saved_bytes(net, x):
 
 
 def test_memory_efficient_saves_less_for_backward():
+    """On PyTorch operators the fused blocks keep every consumer's ReLU output unless memory-efficient;
+    the compiled consumer kernel (where it builds) keeps none of the bottlenecks' in either mode."""
     x, _ = _data(4)
     plain = _densenet(growth_rate=12, fused=False)
     fused = _densenet(growth_rate=12)
     plain_me = _densenet(growth_rate=12, memory_efficient=True, fused=False)
     fused_me = _densenet(growth_rate=12, memory_efficient=True)
-    b_plain, b_fused, b_pme, b_fme = (_saved_bytes(n, x) for n in (plain, fused, plain_me, fused_me))
+    with cpu_kernels.disabled():
+        b_plain, b_fused, b_pme, b_fme = (_saved_bytes(n, x) for n in (plain, fused, plain_me, fused_me))
     assert b_pme < 0.6 * b_plain and b_fme < b_pme and b_fme < 0.4 * b_fused, (b_plain, b_fused, b_pme, b_fme)
+    if cpu_kernels.get() is not None:
+        k_fused, k_fme = _saved_bytes(fused, x), _saved_bytes(fused_me, x)
+        assert k_fme < 0.6 * k_fused < 0.6 * b_fused and k_fme <= b_fme, (k_fused, k_fme, b_fused, b_fme)
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crosslayer.ops import cpu_kernels
 from crosslayer.ops.batchnorm import bn_relu, update_running_stats
 from crosslayer.ops.dispatch import children_are, plain_batch_norm, plain_conv
 
@@ -152,6 +153,7 @@ class _Features:
         self.var = torch.ones(total, dtype=self.acc, device=like.device)
         self.invstd = torch.ones(total, dtype=self.acc, device=like.device)
         self.ghat: torch.Tensor | None = None  # backward: dL/d buffer
+        self.kernels = None  # the compiled consumer kernels (crosslayer.ops.cpu_kernels) when they apply
 
     def nchw(self, m: torch.Tensor) -> torch.Tensor:
         """A (P, C) matrix seen as the (N, C, H, W) channels_last tensor it is."""
@@ -174,9 +176,11 @@ class _Features:
             self.buf[:, c0:c1] = self.rows(t)
         self.width = c1
 
-    def consume(self, bn: nn.BatchNorm2d, c: int, update_stats: bool = True) -> torch.Tensor:
-        """relu(bn(cat(x_0, ..., x_j))) for the first ``c`` channels, a (P, c) matrix. In training
-        ``bn``'s running statistics are updated from the shared batch statistics."""
+    def affine(self, bn: nn.BatchNorm2d, c: int, update_stats: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel (weight, bias) that ``bn`` applies to the buffer's first ``c`` columns, in
+        the buffer's dtype: its own affine in training (the buffer is normalised; ``bn``'s running
+        statistics are updated from the shared batch statistics unless ``update_stats`` is False),
+        the affine folded with its running statistics in eval."""
         w, b = bn.weight.to(self.acc), bn.bias.to(self.acc)
         if self.training:
             if update_stats:
@@ -185,7 +189,16 @@ class _Features:
             w = w * torch.rsqrt(bn.running_var.to(self.acc) + bn.eps)
             b = b - bn.running_mean.to(self.acc) * w
         dt = self.buf.dtype  # one dtype for the whole expression: mixed-dtype kernels are slow on CPU
-        return torch.addcmul(b.to(dt), self.buf[:, :c], w.to(dt)).relu_()
+        return w.to(dt), b.to(dt)
+
+    def consume(self, bn: nn.BatchNorm2d, c: int, update_stats: bool = True) -> torch.Tensor:
+        """relu(bn(cat(x_0, ..., x_j))) for the first ``c`` channels, a (P, c) matrix."""
+        w, b = self.affine(bn, c, update_stats)
+        return torch.addcmul(b, self.buf[:, :c], w).relu_()
+
+    def kernel_rows(self, c: int) -> int:
+        """Rows per tile of the compiled consumer kernel: a (rows, c) scratch of ~1 MiB stays in cache."""
+        return max(256, min(8192, (1 << 20) // (c * self.buf.element_size())))
 
     def consumer_backward(self, gy: torch.Tensor, y: torch.Tensor, bn: nn.BatchNorm2d, grads: dict) -> None:
         """Backward of ``consume`` (training): adds weight * dL/d(pre-ReLU) into ``self.ghat[:, :c]``
@@ -210,6 +223,13 @@ class _Features:
         gx = torch.ops.aten.native_batch_norm_backward(g, hat, None, None, None, zero, torch.ones_like(zero), True,
                                                        self.eps, [True, False, False])[0]
         return gx.mul_(self.invstd[c0:c1, None, None].to(gx.dtype))
+
+
+def _kernels_for(buf: torch.Tensor):
+    """The compiled consumer kernels when they implement this buffer (CPU, float32 or float64), else None."""
+    if buf.device.type != "cpu" or buf.dtype not in (torch.float32, torch.float64):
+        return None
+    return cpu_kernels.get()
 
 
 # ------------------------------------------------------------------------------- backward helpers
@@ -255,6 +275,7 @@ class DenseBlockFunction(torch.autograd.Function):
         dtype = autocast_dtype(x) or x.dtype
         with torch.autocast(x.device.type, enabled=False):
             feats = _Features(x, total, norm.training, norm.eps, dtype)
+            feats.kernels = _kernels_for(feats.buf)
             feats.put(x)
             saved = [_layer_forward(feats, layer, recompute, dtype) for layer in layers]
             y = feats.consume(norm, total)
@@ -292,19 +313,36 @@ class DenseBlockFunction(torch.autograd.Function):
         return (grad_x, None, None, None, *ordered)  # autograd casts grad_x to x's dtype
 
 
+def _uses_kernel(feats: _Features, layer: nn.Module) -> bool:
+    """Whether ``layer``'s BN-ReLU-Conv1x1 runs as the compiled consumer kernel (bottlenecks only)."""
+    return feats.kernels is not None and layer.bottleneck
+
+
+def _conv1x1_matrix(conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
+    """A 1x1 convolution's weight (m, c, 1, 1) as the (c, m) matrix the consumer kernel multiplies by."""
+    return conv.weight.to(dtype).reshape(conv.out_channels, conv.in_channels).t().contiguous()
+
+
 def _layer_forward(feats: _Features, layer: nn.Module, recompute: bool, dtype: torch.dtype) -> list[torch.Tensor]:
     """One DenseLayer on the buffer: consume its input columns, append its output. Returns what its
-    backward needs (the bottleneck's conv1 output and norm2 statistics; ReLU outputs unless
-    ``recompute``)."""
-    y = feats.consume(layer.norm1, feats.width)
-    out = F.conv2d(feats.nchw(y), layer.conv1.weight.to(dtype), None, 1, layer.conv1.padding)
-    saved = [] if recompute else [y]
+    backward needs: the bottleneck's conv1 output, norm2 statistics and (unless ``recompute``) its
+    ReLU output, then the first ReLU output unless ``recompute`` or the compiled kernel (which
+    recomputes it tile by tile) ran."""
+    c = feats.width
+    if _uses_kernel(feats, layer):
+        w, b = feats.affine(layer.norm1, c)
+        rows = feats.kernels.consume_conv1x1(feats.buf, c, w, b, _conv1x1_matrix(layer.conv1, dtype), feats.kernel_rows(c))
+        out, kept = feats.nchw(rows), []
+    else:
+        y = feats.consume(layer.norm1, c)
+        out = F.conv2d(feats.nchw(y), layer.conv1.weight.to(dtype), None, 1, layer.conv1.padding)
+        kept = [] if recompute else [y]
     if layer.bottleneck:
         y2, mean2, invstd2 = bn_relu(out, layer.norm2)
-        saved = [out, mean2, invstd2] + ([] if recompute else [y, y2])
+        kept = [out, mean2, invstd2] + ([] if recompute else [y2]) + kept
         out = F.conv2d(y2, layer.conv2.weight.to(dtype), None, 1, layer.conv2.padding)
     feats.put(out)
-    return saved
+    return kept
 
 
 def _tail_backward(feats: _Features, tail: nn.Module, grad: torch.Tensor, saved: list, recompute: bool,
@@ -329,20 +367,24 @@ def _layer_backward(feats: _Features, layer: nn.Module, c: int, saved: list, rec
                     dtype: torch.dtype, grads: dict) -> None:
     """Backward of one DenseLayer whose output is buffer columns [c, c + k)."""
     g = feats.normalization_backward(c, c + layer.growth_rate)
-    y = feats.consume(layer.norm1, c, update_stats=False) if recompute else None
     if layer.bottleneck:
-        mid, mean2, invstd2 = saved[:3]
-        if recompute:
-            y2 = bn_relu(mid, layer.norm2, (mean2, invstd2))[0]
-        else:
-            y, y2 = saved[3:5]
+        mid, mean2, invstd2, *saved = saved
+        y2 = bn_relu(mid, layer.norm2, (mean2, invstd2))[0] if recompute else saved.pop(0)
         gy2 = conv_backward(g, y2, layer.conv2, dtype, grads)
         gy2 = torch.ops.aten.threshold_backward.grad_input(gy2, y2, 0, grad_input=gy2)
         g, grads[id(layer.norm2.weight)], grads[id(layer.norm2.bias)] = torch.ops.aten.native_batch_norm_backward(
             gy2, mid, layer.norm2.weight, None, None, mean2, invstd2, True, layer.norm2.eps,  # takes mixed dtypes
             [True, True, True])
-    elif not recompute:
-        y = saved[0]
+    if _uses_kernel(feats, layer):
+        w, b = feats.affine(layer.norm1, c, update_stats=False)
+        conv, norm = layer.conv1, layer.norm1
+        gwt, gw, gb = feats.kernels.consume_conv1x1_backward(
+            feats.rows(g.contiguous(memory_format=torch.channels_last)), feats.buf, c, w, b,
+            _conv1x1_matrix(conv, dtype), feats.ghat, feats.kernel_rows(c))
+        grads[id(conv.weight)] = gwt.t().reshape(conv.weight.shape).to(conv.weight.dtype)
+        grads[id(norm.weight)], grads[id(norm.bias)] = gw.to(norm.weight.dtype), gb.to(norm.bias.dtype)
+        return
+    y = feats.consume(layer.norm1, c, update_stats=False) if recompute else saved[0]
     gy = conv_backward(g, feats.nchw(y), layer.conv1, dtype, grads)
     gy = feats.rows(gy.contiguous(memory_format=torch.channels_last))
     feats.consumer_backward(gy, y, layer.norm1, grads)
