@@ -131,6 +131,22 @@ def _autocast(opts: Options):
     return torch.autocast(opts.device.split(":")[0], dtype=dtype)
 
 
+class WithoutKernels(torch.nn.Module):
+    """Runs a model on PyTorch operators only, without the compiled CPU kernels
+    (``CROSSLAYER_CPU_KERNELS=0`` for this model alone): the fast paths choose in forward, and
+    backward follows that choice."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from crosslayer.ops import cpu_kernels
+
+        with cpu_kernels.disabled():
+            return self.model(x)
+
+
 def prepare(config: Config, opts: Options):
     """Model (train mode, on device, optional channels_last / compile), input batch, labels,
     optimiser-free step functions."""

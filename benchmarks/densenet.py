@@ -48,21 +48,6 @@ def _ours(memory_efficient: bool = False, fused: bool = True, cpu_channels_last:
     return build
 
 
-class _WithoutKernels(nn.Module):
-    """Runs a model on PyTorch operators only (no compiled CPU kernels): the fused path decides in
-    forward, and backward follows that decision."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        from crosslayer.ops import cpu_kernels
-
-        with cpu_kernels.disabled():
-            return self.model(x)
-
-
 class _ChannelsLast(nn.Module):
     """Runs a model with its weights and input in channels_last (what our DenseNet does on CPU)."""
 
@@ -92,7 +77,7 @@ def configs() -> dict[str, core.Config]:
         "ours": core.Config("ours", "crosslayer densenet_bc100_k12 (defaults: fused blocks, channels_last on CPU)",
                             _ours()),
         "ours_ops": core.Config("ours_ops", "crosslayer densenet_bc100_k12, PyTorch operators only (no compiled "
-                                "CPU kernels: CROSSLAYER_CPU_KERNELS=0)", lambda n: _WithoutKernels(_ours()(n))),
+                                "CPU kernels: CROSSLAYER_CPU_KERNELS=0)", lambda n: core.WithoutKernels(_ours()(n))),
         "ours_me": core.Config("ours_me", "crosslayer densenet_bc100_k12 (memory_efficient=True)", _ours(True)),
         "ours_plain": core.Config("ours_plain", "crosslayer, plain per-layer modules (fused=False)",
                                   _ours(False, False)),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "dense_consumer.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"]
 ENV_SWITCH = "CROSSLAYER_CPU_KERNELS"
 
