@@ -5,11 +5,18 @@ dense block's (P, C_total) feature buffer, and its backward into the shared grad
 DenseNet-BC-100 (k=12) shapes: maps 32/16/8, a few prefixes c per block.
 
     python -m benchmarks.cpu_kernels [--batch 64] [--reps 7]
+
+``--model NAME`` times whole training steps (forward, backward, SGD step) of that model instead,
+with and without the kernel, two copies of the same weights, alternating which goes first:
+
+    python -m benchmarks.cpu_kernels --model densenet_bc100_k12 --batch 16 --reps 9
+    python -m benchmarks.cpu_kernels --model densenet_bc40_k12_s2 --in-channels 1 --image-size 28
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -46,6 +53,34 @@ def consumer_kernel(kernels, buf, c, w, b, weight, n, h, gout, ghat):
     kernels.consume_conv1x1_backward(gout, buf, c, w, b, wt, ghat, rows)
 
 
+def model_steps(a) -> dict:
+    """Training-step times (ms) of ``a.model`` with the kernel and on operators, alternating order."""
+    import copy
+
+    import crosslayer
+
+    torch.manual_seed(0)
+    nets = {"kernel": crosslayer.create_model(a.model, in_channels=a.in_channels)}
+    nets["operators"] = copy.deepcopy(nets["kernel"])
+    x = torch.randn(a.batch, a.in_channels, a.image_size, a.image_size)
+    y = torch.randint(0, 10, (a.batch,))
+    sgd = {k: torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.9, nesterov=True) for k, n in nets.items()}
+
+    def step(k):
+        with contextlib.nullcontext() if k == "kernel" else cpu_kernels.disabled():
+            nets[k].zero_grad()
+            F.cross_entropy(nets[k](x), y).backward()
+            sgd[k].step()
+    times = {k: [] for k in nets}
+    for r in range(a.reps + 1):  # round 0 warms up
+        for k in (["kernel", "operators"] if r % 2 else ["operators", "kernel"]):
+            t0 = time.perf_counter()
+            step(k)
+            if r:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def timed(fns: dict, reps: int) -> dict:
     times = {k: [] for k in fns}
     for r in range(reps + 1):  # round 0 warms up
@@ -61,6 +96,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--model", default=None, help="time whole training steps of this model instead")
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=32)
     a = p.parse_args(argv)
     kernels = cpu_kernels.get()
     if kernels is None:
@@ -68,6 +106,13 @@ def main(argv=None) -> int:
         return 1
     torch.manual_seed(0)
     print(f"{torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}, median of {a.reps} interleaved rounds")
+    if a.model:
+        t = model_steps(a)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        for k, v in t.items():
+            print(f"{a.model} training step, {k}: median {med[k]:.1f} ms (range {min(v):.1f}–{max(v):.1f})")
+        print(f"kernel / operators: {med['operators'] / med['kernel']:.2f}× faster")
+        return 0
     print("\n| DenseNet consumer: map, C_total, c | operators ms | kernel ms | speed-up |\n|---|---:|---:|---:|")
     for h, total, c in DENSENET_SHAPES:
         p_rows = a.batch * h * h

@@ -103,6 +103,7 @@ def _compile(name: str, target: Path):
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=tmp, verbose=False)
         os.replace(module.__file__, target)  # atomic: other processes see no library or a whole one
+    module.__file__ = str(target)
     return module
 
 
