@@ -5,7 +5,10 @@ Computes exactly what the modules of :mod:`crosslayer.models.densenet` compute (
 CVPR 2017, Sec. 3: Eq. (2), bottleneck and transition layers; memory-efficient mode after Pleiss
 et al., arXiv 1707.06990), differently: the concatenation of Eq. (2) is never copied, each feature
 map is batch-normalised once instead of once per consumer, and the transition averages before its
-1x1 convolution (both are linear, they commute). docs/benchmarks.md describes and measures it.
+1x1 convolution (both are linear, they commute). On CPU in float32/float64 each bottleneck's
+BN-ReLU-Conv1x1 runs as the compiled kernel of :mod:`crosslayer.ops.cpu_kernels` where it builds
+(the same function; it recomputes the ReLU output in backward instead of keeping it), otherwise as
+PyTorch operators. docs/benchmarks.md describes and measures both.
 
 :func:`fusable` recognises exactly the modules this implements (the stock ``DenseBlock``,
 ``DenseLayer``, ``Transition`` with ``BatchNorm2d``, ``ReLU``, bias-free ``Conv2d``,
