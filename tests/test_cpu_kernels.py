@@ -88,7 +88,8 @@ def test_kernel_backward_does_not_depend_on_the_thread_count(kernels):
         for n in (1, 2):
             torch.set_num_threads(n)
             ghat = torch.zeros(p, c)
-            results.append([*kernels.consume_conv1x1_backward(gout, buf, c, w, b, wt, ghat, 64), ghat])
+            # tiles of 4096 rows: 16 chunks of rows per tile, split between the threads
+            results.append([*kernels.consume_conv1x1_backward(gout, buf, c, w, b, wt, ghat, 4096), ghat])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"]
+# -fopenmp: at::parallel_for is inline OpenMP code, serial without it; the library then uses the
+# libgomp.so.1 torch has already loaded (same soname), so torch.set_num_threads governs it too
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+LDFLAGS = ["-fopenmp"]
 ENV_SWITCH = "CROSSLAYER_CPU_KERNELS"
 
 _state: dict = {"loaded": False, "module": None, "reason": None}
@@ -101,7 +104,8 @@ def _compile(name: str, target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
     print("crosslayer: compiling the CPU kernels (once per machine, about a minute) ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=tmp, verbose=False)
+        module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                                    build_directory=tmp, verbose=False)
         os.replace(module.__file__, target)  # atomic: other processes see no library or a whole one
     module.__file__ = str(target)
     return module
