@@ -26,3 +26,21 @@ def tree_snapshot(root) -> dict:
             st = os.lstat(p)
             out[os.path.relpath(p, root)] = (stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime_ns)
     return out
+
+
+def nontrivial_batchnorm(net, running_stats: bool = False):
+    """Draw every BatchNorm2d's affine (weight in [0.5, 1.5], bias in [-0.3, 0.3]) and, with
+    ``running_stats``, its running statistics (mean in [-0.2, 0.2], var in [0.5, 1.5]) from torch's
+    global generator, module by module, so a wrong gamma/beta (or statistics) path shows. Returns ``net``."""
+    import torch
+    import torch.nn as nn
+
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                if running_stats:
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+    return net

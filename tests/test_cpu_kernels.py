@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import crosslayer
 from crosslayer.ops import cpu_kernels
+from tests.helpers import nontrivial_batchnorm
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                     reason="no C++ compiler here: the kernels step aside (tested below)")
@@ -97,13 +97,7 @@ def test_kernel_backward_does_not_depend_on_the_thread_count(kernels):
 
 def _densenet(model="densenet_bc40_k12"):
     torch.manual_seed(0)
-    net = crosslayer.create_model(model, growth_rate=4).double()
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
-    return net
+    return nontrivial_batchnorm(crosslayer.create_model(model, growth_rate=4).double())
 
 
 def _step(net, x, y):

@@ -35,6 +35,7 @@ from crosslayer.cli import main as cli
 from crosslayer.counting import SavedBytes
 from crosslayer.ops import defaults
 from crosslayer.ops.defaults import training_defaults, unset_training_defaults
+from tests.helpers import nontrivial_batchnorm
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() "
                                                                         "is False on this machine)")
@@ -95,13 +96,7 @@ def _sync(device: torch.device) -> None:
 
 def _densenet(device, **kw) -> nn.Module:
     torch.manual_seed(0)
-    net = crosslayer.create_model("densenet_bc40_k12", growth_rate=4, **kw)
-    with torch.no_grad():  # non-trivial BN affine so a wrong gamma/beta path would show
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    return net.to(device)
+    return nontrivial_batchnorm(crosslayer.create_model("densenet_bc40_k12", growth_rate=4, **kw)).to(device)
 
 
 def _delugenet(device, **kw) -> nn.Module:

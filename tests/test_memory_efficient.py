@@ -18,18 +18,13 @@ import torch.nn.functional as F
 import crosslayer
 from crosslayer.counting import SavedBytes
 from crosslayer.ops import cpu_kernels
+from tests.helpers import nontrivial_batchnorm
 
 
 def _densenet(seed=0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("growth_rate", 4)
-    net = crosslayer.create_model("densenet_bc40_k12", **kw)
-    with torch.no_grad():  # non-trivial BN affine so a wrong gamma/beta path would show
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    return net
+    return nontrivial_batchnorm(crosslayer.create_model("densenet_bc40_k12", **kw))
 
 
 def _train_steps(net, x, y, steps=2, lr=0.1):
@@ -67,12 +62,7 @@ def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_effici
     plain per-layer function: in float64 outputs, gradients and running statistics agree to 1e-10
     over two SGD steps, and so do eval-mode outputs."""
     torch.manual_seed(0)
-    fused = crosslayer.create_model(model, growth_rate=4, memory_efficient=memory_efficient).double()
-    with torch.no_grad():
-        for m in fused.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
+    fused = nontrivial_batchnorm(crosslayer.create_model(model, growth_rate=4, memory_efficient=memory_efficient).double())
     fused.cpu_channels_last = channels_last
     plain = copy.deepcopy(fused)
     plain.fused = False

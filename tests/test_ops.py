@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import crosslayer
 from crosslayer.models.delugenet import delugenet_cifar
 from crosslayer.ops import deluge, dense_block
+from tests.helpers import nontrivial_batchnorm
 
 
 class SqueezeExcitation(nn.Module):
@@ -32,15 +33,7 @@ class SqueezeExcitation(nn.Module):
 
 def _densenet(model="densenet_bc40_k12"):
     torch.manual_seed(0)
-    net = crosslayer.create_model(model, growth_rate=4, fused=True).double()
-    with torch.no_grad():  # non-trivial BN affine and running statistics
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return net
+    return nontrivial_batchnorm(crosslayer.create_model(model, growth_rate=4, fused=True).double(), running_stats=True)
 
 
 def _deluge():
