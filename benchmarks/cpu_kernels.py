@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from crosslayer.ops import cpu_kernels
+from crosslayer.ops.dense_block import conv1x1_matrix, kernel_rows
 
 DENSENET_SHAPES = [(32, 216, c) for c in (24, 72, 120, 168, 204)] + [(16, 300, c) for c in (108, 200, 288)] + \
                   [(8, 342, c) for c in (150, 250, 330)]
@@ -47,8 +48,7 @@ def consumer_ops(buf, c, w, b, weight, n, h, gout, ghat):
 
 
 def consumer_kernel(kernels, buf, c, w, b, weight, n, h, gout, ghat):
-    wt = weight.reshape(weight.shape[0], c).t().contiguous()
-    rows = max(256, min(8192, (1 << 20) // (c * buf.element_size())))  # as _Features.kernel_rows
+    wt, rows = conv1x1_matrix(weight), kernel_rows(buf, c)  # as crosslayer.ops.dense_block calls it
     kernels.consume_conv1x1(buf, c, w, b, wt, rows)
     kernels.consume_conv1x1_backward(gout, buf, c, w, b, wt, ghat, rows)
 

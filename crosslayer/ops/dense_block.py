@@ -199,10 +199,6 @@ class _Features:
         w, b = self.affine(bn, c, update_stats)
         return torch.addcmul(b, self.buf[:, :c], w).relu_()
 
-    def kernel_rows(self, c: int) -> int:
-        """Rows per tile of the compiled consumer kernel: a (rows, c) scratch of ~1 MiB stays in cache."""
-        return max(256, min(8192, (1 << 20) // (c * self.buf.element_size())))
-
     def consumer_backward(self, gy: torch.Tensor, y: torch.Tensor, bn: nn.BatchNorm2d, grads: dict) -> None:
         """Backward of ``consume`` (training): adds weight * dL/d(pre-ReLU) into ``self.ghat[:, :c]``
         (dL/d hat summed over consumers, in place; the first call, the block's last consumer, reads
@@ -321,9 +317,15 @@ def _uses_kernel(feats: _Features, layer: nn.Module) -> bool:
     return feats.kernels is not None and layer.bottleneck
 
 
-def _conv1x1_matrix(conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
+def conv1x1_matrix(weight: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution's weight (m, c, 1, 1) as the (c, m) matrix the consumer kernel multiplies by."""
-    return conv.weight.to(dtype).reshape(conv.out_channels, conv.in_channels).t().contiguous()
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
+
+
+def kernel_rows(buf: torch.Tensor, c: int) -> int:
+    """Rows per tile of the compiled consumer kernel over ``c`` columns of ``buf``: a (rows, c)
+    scratch of ~1 MiB stays in cache."""
+    return max(256, min(8192, (1 << 20) // (c * buf.element_size())))
 
 
 def _layer_forward(feats: _Features, layer: nn.Module, recompute: bool, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -334,8 +336,9 @@ def _layer_forward(feats: _Features, layer: nn.Module, recompute: bool, dtype: t
     c = feats.width
     if _uses_kernel(feats, layer):
         w, b = feats.affine(layer.norm1, c)
-        rows = feats.kernels.consume_conv1x1(feats.buf, c, w, b, _conv1x1_matrix(layer.conv1, dtype), feats.kernel_rows(c))
-        out, kept = feats.nchw(rows), []
+        wt = conv1x1_matrix(layer.conv1.weight.to(dtype))
+        out = feats.nchw(feats.kernels.consume_conv1x1(feats.buf, c, w, b, wt, kernel_rows(feats.buf, c)))
+        kept = []
     else:
         y = feats.consume(layer.norm1, c)
         out = F.conv2d(feats.nchw(y), layer.conv1.weight.to(dtype), None, 1, layer.conv1.padding)
@@ -383,7 +386,7 @@ def _layer_backward(feats: _Features, layer: nn.Module, c: int, saved: list, rec
         conv, norm = layer.conv1, layer.norm1
         gwt, gw, gb = feats.kernels.consume_conv1x1_backward(
             feats.rows(g.contiguous(memory_format=torch.channels_last)), feats.buf, c, w, b,
-            _conv1x1_matrix(conv, dtype), feats.ghat, feats.kernel_rows(c))
+            conv1x1_matrix(conv.weight.to(dtype)), feats.ghat, kernel_rows(feats.buf, c))
         grads[id(conv.weight)] = gwt.t().reshape(conv.weight.shape).to(conv.weight.dtype)
         grads[id(norm.weight)], grads[id(norm.bias)] = gw.to(norm.weight.dtype), gb.to(norm.bias.dtype)
         return

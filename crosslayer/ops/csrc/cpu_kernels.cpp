@@ -9,13 +9,14 @@
 // The buffer is a (P, C_total) row-major matrix, one row per pixel; a consumer reads its first c
 // columns. Per tile of rows the kernel forms z = relu(x * w + b) (the consumer's BatchNorm affine
 // + ReLU; x is the batch-normalised feature in training, the raw one in eval with w, b folded from
-// the running statistics) in a thread-local scratch that stays in cache, and multiplies it by the
-// 1x1 convolution's weight. Backward recomputes z per tile instead of saving it (nothing per
+// the running statistics) in a scratch that stays in cache, and multiplies it by the 1x1
+// convolution's weight. Backward recomputes z per tile instead of saving it (nothing per
 // consumer is kept, as in Pleiss et al.'s memory-efficient DenseNet) and adds the consumer's
 // dL/dx into the shared gradient buffer in place. Each feature-map pixel is read once per
 // consumer per pass, instead of the ~15 passes of the equivalent PyTorch operators.
 //
-// (A DelugeNet CLDC kernel was tried and measured slower in the model: docs/benchmarks.md.)
+// (A DelugeNet CLDC kernel was tried with a build that ran its loops on one thread; see
+// docs/benchmarks.md.)
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -52,7 +53,7 @@ void check(const Tensor& buf, int64_t c, const Tensor& w, const Tensor& b, const
 }
 
 // Row tiles are processed one after the other; within a tile the affine + ReLU runs in parallel over
-// rows and the matrix products use every thread (a product per thread on small tiles scales badly).
+// rows and the matrix products use every thread.
 template <typename T>
 void affine_relu_tile(const T* x, int64_t ldx, const T* w, const T* b, T* z, int64_t n, int64_t c) {
   at::parallel_for(0, n, 64, [&](int64_t p0, int64_t p1) {
