@@ -327,10 +327,15 @@ def format_results(res: dict, baseline: str, fast: str | None = None) -> str:
     head += " train FLOP/s ÷ matmul |"
     sep += "---:|"
     lines = [head, sep]
+
+    def times(r, kind):  # x the baseline, +- the two rows' spreads (half ranges) added
+        x = r[f"{kind}_img_s"] / b[f"{kind}_img_s"]
+        if r is b or f"{kind}_spread" not in r:
+            return f"{x:.2f}"
+        return f"{x:.2f} ±{(r[f'{kind}_spread'] + b[f'{kind}_spread']) * x:.2f}"
     for r in res["configs"].values():
-        row = (f"| {r['label']} | {r['params']:,} | {r['train_img_s']:.1f} | "
-               f"{r['train_img_s'] / b['train_img_s']:.2f} | {r['infer_img_s']:.1f} | "
-               f"{r['infer_img_s'] / b['infer_img_s']:.2f} |")
+        row = (f"| {r['label']} | {r['params']:,} | {r['train_img_s']:.1f} | {times(r, 'train')} | "
+               f"{r['infer_img_s']:.1f} | {times(r, 'infer')} |")
         if has_mem and "peak_mb" in r:
             row += (f" {r['peak_mb']:.0f} | {r['peak_mb'] / b['peak_mb']:.2f} | {r['saved_mb']:.0f} | "
                     f"{r['saved_mb'] / b['saved_mb']:.2f} |")

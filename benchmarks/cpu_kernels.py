@@ -1,8 +1,11 @@
-"""Micro-benchmark: the compiled CPU kernel (crosslayer/ops/csrc/cpu_kernels.cpp) against the PyTorch
-operators it replaces, forward + backward, interleaved rounds in one process, medians: one DenseNet
-bottleneck consumer, BN affine + ReLU + 1x1 convolution (48 outputs) over the first c columns of a
-dense block's (P, C_total) feature buffer, and its backward into the shared gradient buffer, at
-DenseNet-BC-100 (k=12) shapes: maps 32/16/8, a few prefixes c per block.
+"""Micro-benchmark: the compiled CPU kernels (crosslayer/ops/csrc/cpu_kernels.cpp) against the PyTorch
+operators they replace, forward + backward, interleaved rounds in one process, medians.
+
+- DenseNet: one bottleneck consumer, BN affine + ReLU + 1x1 convolution (48 outputs) over the first
+  c columns of a dense block's (P, C_total) feature buffer, and its backward into the shared
+  gradient buffer, at DenseNet-BC-100 (k=12) shapes: maps 32/16/8, a few prefixes c per block.
+- DelugeNet: one cross-layer depthwise convolution (weighted sum of L channels_last inputs) and its
+  backward into the gradient bank.
 
     python -m benchmarks.cpu_kernels [--batch 64] [--reps 7]
 
@@ -26,10 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from crosslayer.ops import cpu_kernels
+from crosslayer.ops.deluge import GradBank, WeightedSum
 from crosslayer.ops.dense_block import conv1x1_matrix, kernel_rows
 
 DENSENET_SHAPES = [(32, 216, c) for c in (24, 72, 120, 168, 204)] + [(16, 300, c) for c in (108, 200, 288)] + \
                   [(8, 342, c) for c in (150, 250, 330)]
+CLDC_SHAPES = [(32, 128, 8), (32, 128, 16), (16, 256, 16), (8, 512, 16)]  # map, channels, inputs
 
 
 def consumer_ops(buf, c, w, b, weight, n, h, gout, ghat):
@@ -81,6 +86,12 @@ def model_steps(a) -> dict:
     return times
 
 
+def cldc_step(xs, weight, bias, grad, kernels=True):
+    with contextlib.nullcontext() if kernels else cpu_kernels.disabled():
+        out = WeightedSum.apply(weight, bias, GradBank(), *xs)
+    out.backward(grad)  # backward follows the path forward chose
+
+
 def timed(fns: dict, reps: int) -> dict:
     times = {k: [] for k in fns}
     for r in range(reps + 1):  # round 0 warms up
@@ -121,6 +132,15 @@ def main(argv=None) -> int:
         args = (buf, c, w, b, weight, a.batch, h, gout, ghat)
         t = timed({"ops": partial(consumer_ops, *args), "kernel": partial(consumer_kernel, kernels, *args)}, a.reps)
         print(f"| {h}×{h}, {total}, {c} | {t['ops']:.2f} | {t['kernel']:.2f} | {t['ops'] / t['kernel']:.2f}× |", flush=True)
+    print("\n| DelugeNet CLDC: map, channels, inputs | operators ms | kernel ms | speed-up |\n|---|---:|---:|---:|")
+    for h, ch, n_in in CLDC_SHAPES:
+        cl = dict(memory_format=torch.channels_last)
+        xs = [torch.randn(a.batch, ch, h, h).contiguous(**cl) for _ in range(n_in)]
+        grad = torch.randn(a.batch, ch, h, h).contiguous(**cl)
+        weight, bias = torch.randn(ch, n_in, requires_grad=True), torch.zeros(ch, n_in, requires_grad=True)
+        args = (xs, weight, bias, grad)
+        t = timed({"ops": partial(cldc_step, *args, kernels=False), "kernel": partial(cldc_step, *args)}, a.reps)
+        print(f"| {h}×{h}, {ch}, {n_in} | {t['ops']:.2f} | {t['kernel']:.2f} | {t['ops'] / t['kernel']:.2f}× |", flush=True)
     return 0
 
 

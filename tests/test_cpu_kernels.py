@@ -1,8 +1,8 @@
-"""The compiled CPU kernel (crosslayer/ops/csrc/cpu_kernels.cpp, loaded by crosslayer.ops.cpu_kernels):
-DenseNet's bottleneck BN-ReLU-Conv1x1 over a prefix of the dense block's feature buffer, forward
-and backward, tile by tile. It must compute what the PyTorch operators compute, be used exactly
-where it applies, and step aside everywhere else (no compiler, switched off, bf16, non-bottleneck
-layers)."""
+"""The compiled CPU kernels (crosslayer/ops/csrc/cpu_kernels.cpp, loaded by crosslayer.ops.cpu_kernels):
+DenseNet's bottleneck BN-ReLU-Conv1x1 over a prefix of the dense block's feature buffer, tile by
+tile, and DelugeNet's cross-layer depthwise convolution (weighted sum into the gradient bank). Each
+must compute what the PyTorch operators compute, be used exactly where it applies, and step aside
+everywhere else (no compiler, switched off, bf16, NCHW, non-bottleneck layers)."""
 
 import os
 import shutil
@@ -32,7 +32,8 @@ class _Spy:
     """Counts the kernel calls of a fused block."""
 
     def __init__(self, module):
-        self.module, self.calls = module, {"consume_conv1x1": 0, "consume_conv1x1_backward": 0}
+        self.module, self.calls = module, {"consume_conv1x1": 0, "consume_conv1x1_backward": 0,
+                                           "cldc_forward": 0, "cldc_backward": 0}
 
     def __getattr__(self, name):
         fn = getattr(self.module, name)
@@ -190,3 +191,105 @@ def test_a_second_process_loads_the_cached_library_without_compiling(kernels):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(path) and "compiling" not in r.stderr
 
+
+def _cldc_inputs(n_inputs=5, dtype=torch.float64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, 8, 5, 7)  # P = 105 rows: not a multiple of the kernel's row chunks
+    xs = [torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+          for _ in range(n_inputs)]
+    weight = torch.randn(8, n_inputs, generator=g, dtype=dtype)
+    bias = torch.randn(8, n_inputs, generator=g, dtype=dtype)
+    grad = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return xs, weight, bias, grad
+
+
+@needs_compiler
+def test_cldc_kernel_matches_autograd(kernels):
+    """float64: the weighted sum, the inputs' gradients assigned to new bank slots and added into
+    existing ones, the weight and bias gradients."""
+    from crosslayer.ops.deluge import weighted_sum
+
+    xs, weight, bias, grad = _cldc_inputs()
+    leaves = [t.clone().requires_grad_() for t in (weight, bias, *xs)]
+    out = weighted_sum(leaves[0], leaves[1], leaves[2:])
+    out.backward(grad)
+    ours = kernels.cldc_forward(xs, weight, bias.sum(1))
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    tol = dict(atol=1e-12, rtol=1e-10)
+    assert torch.allclose(ours, out, **tol)
+    banks = [torch.randn_like(grad) if i % 2 else torch.full_like(grad, float("nan")) for i in range(len(xs))]
+    before = [b.clone() for b in banks]
+    assign = [i % 2 == 0 for i in range(len(xs))]
+    gw, gb = kernels.cldc_backward(grad, xs, weight, banks, assign)
+    for i, x_leaf in enumerate(leaves[2:]):
+        want = x_leaf.grad if assign[i] else before[i] + x_leaf.grad
+        assert torch.allclose(banks[i], want, **tol), i
+    assert torch.allclose(gw, leaves[0].grad, **tol) and torch.allclose(gb, leaves[1].grad[:, 0], **tol)
+
+
+def _delugenet(seed=0):
+    torch.manual_seed(seed)
+    net = crosslayer.create_model("delugenet20").double()
+    with torch.no_grad():
+        for mod in net.modules():
+            if hasattr(mod, "num_inputs"):  # CLDC: non-uniform weights, so a swapped column shows
+                mod.weight.uniform_(0.5, 1.5)
+    return net
+
+
+@needs_compiler
+def test_delugenet_uses_the_cldc_kernel_and_equals_the_operator_path(kernels, monkeypatch):
+    import copy
+
+    spy = _Spy(kernels)
+    monkeypatch.setattr(cpu_kernels, "get", lambda: spy if cpu_kernels.enabled() else None)
+    net = _delugenet()
+    ref = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+    out, grads = _step(net, x, y)
+    cldcs = sum(1 for m in net.modules() if hasattr(m, "num_inputs"))
+    assert spy.calls["cldc_forward"] == spy.calls["cldc_backward"] == cldcs > 5
+    with cpu_kernels.disabled():
+        out_r, grads_r = _step(ref, x, y)
+    assert spy.calls["cldc_forward"] == cldcs  # the reference really ran on operators
+    tol = dict(atol=1e-10, rtol=1e-8)
+    assert torch.allclose(out, out_r, **tol)
+    assert all(torch.allclose(grads[k], grads_r[k], **tol) for k in grads)
+
+
+@needs_compiler
+def test_cldc_kernel_steps_aside_in_nchw_and_bf16(kernels, monkeypatch):
+    spy = _Spy(kernels)
+    monkeypatch.setattr(cpu_kernels, "get", lambda: spy if cpu_kernels.enabled() else None)
+    net = crosslayer.create_model("delugenet20")
+    x = torch.randn(2, 3, 32, 32)
+    net.cpu_channels_last = False
+    net(x).sum().backward()
+    assert spy.calls["cldc_forward"] == 0
+    net.cpu_channels_last = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x).float().sum().backward()
+    assert spy.calls["cldc_forward"] == 0
+    net(x).sum().backward()
+    assert spy.calls["cldc_forward"] > 0  # the spy is live
+
+
+@needs_compiler
+def test_cldc_backward_does_not_depend_on_the_thread_count(kernels):
+    """The weight-gradient sums are fixed groups of rows added in a fixed order, whatever the threads."""
+    g = torch.Generator().manual_seed(5)
+    shape = (4, 16, 30, 30)  # 3600 rows: 4 groups of 1024, split between the threads
+    cl = dict(memory_format=torch.channels_last)
+    xs = [torch.randn(shape, generator=g).contiguous(**cl) for _ in range(3)]
+    grad, weight = torch.randn(shape, generator=g).contiguous(**cl), torch.randn(16, 3, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            banks = [torch.empty_like(grad) for _ in xs]
+            results.append([*kernels.cldc_backward(grad, xs, weight, banks, [True] * 3), *banks])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -7,6 +7,8 @@ statistics, so the model normalises each output once (one ``nn.BatchNorm2d(affin
 output, ``DelugeStage.norms``) and each CLDC is a weighted sum of the stored normalised tensors.
 In training the fast path here also sums the gradients of each normalised output over its
 consumers in place (:class:`GradBank`) instead of through autograd's per-consumer additions.
+On CPU (float32/float64, channels_last) the CLDC's weighted sum and its backward run as a compiled
+kernel (:mod:`crosslayer.ops.cpu_kernels`) where it builds.
 
 :func:`bank_applies` recognises exactly the normalisation modules this implements; anything
 else (SyncBatchNorm, another norm, hooks, a tracer, eval mode) runs the plain modules.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from crosslayer.ops import cpu_kernels
 from crosslayer.ops.batchnorm import count_batch
 from crosslayer.ops.defaults import use_fused
 from crosslayer.ops.dispatch import has_hooks, is_tracing, plain_batch_norm
@@ -41,6 +44,17 @@ class GradBank:
 
     def pop(self, j: int) -> torch.Tensor | None:
         return self.grads.pop(j, None)
+
+    def slots(self, js: list[int], like: torch.Tensor) -> tuple[list[torch.Tensor], list[bool]] | None:
+        """The gradient tensors of outputs ``js`` for the compiled CLDC backward to write into: the
+        existing ones (to add into), new ones like ``like`` (to assign, flag True). None when an
+        existing one is not laid out like ``like`` (the kernel's layout): the operator path then runs."""
+        if any(j in self.grads and not _same_layout(self.grads[j], like) for j in js):
+            return None
+        assign = [j not in self.grads for j in js]
+        for j in js:
+            self.grads.setdefault(j, torch.empty_like(like, memory_format=torch.channels_last))
+        return [self.grads[j] for j in js], assign
 
 
 @dataclass
@@ -96,6 +110,20 @@ class SharedBatchNorm(torch.autograd.Function):
         return gx, None, None, None
 
 
+def _same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    return t.shape == ref.shape and t.dtype == ref.dtype and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _cldc_kernels(ref: torch.Tensor, tensors):
+    """The compiled CLDC kernels when they implement these tensors (CPU, float32/float64, 4-d, one
+    shape, channels_last memory: the CPU models' layout), else None."""
+    if ref.device.type != "cpu" or ref.dtype not in (torch.float32, torch.float64) or ref.dim() != 4:
+        return None
+    if not all(_same_layout(t, ref) for t in tensors):
+        return None
+    return cpu_kernels.get()
+
+
 def weighted_sum(weight: torch.Tensor, bias: torch.Tensor, xs) -> torch.Tensor:
     """sum_i weight[:, i] * xs[i] + sum_i bias[:, i], per channel, accumulated in place into one output
     (each in-place result is reassigned, so an FX trace chains the steps instead of pruning them).
@@ -113,18 +141,33 @@ class WeightedSum(torch.autograd.Function):
     Backward adds weight[:, i] * grad into input i's gradient in ``bank`` in place, and computes
     weight column i with one temporary-free reduction; the per-input ``addcmul`` autograd graph
     needs two products, a product by the scalar 1, a sum and autograd's gradient additions.
-    Inputs are a stage's outputs newest first: input i is output L-1-i."""
+    Inputs are a stage's outputs newest first: input i is output L-1-i.
+
+    With the compiled CPU kernels (:mod:`crosslayer.ops.cpu_kernels`; float32/float64, channels_last)
+    forward and backward each make one pass over the inputs per chunk of pixels."""
 
     @staticmethod
     def forward(ctx, weight, bias, bank, *xs):
-        out = weighted_sum(weight, bias, xs)
+        kernels = _cldc_kernels(xs[0], xs)
+        if kernels is None:
+            out = weighted_sum(weight, bias, xs)
+        else:
+            dt = xs[0].dtype
+            out = kernels.cldc_forward(list(xs), weight.to(dt), bias.sum(1).to(dt))
         ctx.save_for_backward(weight, *xs)
-        ctx.bank = bank
+        ctx.bank, ctx.kernels = bank, kernels
         return out
 
     @staticmethod
     def backward(ctx, grad):
         weight, *xs = ctx.saved_tensors
+        slots = None
+        if ctx.kernels is not None and _same_layout(grad, xs[0]):
+            slots = ctx.bank.slots([len(xs) - 1 - i for i in range(len(xs))], grad)
+        if slots is not None:
+            grad_weight, grad_bias_sum = ctx.kernels.cldc_backward(grad, xs, weight.to(grad.dtype), *slots)
+            grad_bias = grad_bias_sum.to(weight.dtype)[:, None].expand_as(weight).clone()
+            return (grad_weight.to(weight.dtype), grad_bias, None, *([None] * len(xs)))
         grad_weight = torch.empty_like(weight)
         zero = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
         one = torch.ones_like(zero)

@@ -1,8 +1,8 @@
-// Compiled CPU kernels for memory-bound steps of the cross-layer models, loaded by
+// Compiled CPU kernels for two memory-bound steps of the cross-layer models, loaded by
 // crosslayer/ops/cpu_kernels.py; each Python caller checks that a kernel implements its case and
 // otherwise runs its PyTorch operators.
 //
-// DenseNet: a bottleneck's first half, BN-ReLU-Conv1x1 over a prefix of the dense block's feature
+// 1. DenseNet: a bottleneck's first half, BN-ReLU-Conv1x1 over a prefix of the dense block's feature
 // buffer (Huang et al., CVPR 2017, Sec. 3), forward and backward, one row tile at a time
 // (called by crosslayer/ops/dense_block.py).
 //
@@ -15,8 +15,10 @@
 // dL/dx into the shared gradient buffer in place. Each feature-map pixel is read once per
 // consumer per pass, instead of the ~15 passes of the equivalent PyTorch operators.
 //
-// (A DelugeNet CLDC kernel was tried with a build that ran its loops on one thread; see
-// docs/benchmarks.md.)
+// 2. DelugeNet: the cross-layer depthwise convolution's weighted sum over a stage's normalised
+// outputs (Kuen et al., arXiv 1611.05552, Sec. 3) and its backward (called by
+// crosslayer/ops/deluge.py), one pass over the inputs per chunk of pixels instead of one pass per
+// input over the whole running sum.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -149,7 +151,142 @@ std::vector<Tensor> consume_conv1x1_backward(const Tensor& gout, const Tensor& b
   return backward_impl<double>(gout, buf, c, w, b, wt, ghat, rows);
 }
 
+// ------------------------------------------------------------------------------------------ CLDC
+// Tensors are (N, C, H, W) in channels_last memory, i.e. (P, C) rows; the caller checks the layout.
+
+namespace {
+
+constexpr int64_t CLDC_ROWS = 256;    // rows of the output kept in cache while the inputs stream by
+constexpr int64_t CLDC_GROUP = 1024;  // rows per partial weight-gradient sum (thread-count independent)
+
+template <typename T>
+void cldc_forward_impl(const std::vector<Tensor>& xs, const T* wt, const T* bias, T* out, int64_t P, int64_t C) {
+  const int64_t L = xs.size();
+  std::vector<const T*> X(L);
+  for (int64_t i = 0; i < L; ++i) X[i] = xs[i].data_ptr<T>();
+  at::parallel_for(0, (P + CLDC_ROWS - 1) / CLDC_ROWS, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t a = k * CLDC_ROWS * C, n = (std::min(P, (k + 1) * CLDC_ROWS) - k * CLDC_ROWS) * C;
+      T* o = out + a;
+      // the operator path's order: x_0 w_0, then + x_i w_i for i = 1..L-1, then + the summed bias
+      for (int64_t e = 0; e < n; e += C) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[e + c] = X[0][a + e + c] * wt[c];
+      }
+      for (int64_t i = 1; i < L; ++i) {
+        const T* x = X[i] + a;
+        const T* w = wt + i * C;
+        for (int64_t e = 0; e < n; e += C) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[e + c] += x[e + c] * w[c];
+        }
+      }
+      for (int64_t e = 0; e < n; e += C) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[e + c] += bias[c];
+      }
+    }
+  });
+}
+
+// banks[i] (+)= grad * w_i; partial[g, i, :] = sum over group g's rows of grad * x_i; partial[g, L, :] = sum of grad
+template <typename T>
+void cldc_backward_impl(const T* G, const std::vector<Tensor>& xs, const T* wt, const std::vector<Tensor>& banks,
+                        const std::vector<bool>& assign, T* partial, int64_t P, int64_t C) {
+  const int64_t L = xs.size(), groups = (P + CLDC_GROUP - 1) / CLDC_GROUP;
+  std::vector<const T*> X(L);
+  std::vector<T*> Bk(L);
+  for (int64_t i = 0; i < L; ++i) { X[i] = xs[i].data_ptr<T>(); Bk[i] = banks[i].data_ptr<T>(); }
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      T* part = partial + g * (L + 1) * C;
+      for (int64_t e = 0; e < (L + 1) * C; ++e) part[e] = T(0);
+      const int64_t end = std::min(P, (g + 1) * CLDC_GROUP);
+      for (int64_t r0 = g * CLDC_GROUP; r0 < end; r0 += CLDC_ROWS) {
+        const int64_t a = r0 * C, n = (std::min(end, r0 + CLDC_ROWS) - r0) * C;
+        const T* gr = G + a;
+        T* gb = part + L * C;
+        for (int64_t e = 0; e < n; e += C) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gb[c] += gr[e + c];
+        }
+        for (int64_t i = 0; i < L; ++i) {
+          const T* x = X[i] + a;
+          const T* w = wt + i * C;
+          T* bk = Bk[i] + a;
+          T* gw = part + i * C;
+          if (assign[i]) {
+            for (int64_t e = 0; e < n; e += C) {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) { bk[e + c] = gr[e + c] * w[c]; gw[c] += gr[e + c] * x[e + c]; }
+            }
+          } else {
+            for (int64_t e = 0; e < n; e += C) {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) { bk[e + c] += gr[e + c] * w[c]; gw[c] += gr[e + c] * x[e + c]; }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void cldc_check(const Tensor& ref, const std::vector<Tensor>& ts) {
+  TORCH_CHECK(ref.device().is_cpu() && ref.dim() == 4 && ref.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "CLDC tensors: CPU, 4-d, channels_last");
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.sizes() == ref.sizes() && t.scalar_type() == ref.scalar_type() &&
+                t.is_contiguous(at::MemoryFormat::ChannelsLast), "CLDC tensors: one shape, dtype and layout");
+  }
+}
+
+}  // namespace
+
+// out = sum_i weight[:, i] * xs[i] + bias_sum (per channel); weight (C, L), bias_sum (C,)
+Tensor cldc_forward(const std::vector<Tensor>& xs, const Tensor& weight, const Tensor& bias_sum) {
+  TORCH_CHECK(!xs.empty(), "CLDC: no inputs");
+  cldc_check(xs[0], xs);
+  const int64_t C = xs[0].size(1), P = xs[0].numel() / C, L = xs.size();
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef({C, L}) && bias_sum.numel() == C &&
+              weight.scalar_type() == xs[0].scalar_type() && bias_sum.scalar_type() == xs[0].scalar_type(),
+              "CLDC: weight (C, L), bias_sum (C,), the inputs' dtype");
+  Tensor wt = weight.t().contiguous(), bias = bias_sum.contiguous();
+  Tensor out = torch::empty(xs[0].sizes(), xs[0].options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.scalar_type() == torch::kFloat)
+    cldc_forward_impl<float>(xs, wt.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(), P, C);
+  else {
+    TORCH_CHECK(out.scalar_type() == torch::kDouble, "float32 or float64 only");
+    cldc_forward_impl<double>(xs, wt.data_ptr<double>(), bias.data_ptr<double>(), out.data_ptr<double>(), P, C);
+  }
+  return out;
+}
+
+// Backward: banks[i] = grad * weight[:, i] where assign[i], else += (in place); returns
+// [dL/d weight (C, L), dL/d (per-channel) bias sum (C,)].
+std::vector<Tensor> cldc_backward(const Tensor& grad, const std::vector<Tensor>& xs, const Tensor& weight,
+                                  std::vector<Tensor> banks, const std::vector<bool>& assign) {
+  cldc_check(grad, xs);
+  cldc_check(grad, banks);
+  const int64_t C = grad.size(1), P = grad.numel() / C, L = xs.size();
+  TORCH_CHECK((int64_t)banks.size() == L && (int64_t)assign.size() == L && weight.sizes() == at::IntArrayRef({C, L}) &&
+              weight.scalar_type() == grad.scalar_type(), "CLDC backward: one bank and flag per input, weight (C, L)");
+  Tensor wt = weight.t().contiguous();
+  const int64_t groups = (P + CLDC_GROUP - 1) / CLDC_GROUP;
+  Tensor partial = torch::empty({groups, L + 1, C}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad.scalar_type() == torch::kFloat)
+    cldc_backward_impl<float>(grad.data_ptr<float>(), xs, wt.data_ptr<float>(), banks, assign, partial.data_ptr<float>(), P, C);
+  else {
+    TORCH_CHECK(grad.scalar_type() == torch::kDouble, "float32 or float64 only");
+    cldc_backward_impl<double>(grad.data_ptr<double>(), xs, wt.data_ptr<double>(), banks, assign, partial.data_ptr<double>(), P, C);
+  }
+  Tensor sums = partial.to(torch::kDouble).sum(0).to(grad.scalar_type());  // (L + 1, C)
+  return {sums.narrow(0, 0, L).t().contiguous(), sums[L].contiguous()};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("consume_conv1x1", &consume_conv1x1, "relu(buf[:, :c] * w + b) @ wt, tile by tile");
   m.def("consume_conv1x1_backward", &consume_conv1x1_backward, "its backward; adds dL/dx into ghat");
+  m.def("cldc_forward", &cldc_forward, "sum_i weight[:, i] * xs[i] + bias_sum, channels_last");
+  m.def("cldc_backward", &cldc_backward, "its backward; input gradients into the bank tensors");
 }
