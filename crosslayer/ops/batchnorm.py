@@ -44,9 +44,10 @@ def batch_norm(bn: nn.Module, x: torch.Tensor, update_stats: bool = True) -> tor
     return F.batch_norm(x, rm, rv, bn.weight, bn.bias, True, 0.0, bn.eps)
 
 
-def bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d, stats=None):
+def bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d, stats=None, inplace: bool = False):
     """relu(bn(x)) for an affine BatchNorm2d (``x`` channels_last). Returns (y, mean, invstd); pass
-    the returned statistics back in to recompute y bit-identically in backward."""
+    the returned statistics back in to recompute y bit-identically in backward. ``inplace`` writes y
+    over x (inference: no backward needs x, and a fresh large tensor costs its page faults)."""
     sdt = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 (or fp64)
     if stats is None:
         if bn.training:
@@ -58,5 +59,7 @@ def bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d, stats=None):
     mean, invstd = stats
     alpha = invstd * bn.weight.to(sdt)
     beta = bn.bias.to(sdt) - mean * alpha
-    y = torch.addcmul(beta.to(x.dtype)[:, None, None], x, alpha.to(x.dtype)[:, None, None]).relu_()
+    beta, alpha = beta.to(x.dtype)[:, None, None], alpha.to(x.dtype)[:, None, None]
+    y = torch.addcmul(beta, x, alpha, out=x) if inplace else torch.addcmul(beta, x, alpha)
+    y = y.relu_()
     return y, mean, invstd

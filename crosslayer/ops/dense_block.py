@@ -126,7 +126,9 @@ def run_features(features: nn.Sequential, x: torch.Tensor, recompute: bool) -> t
     while i < len(modules):
         if isinstance(modules[i], _block_type()):
             block, tail = modules[i], modules[i + 1]
-            x = DenseBlockFunction.apply(x, block, tail, recompute, *fused_parameters(block, tail))
+            params = fused_parameters(block, tail)
+            backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+            x = DenseBlockFunction.apply(x, block, tail, recompute, backward, *params)
             i += 2
         else:
             x = modules[i](x)
@@ -264,11 +266,12 @@ class DenseBlockFunction(torch.autograd.Function):
     Backward adds every consumer's gradient with respect to the normalised features into one
     (P, C_total) buffer, in place, and runs each feature's normalisation backward once.
     ``recompute`` (memory-efficient mode) keeps no per-consumer ReLU output (quadratic in depth):
-    they are recomputed from the buffer in backward, bit-identically.
+    they are recomputed from the buffer in backward, bit-identically. Without ``backward`` (no
+    gradient will be asked for: inference) nothing is kept and the bottleneck's BN-ReLU runs in place.
     """
 
     @staticmethod
-    def forward(ctx, x, block, tail, recompute, *params):
+    def forward(ctx, x, block, tail, recompute, backward, *params):
         layers, norm = list(block.values()), tail_norm(tail)
         total = x.shape[1] + sum(layer.growth_rate for layer in layers)
         dtype = autocast_dtype(x) or x.dtype
@@ -276,14 +279,14 @@ class DenseBlockFunction(torch.autograd.Function):
             feats = _Features(x, total, norm.training, norm.eps, dtype)
             feats.kernels = _kernels_for(feats.buf)
             feats.put(x)
-            saved = [_layer_forward(feats, layer, recompute, dtype) for layer in layers]
+            saved = [_layer_forward(feats, layer, recompute, dtype, backward) for layer in layers]
             y = feats.consume(norm, total)
             if isinstance(tail, nn.BatchNorm2d):
                 out, tail_saved = feats.nchw(y), [y]
             else:
                 pooled = F.avg_pool2d(feats.nchw(y), 2)
                 out = F.conv2d(pooled, tail.conv.weight.to(dtype))
-                tail_saved = [] if recompute else [y, pooled]
+                tail_saved = [] if recompute or not backward else [y, pooled]
         ctx.feats, ctx.block, ctx.tail, ctx.recompute, ctx.dtype = feats, block, tail, recompute, dtype
         ctx.counts = [len(s) for s in saved]
         ctx.save_for_backward(feats.buf, *[t for s in saved for t in s], *tail_saved)
@@ -309,7 +312,7 @@ class DenseBlockFunction(torch.autograd.Function):
             grad_x = feats.normalization_backward(0, c1)
         feats.buf = feats.ghat = None
         ordered = [grads.get(id(p)) for p in fused_parameters(block, tail)]
-        return (grad_x, None, None, None, *ordered)  # autograd casts grad_x to x's dtype
+        return (grad_x, None, None, None, None, *ordered)  # autograd casts grad_x to x's dtype
 
 
 def _uses_kernel(feats: _Features, layer: nn.Module) -> bool:
@@ -328,11 +331,12 @@ def kernel_rows(buf: torch.Tensor, c: int) -> int:
     return max(256, min(8192, (1 << 20) // (c * buf.element_size())))
 
 
-def _layer_forward(feats: _Features, layer: nn.Module, recompute: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+def _layer_forward(feats: _Features, layer: nn.Module, recompute: bool, dtype: torch.dtype,
+                   backward: bool = True) -> list[torch.Tensor]:
     """One DenseLayer on the buffer: consume its input columns, append its output. Returns what its
     backward needs: the bottleneck's conv1 output, norm2 statistics and (unless ``recompute``) its
     ReLU output, then the first ReLU output unless ``recompute`` or the compiled kernel (which
-    recomputes it tile by tile) ran."""
+    recomputes it tile by tile) ran; nothing without ``backward``."""
     c = feats.width
     if _uses_kernel(feats, layer):
         w, b = feats.affine(layer.norm1, c)
@@ -344,11 +348,11 @@ def _layer_forward(feats: _Features, layer: nn.Module, recompute: bool, dtype: t
         out = F.conv2d(feats.nchw(y), layer.conv1.weight.to(dtype), None, 1, layer.conv1.padding)
         kept = [] if recompute else [y]
     if layer.bottleneck:
-        y2, mean2, invstd2 = bn_relu(out, layer.norm2)
+        y2, mean2, invstd2 = bn_relu(out, layer.norm2, inplace=not backward)
         kept = [out, mean2, invstd2] + ([] if recompute else [y2]) + kept
         out = F.conv2d(y2, layer.conv2.weight.to(dtype), None, 1, layer.conv2.padding)
     feats.put(out)
-    return kept
+    return kept if backward else []
 
 
 def _tail_backward(feats: _Features, tail: nn.Module, grad: torch.Tensor, saved: list, recompute: bool,
