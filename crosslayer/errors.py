@@ -14,6 +14,23 @@ class DataError(CrosslayerError):
     """A data set file is missing, truncated, corrupt or inconsistent."""
 
 
+class MissingData(DataError):
+    """A data set's files were not found. The message says which files were expected and where it
+    looked, and how to fix it in the caller's own terms: the Python arguments by default, the
+    command's flags when the CLI asks (:meth:`line`)."""
+
+    def __init__(self, what: str, expected, dirs: list):
+        self.what, self.expected, self.dirs = what, list(expected), list(dirs)
+        super().__init__(self.line("data_dir=<folder>", "download=True"))
+
+    def line(self, data_dir: str, download: str | None) -> str:
+        """The one-line message, naming ``data_dir`` and (when the caller offers it) ``download``
+        as the fixes."""
+        looked = ", ".join(str(d) for d in self.dirs) or "(nowhere)"
+        fixes = " or ".join(f for f in (data_dir, download) if f)
+        return f"{self.what}: files not found: expected {', '.join(self.expected)} in one of: {looked} (pass {fixes})"
+
+
 class CheckpointError(CrosslayerError):
     """A checkpoint file is missing, truncated, corrupt or does not fit the model."""
 

@@ -650,6 +650,22 @@ def test_bad_data_missing_files(tmp_path, capsys):
     _assert_one_line_error(rc, err, str(empty), "train/")
 
 
+def test_missing_data_names_the_fix_in_the_callers_terms(tmp_path, capsys):
+    """The library names its Python arguments; each command names its own flags, and only those it has."""
+    from crosslayer.data import load_dataset
+    from crosslayer.errors import MissingData
+
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    with pytest.raises(MissingData) as e:
+        load_dataset("fashion-mnist", data_dir=empty)
+    assert str(e.value).endswith("(pass data_dir=<folder> or download=True)")
+    rc, _, err = _train_bad(capsys, tmp_path, "fashion-mnist", "--data-dir", empty)
+    _assert_one_line_error(rc, err, "(pass --data-dir or --download)")
+    rc, _, err = _cli(capsys, "demo", "--data-dir", empty, "--out", tmp_path / "demo", "--no-progress")
+    _assert_one_line_error(rc, err, "files not found", "(pass --data-dir)")
+
+
 def test_bad_data_truncated_archives(tmp_path, capsys):
     d = _idx_dir(tmp_path / "fm")
     gz = d / "train-images-idx3-ubyte.gz"

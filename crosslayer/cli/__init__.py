@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 
-from crosslayer.errors import CrosslayerError
+from crosslayer.errors import CrosslayerError, MissingData
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -104,9 +104,10 @@ def _run(argv: list[str]) -> int:
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except CrosslayerError as e:
-        message = str(e)
-        if not hasattr(args, "download"):  # the data loaders' hint names a flag this command lacks
-            message = message.replace("pass --data-dir or --download", "pass --data-dir")
+        if isinstance(e, MissingData):  # name this command's flags, not the Python arguments
+            message = e.line("--data-dir", "--download" if hasattr(args, "download") else None)
+        else:
+            message = str(e)
         _report(prog, message)
         return 2
     except OSError as e:

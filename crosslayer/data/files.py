@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from crosslayer.errors import DataError
+from crosslayer.errors import DataError, MissingData
 
 
 def cache_dir(name: str) -> Path:
@@ -51,12 +51,9 @@ def find_first(dirs: list[Path], names) -> Path | None:
     return None
 
 
-def missing(what: str, expected, dirs: list[Path], hint: str = "") -> DataError:
-    """One-line DataError saying which files were expected and where we looked."""
-    looked = ", ".join(str(d) for d in dirs) or "(nowhere)"
-    exp = ", ".join(expected)
-    msg = f"{what}: files not found: expected {exp} in one of: {looked}"
-    return DataError(msg + (f" ({hint})" if hint else ""))
+def missing(what: str, expected, dirs: list[Path]) -> MissingData:
+    """The one-line error for data set files not found (see :class:`MissingData`)."""
+    return MissingData(what, expected, dirs)
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:

@@ -110,7 +110,7 @@ def _locate(name: str, data_dir, download_ok: bool):
         dirs = [dest]
         paths = lookup()
     if paths is None:
-        raise missing(name, [s + "[.gz]" for s in stems], dirs, "pass --data-dir or --download")
+        raise missing(name, [s + "[.gz]" for s in stems], dirs)
     return paths
 
 

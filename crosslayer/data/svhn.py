@@ -95,7 +95,7 @@ def load_svhn(data_dir=None, download_ok: bool = False, extra: bool = True, retu
         for f in files:
             download(BASE + f, found, f, MD5[f])
     if found is None:
-        raise missing("svhn" if extra else "svhn-train", files, dirs, "pass --data-dir or --download")
+        raise missing("svhn" if extra else "svhn-train", files, dirs)
     counts = [_count(found / f) for f in files[:-1]]
     xtr = np.empty((sum(counts), 3, 32, 32), np.uint8)  # filled in place: peak memory = result + one file
     ys, at = [], 0
