@@ -41,8 +41,9 @@ def keep_freed_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
-                    and libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
+        # older glibc refuses thresholds above 32 MB (its dynamic maximum): take that then
+        heap = libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30)) or libc.mallopt(m_mmap_threshold, ctypes.c_int(32 << 20))
+        return bool(heap and libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
     except (OSError, AttributeError):  # not glibc
         return False
 
