@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crosslayer.counting import SavedBytes
+from crosslayer.train.runtime import keep_freed_memory
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Options:
     num_classes: int = 10
     image_size: int = 32
     sgd_step: bool = False  # the training step includes an SGD (momentum, Nesterov) optimiser step
+    keep_freed_memory: bool = False  # glibc keeps freed blocks for reuse (as the crosslayer command does)
     extra: dict = field(default_factory=dict)
 
 
@@ -362,6 +364,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--sgd-step", action="store_true", help="include an SGD optimiser step in each training step")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="time with glibc keeping freed memory for reuse, as the crosslayer command runs (all "
+                        "configurations alike; default: glibc's defaults); peak memory is measured the same either way")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up, 2 rounds")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--write-docs", default=None, metavar="MD",
@@ -371,7 +376,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 def options_from_args(args) -> Options:
     opts = Options(batch_size=args.batch_size, reps=args.reps, warmup=args.warmup, device=args.device, amp=args.amp,
                    channels_last=args.channels_last, compile=args.compile, memory=not args.no_memory,
-                   threads=args.threads, sgd_step=args.sgd_step)
+                   threads=args.threads, sgd_step=args.sgd_step, keep_freed_memory=args.keep_freed_memory)
     if args.quick:
         opts.batch_size, opts.reps, opts.warmup = min(opts.batch_size, 8), 2, 1
     return opts
@@ -401,6 +406,7 @@ def report_header(res: dict, command: str) -> str:
             f"{load}  \nDate: {m['date']}; batch {o['batch_size']}, device {o['device']}, amp {o['amp']}, "
             f"channels_last {o['channels_last']}, compile {o['compile']}; training step = forward + backward"
             f"{' + SGD step' if o.get('sgd_step') else ''}; median of {o['reps']} interleaved rounds; "
+            f"allocator: {'freed memory kept (--keep-freed-memory)' if o.get('keep_freed_memory') else 'glibc defaults'}; "
             f"matmul rate {res['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (float32 2048² torch.mm).")
 
 
@@ -415,6 +421,8 @@ def benchmark_main(suite: str, doc: str, run, markdown, argv=None, extra_argumen
         extra_arguments(p)
     args = p.parse_args(argv)
     opts = options_from_args(args)
+    if opts.keep_freed_memory and not keep_freed_memory():
+        p.error("--keep-freed-memory: not applied (needs glibc, and no MALLOC_*, GLIBC_TUNABLES or LD_PRELOAD set)")
     opts.extra = {k: v for k, v in vars(args).items() if k not in common}
     res = run(opts)
     command = f"python -m benchmarks.{suite} " + " ".join(argv if argv is not None else sys.argv[1:])
