@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crosslayer.counting import SavedBytes
-from crosslayer.train.runtime import keep_freed_memory
 
 
 @dataclass
@@ -66,7 +65,7 @@ class Options:
     num_classes: int = 10
     image_size: int = 32
     sgd_step: bool = False  # the training step includes an SGD (momentum, Nesterov) optimiser step
-    keep_freed_memory: bool = False  # glibc keeps freed blocks for reuse (as the crosslayer command does)
+    keep_freed_memory: bool = False  # glibc keeps freed blocks for reuse (keep_freed_memory)
     extra: dict = field(default_factory=dict)
 
 
@@ -365,12 +364,31 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--sgd-step", action="store_true", help="include an SGD optimiser step in each training step")
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="time with glibc keeping freed memory for reuse, as the crosslayer command runs (all "
-                        "configurations alike; default: glibc's defaults); peak memory is measured the same either way")
+                   help="time with glibc keeping freed memory for reuse (all configurations alike; default: "
+                        "glibc's defaults); peak memory is measured the same either way")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up, 2 rounds")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--write-docs", default=None, metavar="MD",
                    help="update this markdown file's section for the benchmark (e.g. docs/benchmarks.md)")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS
+    (``--keep-freed-memory``): blocks up to 1 GiB from the heap (glibc's default maps each block
+    above its dynamic threshold, at most 32 MB, afresh and unmaps it on free) and no trimming. A
+    fairer footing for a model that allocates many large fresh tensors per step (docs/benchmarks.md,
+    "The allocator"). False where it cannot apply: not glibc, or the user already set glibc's
+    MALLOC_* / GLIBC_TUNABLES variables or preloaded another allocator."""
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ) or os.environ.get("LD_PRELOAD"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    # older glibc refuses thresholds above 32 MB (its dynamic maximum): take that then
+    heap = libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30)) or libc.mallopt(m_mmap_threshold, ctypes.c_int(32 << 20))
+    return bool(heap and libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
 
 
 def options_from_args(args) -> Options:

@@ -1,23 +1,22 @@
-"""keep_freed_memory (crosslayer/train/runtime.py): glibc keeps freed blocks for reuse, so a
-training step does not page-fault its activations in afresh; the CLI applies it, a switch and the
-user's own allocator settings leave malloc alone."""
+"""``benchmarks.core.keep_freed_memory`` (``--keep-freed-memory``): glibc keeps freed blocks for
+reuse, so a timed step does not page-fault its activations in afresh; the user's own allocator
+settings are left alone."""
 
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from crosslayer import cli
-from crosslayer.train import runtime
-
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+ROOT = Path(__file__).resolve().parents[1]
 
 # allocate and touch 256 MB, free it, and print the resident size before and after the free (MB)
 PROBE = """
 import sys, torch
-from crosslayer.train.runtime import keep_freed_memory
+from benchmarks.core import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "1" else False
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -32,7 +31,7 @@ def _probe(apply: bool, **env):
     e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     e.update(env)
     out = subprocess.run([sys.executable, "-c", PROBE, "1" if apply else "0"], env=e, capture_output=True,
-                         text=True, check=True).stdout.split()
+                         text=True, check=True, cwd=ROOT).stdout.split()
     return out[0] == "True", float(out[1]), float(out[2])
 
 
@@ -45,13 +44,6 @@ def test_freed_blocks_stay_with_the_process_only_when_applied():
 
 
 @glibc
-def test_the_switch_and_the_users_own_settings_leave_malloc_alone():
-    assert _probe(True, CROSSLAYER_KEEP_FREED_MEMORY="0")[0] is False
+def test_the_users_own_allocator_settings_are_left_alone():
     assert _probe(True, MALLOC_ARENA_MAX="2")[0] is False
-
-
-def test_the_cli_applies_it(monkeypatch, capsys, tmp_path):
-    calls = []
-    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
-    assert cli.main(["eval", str(tmp_path / "no_such_run")]) == 2  # any command; this one ends at once
-    assert calls == [1]
+    assert _probe(True, LD_PRELOAD="")[0] is True  # an empty LD_PRELOAD preloads nothing

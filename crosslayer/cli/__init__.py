@@ -101,9 +101,6 @@ def _run(argv: list[str]) -> int:
     except SystemExit as e:  # --help (0) or a flag argparse refused (2, its one line is printed)
         return e.code if isinstance(e.code, int) else 2
     prog = f"crosslayer {args.command}"
-    from crosslayer.train.runtime import keep_freed_memory
-
-    keep_freed_memory()  # before any large tensor: freed activations are reused, not faulted in again
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except CrosslayerError as e:

@@ -1,4 +1,4 @@
-"""Process-wide settings of a training run: seeds, deterministic algorithms, autocast, the allocator."""
+"""Process-wide settings of a training run: seeds, deterministic algorithms, autocast."""
 
 from __future__ import annotations
 
@@ -15,37 +15,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-KEEP_FREED_SWITCH = "CROSSLAYER_KEEP_FREED_MEMORY"
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
-
-    PyTorch's CPU allocator is plain malloc. By default glibc serves every block above 32 MB with
-    its own mmap and unmaps it on free (and trims the heap's top above a few tens of MB), so each
-    training step page-faults its large activations in afresh: 10% of a DenseNet-BC-100 step at
-    batch 64 on a 2-vCPU AMD EPYC, 20-30% of torchvision's (docs/benchmarks.md, "The allocator").
-    With blocks up to 1 GiB from the heap and no trimming, freed blocks are reused; the resident
-    size stays at the step's peak, which a training process reaches every step anyway. The CLI
-    calls this at start; ``CROSSLAYER_KEEP_FREED_MEMORY=0`` (or setting glibc's own MALLOC_* /
-    GLIBC_TUNABLES variables, or preloading another allocator) leaves malloc alone. Returns
-    whether the settings were applied (False off Linux/glibc)."""
-    if os.environ.get(KEEP_FREED_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ) or os.environ.get("LD_PRELOAD"):
-        return False  # the user chose the allocator's settings
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-        # older glibc refuses thresholds above 32 MB (its dynamic maximum): take that then
-        heap = libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30)) or libc.mallopt(m_mmap_threshold, ctypes.c_int(32 << 20))
-        return bool(heap and libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def set_deterministic(enabled: bool, device: torch.device) -> None:
