@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crosslayer.data.files import cache_dir, download, missing, search_dirs
-from crosslayer.errors import DataError
+from crosslayer.data.files import cache_dir, download, search_dirs
+from crosslayer.errors import DataError, MissingData
 
 SPECS = {
     "cifar10": dict(
@@ -132,7 +132,7 @@ def _find(family: str, data_dir, download_ok: bool) -> _Source:
         dest = Path(data_dir).expanduser() if data_dir is not None else cache_dir(family)
         path = download(s["url"], dest, s["archive"], s["md5"])
         return _Source(archive=path, inner=s["folder"])
-    raise missing(family, [f"{s['folder']}/{{{','.join(need)}}}", s["archive"]], dirs)
+    raise MissingData(family, [f"{s['folder']}/{{{','.join(need)}}}", s["archive"]], dirs)
 
 
 def _read_split(src: _Source, members, spec) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from crosslayer.errors import DataError, MissingData
+from crosslayer.errors import DataError
 
 
 def cache_dir(name: str) -> Path:
@@ -49,11 +49,6 @@ def find_first(dirs: list[Path], names) -> Path | None:
             if p.is_file():
                 return p
     return None
-
-
-def missing(what: str, expected, dirs: list[Path]) -> MissingData:
-    """The one-line error for data set files not found (see :class:`MissingData`)."""
-    return MissingData(what, expected, dirs)
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:

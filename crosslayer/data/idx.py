@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crosslayer.data.files import download, find_first, missing, search_dirs
-from crosslayer.errors import DataError
+from crosslayer.data.files import download, find_first, search_dirs
+from crosslayer.errors import DataError, MissingData
 
 FILES = {  # split -> (images stem, labels stem)
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -110,7 +110,7 @@ def _locate(name: str, data_dir, download_ok: bool):
         dirs = [dest]
         paths = lookup()
     if paths is None:
-        raise missing(name, [s + "[.gz]" for s in stems], dirs)
+        raise MissingData(name, [s + "[.gz]" for s in stems], dirs)
     return paths
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crosslayer.data.files import cache_dir, download, missing, search_dirs
-from crosslayer.errors import DataError
+from crosslayer.data.files import cache_dir, download, search_dirs
+from crosslayer.errors import DataError, MissingData
 
 BASE = "http://ufldl.stanford.edu/housenumbers/"
 MD5 = {  # torchvision.datasets.SVHN.split_list
@@ -95,7 +95,7 @@ def load_svhn(data_dir=None, download_ok: bool = False, extra: bool = True, retu
         for f in files:
             download(BASE + f, found, f, MD5[f])
     if found is None:
-        raise missing("svhn" if extra else "svhn-train", files, dirs)
+        raise MissingData("svhn" if extra else "svhn-train", files, dirs)
     counts = [_count(found / f) for f in files[:-1]]
     xtr = np.empty((sum(counts), 3, 32, 32), np.uint8)  # filled in place: peak memory = result + one file
     ys, at = [], 0
