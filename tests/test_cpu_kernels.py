@@ -4,6 +4,7 @@ tile, and DelugeNet's cross-layer depthwise convolution (weighted sum into the g
 must compute what the PyTorch operators compute, be used exactly where it applies, and step aside
 everywhere else (no compiler, switched off, bf16, NCHW, non-bottleneck layers)."""
 
+import copy
 import os
 import shutil
 import subprocess
@@ -42,6 +43,14 @@ class _Spy:
             self.calls[name] += 1
             return fn(*a)
         return counted
+
+
+@pytest.fixture
+def spy(kernels, monkeypatch):
+    """The kernels, counted, wherever the fast paths load them (None while switched off)."""
+    counting = _Spy(kernels)
+    monkeypatch.setattr(cpu_kernels, "get", lambda: counting if cpu_kernels.enabled() else None)
+    return counting
 
 
 def _reference(buf, c, w, b, weight, gout):
@@ -108,29 +117,34 @@ def _step(net, x, y):
     return out, {n: p.grad.clone() for n, p in net.named_parameters()}
 
 
+TOL = dict(atol=1e-10, rtol=1e-8)
+
+
+def _step_both_ways(net, seed):
+    """One float64 training step of ``net`` with the kernels and of a copy on PyTorch operators, on
+    the same batch; asserts outputs and gradients agree. Returns the copy and the batch's input."""
+    ref = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+    out, grads = _step(net, x, y)
+    with cpu_kernels.disabled():
+        out_r, grads_r = _step(ref, x, y)
+    assert torch.allclose(out, out_r, **TOL)
+    assert all(torch.allclose(grads[k], grads_r[k], **TOL) for k in grads)
+    return ref, x
+
+
 @needs_compiler
-def test_fused_blocks_use_the_kernel_and_equal_the_operator_path(kernels, monkeypatch):
+def test_fused_blocks_use_the_kernel_and_equal_the_operator_path(spy):
     """The same float64 model trained one step with the kernel and with PyTorch operators: every
     bottleneck calls the kernel forward and backward, and outputs, gradients and running statistics
     agree; eval mode uses it too."""
-    import copy
-
-    spy = _Spy(kernels)
-    monkeypatch.setattr(cpu_kernels, "get", lambda: spy if cpu_kernels.enabled() else None)
     net = _densenet()
-    ref = copy.deepcopy(net)
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
-    out, grads = _step(net, x, y)
+    ref, x = _step_both_ways(net, seed=2)
     layers = sum(1 for n, _ in net.named_modules() if "denselayer" in n and n.count(".") == 2)
     assert spy.calls["consume_conv1x1"] == spy.calls["consume_conv1x1_backward"] == layers == 18
-    with cpu_kernels.disabled():
-        out_r, grads_r = _step(ref, x, y)
-    tol = dict(atol=1e-10, rtol=1e-8)
-    assert torch.allclose(out, out_r, **tol)
-    assert all(torch.allclose(grads[k], grads_r[k], **tol) for k in grads)
     state, state_r = net.state_dict(), ref.state_dict()
-    assert all(torch.allclose(state[k].double(), state_r[k].double(), **tol) for k in state)
+    assert all(torch.allclose(state[k].double(), state_r[k].double(), **TOL) for k in state)
     net.eval()
     ref.eval()
     with torch.no_grad():
@@ -138,15 +152,13 @@ def test_fused_blocks_use_the_kernel_and_equal_the_operator_path(kernels, monkey
         with cpu_kernels.disabled():
             out_r = ref(x)
     assert spy.calls["consume_conv1x1"] == 2 * layers and spy.calls["consume_conv1x1_backward"] == layers
-    assert torch.allclose(out, out_r, **tol)
+    assert torch.allclose(out, out_r, **TOL)
 
 
 @needs_compiler
-def test_kernel_steps_aside(kernels, monkeypatch):
+def test_kernel_steps_aside(spy, monkeypatch):
     """Not under bf16 autocast, not for DenseNet layers without a bottleneck (3x3 conv on the
     concatenation), not when switched off."""
-    spy = _Spy(kernels)
-    monkeypatch.setattr(cpu_kernels, "get", lambda: spy if cpu_kernels.enabled() else None)
     x = torch.randn(2, 3, 32, 32)
     net = crosslayer.create_model("densenet_bc40_k12", growth_rate=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -238,30 +250,16 @@ def _delugenet(seed=0):
 
 
 @needs_compiler
-def test_delugenet_uses_the_cldc_kernel_and_equals_the_operator_path(kernels, monkeypatch):
-    import copy
-
-    spy = _Spy(kernels)
-    monkeypatch.setattr(cpu_kernels, "get", lambda: spy if cpu_kernels.enabled() else None)
+def test_delugenet_uses_the_cldc_kernel_and_equals_the_operator_path(spy):
     net = _delugenet()
-    ref = copy.deepcopy(net)
-    g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
-    out, grads = _step(net, x, y)
+    _step_both_ways(net, seed=4)
     cldcs = sum(1 for m in net.modules() if hasattr(m, "num_inputs"))
+    # once per CLDC each way: the kernel path, and not again on the copy (which really ran on operators)
     assert spy.calls["cldc_forward"] == spy.calls["cldc_backward"] == cldcs > 5
-    with cpu_kernels.disabled():
-        out_r, grads_r = _step(ref, x, y)
-    assert spy.calls["cldc_forward"] == cldcs  # the reference really ran on operators
-    tol = dict(atol=1e-10, rtol=1e-8)
-    assert torch.allclose(out, out_r, **tol)
-    assert all(torch.allclose(grads[k], grads_r[k], **tol) for k in grads)
 
 
 @needs_compiler
-def test_cldc_kernel_steps_aside_in_nchw_and_bf16(kernels, monkeypatch):
-    spy = _Spy(kernels)
-    monkeypatch.setattr(cpu_kernels, "get", lambda: spy if cpu_kernels.enabled() else None)
+def test_cldc_kernel_steps_aside_in_nchw_and_bf16(spy):
     net = crosslayer.create_model("delugenet20")
     x = torch.randn(2, 3, 32, 32)
     net.cpu_channels_last = False
