@@ -74,6 +74,7 @@ class TrainConfig:
     normalize: str | None = None
     select_on: str | None = None
     crop_size: int | None = None  # imagenet:ROOT only
+    ten_crop: bool | None = None  # imagenet:ROOT only: fb.resnet.torch's 10-crop error of best.pt at the end
     # how to run it
     device: str = "auto"
     amp: str | None = None  # None: the device kind's default (crosslayer.ops.defaults: bf16 on CUDA)
@@ -120,7 +121,7 @@ class TrainConfig:
 PRESET_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
                  "milestone_shift", "gamma", "schedule_unit", "warmup_epochs", "warmup_steps", "warmup_lr",
                  "label_smoothing", "tta", "drop_rate", "drop_rate_no_aug", "val_size", "val_split", "pad_mode",
-                 "normalize", "select_on")
+                 "normalize", "select_on", "ten_crop")
 
 
 def _apply_preset(cfg: TrainConfig, given_epochs: bool) -> None:
@@ -178,7 +179,7 @@ _CHOICES = {
 }
 _UNSET_OK = ("amp", "channels_last", "pad_mode")  # None: the device kind's default, decided when the device is known
 _BOOLS = ("download", "nesterov", "channels_last", "compile", "memory_efficient", "deterministic", "sync_bn",
-          "tensorboard", "progress", "quiet")
+          "tensorboard", "progress", "quiet", "ten_crop")
 
 
 def flag(name: str) -> str:
