@@ -41,7 +41,19 @@ def eval_transform(channels: int, size: int, mean, std, resize_size: int | None 
     from torchvision.transforms import v2 as T
 
     return T.Compose([_Fit("L" if channels == 1 else "RGB", size, resize_size), T.PILToTensor(),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
+                      T.ToDtype(torch.float32, scale=True), _normalize(mean, std)])
+
+
+def _normalize(mean, std):
+    """Per-channel Normalize, or for a per-pixel mean image (C, H, W) (the stochastic-depth
+    protocol's ``pixel_mean_global_std``) the subtraction of that image and division by the std."""
+    from torchvision.transforms import v2 as T
+
+    m = torch.as_tensor(mean, dtype=torch.float32)
+    if m.dim() == 3:
+        s = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        return T.Lambda(lambda x: (x - m) / s)
+    return T.Normalize(list(mean), list(std))
 
 
 def run_normalisation(cfg: dict) -> tuple[tuple, tuple]:
@@ -95,6 +107,10 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
     pil = [read_image(p) for p in images]  # every file checked before the model is loaded
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location=device)
     cfg = ckpt.get("config") or {}
+    if cfg.get("normalize") == "zca":
+        raise CrosslayerError(f"{checkpoint}: the run trained on ZCA-whitened images (--normalize zca), a whitening "
+                              f"fitted on its training data that predict does not have; evaluate it with "
+                              f"`crosslayer eval` on the data set instead")
     channels, size = int(cfg.get("in_channels", 3)), int(cfg.get("image_size") or 32)
     mean, std = run_normalisation(cfg)
     transform = eval_transform(channels, size, mean, std)

@@ -205,3 +205,65 @@ def test_zca_is_the_wrn_preset_for_cifar_not_for_svhn_and_a_flag():
     assert b.train_tensors[0].dtype == torch.uint8
     with pytest.raises(DataError, match="unknown normalisation"):
         load_dataset("synthetic", normalize="whiten")
+
+
+def test_runs_on_zca_or_a_mean_image_are_evaluated_and_predicted_as_trained(tmp_path):
+    from PIL import Image
+
+    from crosslayer.cli import main as cli
+    from crosslayer.errors import CrosslayerError
+    from crosslayer.predict import predict_images
+    from crosslayer.train.evaluate import evaluate_checkpoint
+
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (90, 120, 30)).save(img)
+    for norm in ("pixel_mean_global_std", "zca"):
+        out = tmp_path / norm
+        assert cli(["train", "--model", "resnet20", "--data", "synthetic", "--normalize", norm, "--epochs", "1",
+                    "--batch-size", "128", "--out", str(out), "--quiet"]) == 0
+        res = json.loads((out / "results.json").read_text())
+        ev = evaluate_checkpoint(str(out / "last.pt"), out=str(tmp_path / f"ev_{norm}"), quiet=True)
+        assert ev["error"] == pytest.approx(res["test_err"])  # eval normalises as the run did
+    assert len(predict_images(str(tmp_path / "pixel_mean_global_std" / "last.pt"), [str(img)])[0]["top"]) == 5
+    with pytest.raises(CrosslayerError, match="ZCA"):
+        predict_images(str(tmp_path / "zca" / "last.pt"), [str(img)])
+
+
+# --- crosslayer report: rows from another protocol or network say so ----------------------------
+
+def test_report_says_when_a_paper_row_is_another_protocol_or_network():
+    from crosslayer.analysis.tables import paper_note, paper_reference
+
+    for data in ("c10", "c100", "c100+"):  # no He et al. number: the stochastic-depth code's baseline
+        ref = paper_reference("resnet110", data)
+        assert ref["row"].startswith("ResNet (reported by stochastic depth paper)")
+        assert "another protocol" in ref["note"] and paper_note("resnet110", data) == ref["note"]
+    assert paper_reference("resnet110", "c10+")["error"] == 6.61 and paper_note("resnet110", "c10+") == ""
+    # SVHN: the 152-layer network's numbers, never compared with a 110-layer run
+    for model in ("resnet110", "resnet110_sd"):
+        assert paper_reference(model, "svhn") is None and "152-layer" in paper_note(model, "svhn")
+    assert paper_reference("resnet152_sd", "svhn")["error"] == 1.75 and "152" in paper_note("resnet152_sd", "svhn")
+    assert paper_reference("resnet152_sd", "svhn", {"death_rate": 0.0})["error"] == 2.01
+    assert paper_reference("resnet110_sd", "c10+", {"death_rate": 0})["error"] == 6.41
+    assert paper_reference("resnet110_sd", "c10+")["error"] == 5.23
+    assert paper_reference("resnet152_sd", "c10+") is None
+    assert "ZCA" in paper_note("wrn28_10", "c10+", normalize="mean_std")
+    assert paper_note("wrn28_10", "c10+", normalize="zca") == ""
+    assert "solver" in paper_note("fractalnet20", "c10+")
+
+
+def test_report_table_and_csv_carry_the_note(tmp_path):
+    import csv
+
+    from crosslayer.analysis.report import write_report
+
+    run = tmp_path / "r110"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "resnet110", "data": "c100+", "epochs": 1, "params": 1.0}))
+    (run / "metrics.csv").write_text("epoch,test_err\n1,30.0\n")
+    md, csv_path = write_report([run], str(tmp_path / "rep"), plots=False)[:2]
+    text = open(md).read()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| r110"))
+    assert "27.22" in line and "another protocol" in line
+    row = next(csv.DictReader(open(csv_path)))
+    assert "another protocol" in row["paper_note"]

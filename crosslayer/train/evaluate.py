@@ -172,6 +172,7 @@ def _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, 
     return load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), download=download, val_size=val_size,
                         seed=int(ckpt_cfg.get("seed") or 0), limit=limit, image_size=image_size,
                         crop_size=ckpt_cfg.get("crop_size") if data.startswith("imagenet:") else None,
+                        normalize=None if data.startswith(("imagenet:", *FOLDER_PREFIXES)) else ckpt_cfg.get("normalize"),
                         ten_crop=ten_crop)
 
 
