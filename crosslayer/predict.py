@@ -41,19 +41,7 @@ def eval_transform(channels: int, size: int, mean, std, resize_size: int | None 
     from torchvision.transforms import v2 as T
 
     return T.Compose([_Fit("L" if channels == 1 else "RGB", size, resize_size), T.PILToTensor(),
-                      T.ToDtype(torch.float32, scale=True), _normalize(mean, std)])
-
-
-def _normalize(mean, std):
-    """Per-channel Normalize, or for a per-pixel mean image (C, H, W) (the stochastic-depth
-    protocol's ``pixel_mean_global_std``) the subtraction of that image and division by the std."""
-    from torchvision.transforms import v2 as T
-
-    m = torch.as_tensor(mean, dtype=torch.float32)
-    if m.dim() == 3:
-        s = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        return T.Lambda(lambda x: (x - m) / s)
-    return T.Normalize(list(mean), list(std))
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
 
 
 def run_normalisation(cfg: dict) -> tuple[tuple, tuple]:
