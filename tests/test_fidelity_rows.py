@@ -267,3 +267,16 @@ def test_report_table_and_csv_carry_the_note(tmp_path):
     assert "27.22" in line and "another protocol" in line
     row = next(csv.DictReader(open(csv_path)))
     assert "another protocol" in row["paper_note"]
+
+
+def test_a_run_saved_before_the_wrn_preset_whitened_resumes_unwhitened(tmp_path):
+    from crosslayer.train.config import resume_config
+
+    out = tmp_path / "wrn"
+    out.mkdir()
+    cfg = _cfg("--model", "wrn16_4", "--data", "c10+", "--preset", "wrn", "--normalize", "mean_std").to_dict()
+    cfg["normalize"] = None  # what config.json held when the preset did not whiten
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert resume_config(str(out), {}).normalize == "mean_std"
+    with pytest.raises(ConfigError, match="--normalize zca"):
+        resume_config(str(out), {"normalize": "zca"})

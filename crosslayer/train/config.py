@@ -368,6 +368,8 @@ def differs(saved: dict, cfg: TrainConfig) -> tuple[str, str] | None:
             continue  # resolved away for a model without dropout
         elif name in _UNSET_OK and mine is None:
             continue  # the device kind's default, which the saved run resolved
+        elif name == "normalize" and (mine or "mean_std") == (theirs or "mean_std"):
+            continue  # None (the data set's) is mean_std
         elif _norm(mine) != _norm(theirs):
             return f"{flag(name)} {mine}", f"{name}={theirs}"
     return None
@@ -407,6 +409,8 @@ def resume_config(out: str, given: dict, command: str = "") -> TrainConfig:
                               f"--data to start one")
         return TrainConfig(**given, command=command)
     d = saved_fields(saved)
+    if "normalize" in d and d["normalize"] is None:  # the data set's own, even where the preset now whitens
+        d["normalize"] = "mean_std"
     for name in PER_LAUNCH:
         d.pop(name, None)
     d.update({k: v for k, v in given.items() if k in CHANGEABLE or k in PER_LAUNCH})
