@@ -86,6 +86,8 @@ def test_ten_crop_through_load_dataset_eval_and_train(tmp_path):
                 "--crop-size", "32", "--batch-size", "20", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["ten_crop_epoch"] == 1 and 0 <= res["ten_crop_test_err"] <= 100
+    assert cli(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # already complete: kept
+    assert json.loads((out / "results.json").read_text())["ten_crop_test_err"] == res["ten_crop_test_err"]
     # `crosslayer eval` uses the run's 10-crop and gives the same error as the trainer
     assert cli(["eval", str(out), "--out", str(tmp_path / "ev"), "--quiet"]) == 0
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())

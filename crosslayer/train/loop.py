@@ -144,6 +144,8 @@ class Trainer:
         if self.step >= self.sched["total_steps"] or self.epoch >= self.epochs:
             self.log(f"{self.out_dir}: already complete ({len(self.history)} epochs)")
             self.write_results("complete")
+            if self.cfg.ten_crop and str(self.cfg.data).startswith("imagenet:"):
+                self.ten_crop()  # results.json was rewritten: measure it again
             return 0
         for epoch in range(self.epoch, self.epochs):
             done, stopped, lr, meter = self.train_epoch(epoch, stop)
