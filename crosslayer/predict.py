@@ -95,6 +95,10 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
     pil = [read_image(p) for p in images]  # every file checked before the model is loaded
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location=device)
     cfg = ckpt.get("config") or {}
+    if cfg.get("normalize") == "zca":
+        raise CrosslayerError(f"{checkpoint}: the run trained on ZCA-whitened images (--normalize zca), a whitening "
+                              f"fitted on its training data that predict does not have; evaluate it with "
+                              f"`crosslayer eval` on the data set instead")
     channels, size = int(cfg.get("in_channels", 3)), int(cfg.get("image_size") or 32)
     mean, std = run_normalisation(cfg)
     transform = eval_transform(channels, size, mean, std)

@@ -68,7 +68,7 @@ def test_imagenet_transforms_in_fb_order(tmp_path):
     from torchvision.transforms import v2 as T
 
     steps = [type(t).__name__ for t in train_transform().transforms]
-    assert steps == ["PILToTensor", "RandomResizedCrop", "ColorJitter", "ToDtype", "Lighting", "Normalize",
+    assert steps == ["PILToTensor", "RandomResizedCrop", "ToDtype", "ColorJitter", "Lighting", "Normalize",
                      "RandomHorizontalFlip"]
     rrc = train_transform().transforms[1]
     assert tuple(rrc.size) == (224, 224) and tuple(rrc.scale) == (0.08, 1.0)
@@ -76,7 +76,7 @@ def test_imagenet_transforms_in_fb_order(tmp_path):
     out = eval_transform()(img)
     assert out.shape == (3, 224, 224)
     t = T.PILToTensor()(img)
-    ref = T.CenterCrop(224)(T.Resize(256, interpolation=T.InterpolationMode.BICUBIC, antialias=True)(t))
+    ref = T.Resize(256, interpolation=T.InterpolationMode.BICUBIC, antialias=True)(t)[:, 16:240, 59:283]  # ceil
     ref = (ref.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor(
         [0.229, 0.224, 0.225]).view(3, 1, 1)
     assert torch.allclose(out, ref, atol=1e-5)

@@ -28,6 +28,7 @@ CIFAR_COUNTS = {  # name: (10 classes, 100 classes or None = derive)
     "preact_resnet164": (1_703_258, None),
     "preact_resnet1001": (10_327_706, None),
     "resnet110_sd": (1_732_010, None),
+    "resnet152_sd": (2_414_090, None),  # the stochastic-depth code with -N 25 (its SVHN network)
     "resnet1202_sd": (19_421_274, None),
     "wrn16_4": (2_748_890, None),
     "wrn16_8": (10_961_370, None),
@@ -87,7 +88,7 @@ def test_every_table_model_is_registered():
               "densenet_bc190_k40", "densenet121", "densenet169", "densenet201", "densenet264", "densenet161",
               "delugenet146", "delugenet218", "wide_delugenet146", "delugenet92", "delugenet104", "delugenet122",
               "resnet110", "preact_resnet110", "preact_resnet164", "preact_resnet1001", "wrn16_4", "wrn16_8",
-              "wrn28_10", "wrn40_4", "resnet110_sd", "resnet1202_sd", "fractalnet20"}
+              "wrn28_10", "wrn40_4", "resnet110_sd", "resnet152_sd", "resnet1202_sd", "fractalnet20"}
     assert wanted <= names
     assert crosslayer.list_models("wrn*") == ["wrn16_4", "wrn16_8", "wrn28_10", "wrn40_4"]
 

@@ -55,7 +55,26 @@ PAPER_ROWS: dict[str, list[tuple]] = {
     # fractalnet20 has dropout and local drop-path: the "with Dropout/Drop-path" row, not the plain one; the
     # DelugeNet table's FractalNet row holds the FractalNet paper's "++" (heavier augmentation) numbers
     "fractalnet20": [("densenet", "FractalNet with Dropout/Drop-path", 21), ("delugenet", "FractalNet", 20)],
+    # the tables' SVHN numbers of the ResNet family are the stochastic-depth code's 152-layer network (-N 25),
+    # printed under "110"
+    "resnet152_sd": [("densenet", "ResNet with Stochastic Depth", 110)],
 }
+# with --model-arg death_rate=0 a stochastic-depth model is the stochastic-depth paper's constant-depth baseline
+CONSTANT_DEPTH_ROWS: dict[str, list[tuple]] = {
+    "resnet110_sd": [("densenet", "ResNet (reported by stochastic depth paper)", 110)],
+    "resnet152_sd": [("densenet", "ResNet (reported by stochastic depth paper)", 110)],
+}
+# (model, data column) pairs whose table number belongs to another network: no comparison, only the note
+_SVHN_152 = "the tables' SVHN ResNet errors are the 152-layer network's (resnet152_sd; death_rate=0 for 2.01)"
+NOT_THIS_NETWORK = {("resnet110", "svhn"): _SVHN_152, ("resnet110_sd", "svhn"): _SVHN_152}
+ONLY_COLUMNS = {"resnet152_sd": ("svhn",)}
+_SD_BASELINE = ("row from another protocol: the stochastic-depth code's constant-depth baseline (conv biases, "
+                "average-pool shortcuts, 500 epochs; resnet110_sd --model-arg death_rate=0 --preset stochastic-depth), "
+                "not He et al.'s")
+_WRN_ZCA = "the row was trained on ZCA-whitened data (--preset wrn: --normalize zca)"
+_FRACTAL_WD = ("the release has no solver file (base weight decay unknown, 0 here; weights decay_mult 1, "
+               "biases 0)")
+_152_AS_110 = "printed as 110 layers: the SVHN network is ResNet-152 (-N 25, README)"
 
 _SERIES_ALIASES = {"Wide-ResNet": "Wide ResNet", "ResNet with Identity Mappings": "ResNet (pre-activation)",
                    "Network-in-Network": "Network in Network"}
@@ -103,17 +122,50 @@ def _row_label(row: dict) -> str:
     return f"{label} ({row['table']} paper)"
 
 
-def paper_reference(model: str, data: str | None) -> dict | None:
-    """The published error of ``model`` on ``data``: {"error", "row", "params_m"} or None."""
+def paper_reference(model: str, data: str | None, model_kwargs: dict | None = None) -> dict | None:
+    """The published error of ``model`` on ``data``: {"error", "row", "params_m", "note"} or None.
+    ``model_kwargs`` of the run: ``death_rate=0`` picks the constant-depth rows of the stochastic-depth
+    models. ``note`` says where the row comes from another protocol or network ("" when it does not)."""
     col = data_column(data)
-    if col is None or model not in PAPER_ROWS:
+    if col is None or model not in PAPER_ROWS or (model, col) in NOT_THIS_NETWORK:
         return None
+    if col not in ONLY_COLUMNS.get(model, (col,)):
+        return None
+    cands = PAPER_ROWS[model]
+    if model in CONSTANT_DEPTH_ROWS and (model_kwargs or {}).get("death_rate") == 0:
+        cands = CONSTANT_DEPTH_ROWS[model]
     table = load_paper_table()
-    for cand in PAPER_ROWS[model]:
+    for cand in cands:
         for row in table:
             if _matches(row, cand) and not math.isnan(row[col]):
-                return dict(error=row[col], row=_row_label(row), params_m=row["params_m"])
+                return dict(error=row[col], row=_row_label(row), params_m=row["params_m"],
+                            note=_row_note(model, col, row))
     return None
+
+
+def paper_note(model: str, data: str | None, model_kwargs: dict | None = None, normalize: str | None = None) -> str:
+    """What ``crosslayer report`` prints beside the paper row of ``model`` on ``data``: the row's
+    protocol or network where it is not the run's (also when no row is compared)."""
+    col = data_column(data)
+    if (model, col) in NOT_THIS_NETWORK:
+        return NOT_THIS_NETWORK[(model, col)]
+    ref = paper_reference(model, data, model_kwargs)
+    if ref is None:
+        return ""
+    notes = [ref["note"]] if ref["note"] else []
+    if model.startswith("wrn") and col in ("c10_aug", "c100_aug") and normalize != "zca":
+        notes.append(_WRN_ZCA)
+    return "; ".join(notes)
+
+
+def _row_note(model: str, col: str, row: dict) -> str:
+    if model == "resnet110" and row["method"] == "ResNet (reported by stochastic depth paper)":
+        return _SD_BASELINE
+    if model == "resnet152_sd":
+        return _152_AS_110
+    if model == "fractalnet20":
+        return _FRACTAL_WD
+    return ""
 
 
 def _matches(row: dict, cand: tuple) -> bool:
@@ -297,7 +349,9 @@ def run_row(run: dict) -> dict:
         at_best_val = float(m["test_err"][int(np.nanargmin(val))])
     params = _count_params(run)
     macs = _count_macs(run)
-    ref = paper_reference(run["model"], run["data"])
+    kwargs = cfg.get("model_kwargs") or {}
+    ref = paper_reference(run["model"], run["data"], kwargs)
+    note = paper_note(run["model"], run["data"], kwargs, cfg.get("normalize"))
     paper = ref["error"] if ref else math.nan
     # the paper's protocol: CIFAR = error after the last epoch; SVHN = test error at the epoch of
     # lowest validation error (the run's final error when it kept no validation split)
@@ -309,12 +363,12 @@ def run_row(run: dict) -> dict:
                 train_images=cfg.get("train_images"), final_test_err=float(final), best_test_err=float(best),
                 test_err_at_best_val=at_best_val, paper_err=paper, diff=compared - paper if ref else math.nan,
                 diff_basis=basis if ref else "", paper_row=ref["row"] if ref else "",
-                wall_time_s=_float(res.get("wall_time_s")))
+                wall_time_s=_float(res.get("wall_time_s")), paper_note=note)
 
 
 CSV_FIELDS = ["run", "model", "data", "params_m", "gmacs", "epochs_done", "epochs", "limit", "train_images",
               "final_test_err", "best_test_err", "test_err_at_best_val", "paper_err", "diff", "diff_basis", "paper_row",
-              "wall_time_s"]
+              "wall_time_s", "paper_note"]
 
 
 def write_results_csv(rows: list[dict], path: str) -> str:
@@ -322,8 +376,8 @@ def write_results_csv(rows: list[dict], path: str) -> str:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) if r[k] is not None else ""
-                        for k in CSV_FIELDS})
+            w.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r[k])
+                        if r.get(k) is not None else "" for k in CSV_FIELDS})
     return path
 
 
@@ -346,7 +400,7 @@ def format_markdown(rows: list[dict], figures: list[str] = ()) -> str:
         lines.append(f"| {run} | {r['model']} | {r['data'] or '—'} | {_fmt(r['params_m'], '.3f')} | "
                      f"{_fmt(r['gmacs'], '.3f')} | {ep} | {_fmt(r['final_test_err'], '.2f')} | "
                      f"{_fmt(r['best_test_err'], '.2f')} | {_fmt(r['paper_err'], '.2f')} | {diff} | "
-                     f"{r['paper_row'] or '—'} |")
+                     f"{r['paper_row'] or '—'}{' — ' + r['paper_note'] if r.get('paper_note') else ''} |")
     lines += ["",
               "Errors in %. *final* = test error after the last epoch done (what the DenseNet paper reports for "
               "CIFAR); *best* = lowest test error over epochs (what fb.resnet.torch prints; optimistic). "

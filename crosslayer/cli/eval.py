@@ -40,6 +40,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tta", choices=("none", "flip"), default=None,
                         help="test-time augmentation (default: the one the run evaluated with; flip = mean logits of "
                              "each image and its mirror)")
+    parser.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
+                        help="imagenet:ROOT test split: fb.resnet.torch's 10-crop evaluation (centre + 4 corners of the "
+                             "256-pixel image and of its mirror, logits averaged; --batch-size / 10 images per batch); "
+                             "default: the run's (on for the ImageNet presets)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors (eval.json is still written)")
 
@@ -55,6 +59,6 @@ def main(args) -> int:
     evaluate_checkpoint(checkpoint, args.data, out=args.out, split=args.split, batch_size=args.batch_size,
                         device=args.device, amp=args.amp, data_dir=args.data_dir, limit=args.limit,
                         val_size=args.val_size, channels_last=args.channels_last, download=args.download,
-                        image_size=args.image_size, quiet=args.quiet, tta=args.tta,
+                        image_size=args.image_size, quiet=args.quiet, tta=args.tta, ten_crop=args.ten_crop,
                         progress=False if (args.quiet or args.no_progress) else None)
     return 0

@@ -97,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--select-on", choices=("final", "best_val", "best_test"),
                    help="which test error results.json reports (docs/protocols.md)")
     h.add_argument("--pad-mode", choices=("zero", "reflect"), help="padding of the random crop (WRN preset: reflect)")
+    h.add_argument("--normalize", choices=("mean_std", "pixel_mean_global_std", "zca"),
+                   help="CIFAR/SVHN preprocessing: per-channel mean/std (the data set's), the stochastic-depth code's "
+                        "mean image + one std, or the WRN code's ZCA whitening fitted on the training split")
+    h.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="imagenet:ROOT: after training, fb.resnet.torch's 10-crop test error of best.pt in "
+                        "results.json (ImageNet presets: on)")
     h.add_argument("--seed", type=int, help="random seed (default 0)")
 
     r = parser.add_argument_group("execution")
@@ -144,6 +150,8 @@ def build_config(args) -> TrainConfig:
         return resume_config(args.out, given, _command())
     if not (given.get("model") and given.get("data")):
         raise ConfigError("--model and --data are required (or --resume with --out of an existing run)")
+    if given.get("ten_crop") and not str(given["data"]).startswith("imagenet:"):
+        raise ConfigError(f"--ten-crop: only for imagenet:ROOT data (fb.resnet.torch's 10-crop), not {given['data']}")
     return TrainConfig(**given, command=_command())
 
 

@@ -27,7 +27,9 @@ Augmentation order is the official DenseNet Lua code's: normalise → flip → z
 pad value is the mean colour. Fashion-MNIST+ does not flip: every shoe in Fashion-MNIST (train and
 test) points left, so mirrored shoes are off-distribution while the symmetric garments gain nothing.
 Protocol options of :func:`load_dataset` (set by the presets, docs/protocols.md): ``pad_mode``
-"reflect" (Wide ResNets), ``normalize="pixel_mean_global_std"`` (stochastic depth) and
+"reflect" (Wide ResNets), ``normalize="pixel_mean_global_std"`` (stochastic depth), ``normalize="zca"``
+(Wide ResNets on CIFAR: pylearn2's contrast normalisation + ZCA, fitted on the training split,
+:mod:`crosslayer.data.whitening`), ``ten_crop`` (``imagenet:`` test split, fb.resnet.torch's 10 crops) and
 ``val_split="svhn_balanced"`` (400 + 200 images per class, stochastic depth on SVHN).
 ``val_size`` holds out a seeded random subset of the training images (not augmented). The
 DenseNet SVHN protocol is ``load_dataset("svhn", val_size=6000)`` (which 6,000 images the paper

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from crosslayer.data.transforms import Augment, TensorImageDataset
+from crosslayer.data.whitening import apply_zca, fit_zca
 from crosslayer.errors import DataError
 
 _C10 = dict(mean=(125.3 / 255, 123.0 / 255, 113.9 / 255), std=(63.0 / 255, 62.1 / 255, 66.7 / 255))
@@ -123,7 +124,10 @@ def bundle_from_tensors(name, train, test, classes, mean=None, std=None, aug=Non
     held out from train as a seeded random subset, or exactly the training images ``val_indices``
     (no augmentation on them). mean/std default to the per-channel statistics of the training
     images; ``normalize="pixel_mean_global_std"`` uses the training images' per-pixel mean image and
-    one global standard deviation instead (the stochastic-depth code's ``preprocess``).
+    one global standard deviation instead (the stochastic-depth code's ``preprocess``);
+    ``normalize="zca"`` replaces the images by float32 ZCA-whitened ones, fitted on the training
+    split (after the validation split is held out) and applied to every split
+    (:mod:`crosslayer.data.whitening`, the Wide ResNet code's data), with an identity normalisation.
     """
     (xtr, ytr), (xte, yte) = train, test
     xtr, xte = torch.as_tensor(xtr), torch.as_tensor(xte)
@@ -138,8 +142,10 @@ def bundle_from_tensors(name, train, test, classes, mean=None, std=None, aug=Non
                         f"differ in shape")
     if limit is not None:
         xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
-    if normalize not in (None, "pixel_mean_global_std"):
-        raise DataError(f"{source}: unknown normalisation {normalize!r} (pixel_mean_global_std)")
+    if normalize == "mean_std":
+        normalize = None
+    if normalize not in (None, "pixel_mean_global_std", "zca"):
+        raise DataError(f"{source}: unknown normalisation {normalize!r} (mean_std, pixel_mean_global_std, zca)")
     if mean is None and normalize is None:
         f = xtr.float().div_(255)
         mean = tuple(f.mean(dim=(0, 2, 3)).tolist())
@@ -151,6 +157,11 @@ def bundle_from_tensors(name, train, test, classes, mean=None, std=None, aug=Non
         xtr, ytr = xtr[ti], ytr[ti]
     if normalize == "pixel_mean_global_std":  # statistics of the training split only
         mean, std = _pixel_mean_global_std(xtr)
+    if normalize == "zca":  # fitted on the training split only; float images, identity affine (x * 1 + 0)
+        zca = fit_zca(xtr)
+        xtr, xte = apply_zca(xtr, *zca), apply_zca(xte, *zca)
+        val = (apply_zca(val[0], *zca), val[1]) if val is not None else None
+        mean, std = (0.0,) * int(xtr.shape[1]), (1 / 255,) * int(xtr.shape[1])
     if not isinstance(mean, torch.Tensor):
         mean = tuple(float(m) for m in mean)
     b = DatasetBundle(
@@ -223,7 +234,7 @@ def _unknown(name) -> DataError:
 def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int = 0, seed: int = 0,
                  limit: int | None = None, image_size: int | None = None, *, pad_mode: str | None = None,
                  normalize: str | None = None, val_split: str | None = None,
-                 crop_size: int | None = None) -> DatasetBundle:
+                 crop_size: int | None = None, ten_crop: bool = False) -> DatasetBundle:
     """Load data set variant ``name`` (see ``crosslayer.data`` docstring) into a :class:`DatasetBundle`.
 
     data_dir: directory with the files in their official formats (None: search the defaults, see
@@ -235,7 +246,8 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     crop padding of augmented variants); normalize "pixel_mean_global_std" (mean image + one std);
     val_split "svhn_balanced" (SVHN train+extra: 400 images per class from train and 200 per class
     from extra, as the stochastic-depth code; ``val_size`` is then ignored). crop_size: ``imagenet:``
-    only (default 224; evaluation resizes the shorter side to crop_size x 256/224 first).
+    only (default 224; evaluation resizes the shorter side to crop_size x 256/224 first). ten_crop:
+    ``imagenet:`` only, the test split yields fb.resnet.torch's ten crops of each image.
     """
     if limit is not None and limit < 1:
         raise DataError(f"{name}: limit must be >= 1, got {limit}")
@@ -244,7 +256,11 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     if name.startswith("imagenet:"):
         from crosslayer.data.imagenet import load_imagenet
 
-        return load_imagenet(name, name[len("imagenet:"):] or data_dir, val_size, seed, limit, crop_size or 224)
+        return load_imagenet(name, name[len("imagenet:"):] or data_dir, val_size, seed, limit, crop_size or 224,
+                             ten_crop)
+    if ten_crop:
+        raise DataError(f"--ten-crop: only for imagenet:ROOT (fb.resnet.torch's 10-crop of the 256-pixel image), "
+                        f"not {name}")
     for pre in FOLDER_PREFIXES:
         if name.startswith(pre):
             from crosslayer.data.folder import load_imagefolder

@@ -194,11 +194,35 @@ def preact_resnet_cifar(depth: int, bottleneck: bool | None = None, **kwargs) ->
     return CifarResNet(_depth_blocks(depth, 2, "pre-act ResNet"), "preact", **kwargs)
 
 
-def stochastic_depth_resnet(depth: int, death_rate: float = 0.5, conv_bias: bool = True, **kwargs) -> CifarResNet:
+def init_sd_official(model: nn.Module) -> None:
+    """The stochastic-depth code's init (yueatsprograms/Stochastic_Depth ``main.lua``,
+    ``ResidualDrop.lua``): conv weights ``nninit.kaiming`` with gain 'relu' = normal with std
+    sqrt(2 / fan_in), conv biases 0; BatchNorm at cudnn's ``reset()`` (scale ~ U(0, 1), shift 0);
+    the Linear at Torch's default, U(+-1/sqrt(fan_in)) for weight and bias (= PyTorch's)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.0, 1.0)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
+
+
+def stochastic_depth_resnet(depth: int, death_rate: float = 0.5, conv_bias: bool = True, init: str = "official",
+                            **kwargs) -> CifarResNet:
     """ResNet with stochastic depth (Huang 2016): linear decay to p_L = 0.5, whole branch dropped per
-    mini-batch, test-time scaling; 2x2 average-pool + zero-pad shortcuts as in the authors' code."""
-    return CifarResNet(_depth_blocks(depth, 2, "SD ResNet"), "basic", conv_bias=conv_bias, death_rate=death_rate,
-                       shortcut_pool="avg", **kwargs)
+    mini-batch, test-time scaling; 2x2 average-pool + zero-pad shortcuts as in the authors' code.
+    ``init="official"``: the authors' code (:func:`init_sd_official`); ``"fan_out"``: fb.resnet.torch's."""
+    if init not in ("official", "fan_out"):
+        raise ValueError(f"init must be 'official' or 'fan_out', got {init!r}")
+    model = CifarResNet(_depth_blocks(depth, 2, "SD ResNet"), "basic", conv_bias=conv_bias, death_rate=death_rate,
+                        shortcut_pool="avg", **kwargs)
+    if init == "official":
+        init_sd_official(model)
+    return model
 
 
 @register_model("resnet", depth=110, paper_params_m=1.7, paper=HE)
@@ -235,15 +259,24 @@ def preact_resnet1001(**kwargs):
 
 @register_model("stochastic_depth", depth=110, paper_params_m=1.7, paper=SD)
 def resnet110_sd(**kwargs):
-    """ResNet-110 with stochastic depth (conv biases on, as in the authors' Torch code)."""
+    """ResNet-110 with stochastic depth (conv biases on and the init of the authors' Torch code)."""
     return stochastic_depth_resnet(110, **kwargs)
+
+
+@register_model("stochastic_depth", depth=152, paper_params_m=None, paper=SD,
+                note="the SVHN network of the tables' ResNet / stochastic-depth rows (-N 25)")
+def resnet152_sd(**kwargs):
+    """ResNet-152 with stochastic depth: the authors' code with ``-N 25`` (6N+2 layers), the network of
+    their SVHN result (README: ``-dataset svhn -N 25 -maxEpochs 50 -deathRate 0.5``)."""
+    return stochastic_depth_resnet(152, **kwargs)
 
 
 @register_model("stochastic_depth", depth=1202, paper_params_m=10.2, paper=SD,
                 note="the tables print 10.2M (ResNet-1001's figure); ResNet-1202 has 19.4M")
 def resnet1202_sd(**kwargs):
-    """ResNet-1202 with stochastic depth, built on fb.resnet.torch (no conv biases)."""
+    """ResNet-1202 with stochastic depth, built on fb.resnet.torch (no conv biases, its fan-out init)."""
     kwargs.setdefault("conv_bias", False)
+    kwargs.setdefault("init", "fan_out")
     return stochastic_depth_resnet(1202, **kwargs)
 
 

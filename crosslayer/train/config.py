@@ -74,6 +74,7 @@ class TrainConfig:
     normalize: str | None = None
     select_on: str | None = None
     crop_size: int | None = None  # imagenet:ROOT only
+    ten_crop: bool | None = None  # imagenet:ROOT only: fb.resnet.torch's 10-crop error of best.pt at the end
     # how to run it
     device: str = "auto"
     amp: str | None = None  # None: the device kind's default (crosslayer.ops.defaults: bf16 on CUDA)
@@ -120,7 +121,7 @@ class TrainConfig:
 PRESET_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
                  "milestone_shift", "gamma", "schedule_unit", "warmup_epochs", "warmup_steps", "warmup_lr",
                  "label_smoothing", "tta", "drop_rate", "drop_rate_no_aug", "val_size", "val_split", "pad_mode",
-                 "normalize", "select_on")
+                 "normalize", "select_on", "ten_crop")
 
 
 def _apply_preset(cfg: TrainConfig, given_epochs: bool) -> None:
@@ -178,7 +179,7 @@ _CHOICES = {
 }
 _UNSET_OK = ("amp", "channels_last", "pad_mode")  # None: the device kind's default, decided when the device is known
 _BOOLS = ("download", "nesterov", "channels_last", "compile", "memory_efficient", "deterministic", "sync_bn",
-          "tensorboard", "progress", "quiet")
+          "tensorboard", "progress", "quiet", "ten_crop")
 
 
 def flag(name: str) -> str:
@@ -367,6 +368,8 @@ def differs(saved: dict, cfg: TrainConfig) -> tuple[str, str] | None:
             continue  # resolved away for a model without dropout
         elif name in _UNSET_OK and mine is None:
             continue  # the device kind's default, which the saved run resolved
+        elif name == "normalize" and (mine or "mean_std") == (theirs or "mean_std"):
+            continue  # None (the data set's) is mean_std
         elif _norm(mine) != _norm(theirs):
             return f"{flag(name)} {mine}", f"{name}={theirs}"
     return None
@@ -406,6 +409,8 @@ def resume_config(out: str, given: dict, command: str = "") -> TrainConfig:
                               f"--data to start one")
         return TrainConfig(**given, command=command)
     d = saved_fields(saved)
+    if "normalize" in d and d["normalize"] is None:  # the data set's own, even where the preset now whitens
+        d["normalize"] = "mean_std"
     for name in PER_LAUNCH:
         d.pop(name, None)
     d.update({k: v for k, v in given.items() if k in CHANGEABLE or k in PER_LAUNCH})

@@ -58,7 +58,12 @@ class _Progress:
 
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """The model's float32 logits for ``x``; ``tta="flip"``: the mean of those for ``x`` and for its
-    left-right mirror (test-time augmentation)."""
+    left-right mirror (test-time augmentation). A 5-d ``x`` (N, crops, C, H, W), the ten crops of
+    ``--ten-crop``, gives each image the mean of its crops' logits (fb.resnet.torch ``train.lua``
+    ``computeScore`` sums the crops' outputs: the same ranking)."""
+    if x.dim() == 5:
+        n, crops = x.shape[:2]
+        return tta_logits(model, x.flatten(0, 1), tta).view(n, crops, -1).mean(1)
     out = model(x).float()
     return (out + model(x.flip(3)).float()) / 2 if tta == "flip" else out
 
@@ -101,10 +106,12 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
                         batch_size: int = 256, device: str = "auto", amp: str = "none", data_dir=None,
                         limit: int | None = None, val_size: int | None = None, channels_last: bool = False,
                         quiet: bool = False, download: bool = False, image_size: int | None = None,
-                        progress: bool | None = None, tta: str | None = None) -> dict:
+                        progress: bool | None = None, tta: str | None = None, ten_crop: bool | None = None) -> dict:
     """Evaluate ``checkpoint`` (a file or a run directory) on ``data``; writes eval.json + confusion.csv into
     ``out``; returns the result. ``image_size`` resizes image folders; ``progress`` None: a bar when stderr is a
     terminal and not ``quiet``; ``tta`` None: the test-time augmentation the run evaluated with (its config's).
+    ``ten_crop`` (``imagenet:`` data): fb.resnet.torch's 10-crop evaluation, ``batch_size`` // 10 images of
+    10 crops per batch as its ``dataloader.lua``; None: the run's ``ten_crop`` (the ImageNet presets set it).
     The output folder and device are checked before any work."""
     from crosslayer.data import build_loader
     from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
@@ -118,13 +125,17 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     dev = pick_device(device)
     ckpt_cfg = load_checkpoint(checkpoint).get("config") or {}
     tta = tta or ckpt_cfg.get("tta") or "none"
-    bundle = _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size)
+    if ten_crop is None:
+        ten_crop = bool(ckpt_cfg.get("ten_crop")) and str(data or ckpt_cfg.get("data") or "").startswith("imagenet:")
+    bundle = _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size,
+                        ten_crop and split == "test")
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu", num_classes=bundle.num_classes,
                                              in_channels=bundle.in_channels, data=f"data {bundle.name}")
     model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = build_loader(bundle, split, batch_size, dev, train=False, channels_last=channels_last)
+    crops = 10 if ten_crop and split == "test" else 1
+    loader = build_loader(bundle, split, max(1, batch_size // crops), dev, train=False, channels_last=channels_last)
     show = (not quiet and sys.stderr.isatty()) if progress is None else progress
     try:
         res = evaluate(model, _Progress(loader, show, f"eval {split}"), amp, dev, bundle.num_classes, confusion=True,
@@ -136,7 +147,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
         first = str(e).strip().splitlines()[0][:200]
         raise CrosslayerError(f"{checkpoint}: model {ckpt_cfg.get('model')} cannot take data {bundle.name} "
                               f"({bundle.in_channels}x{bundle.image_size}x{bundle.image_size}): {first}") from None
-    result = _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res) | {"tta": tta}
+    result = _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res) | {"tta": tta, "ten_crop": crops == 10}
     _write_outputs(out, result)
     if not quiet:
         print(format_eval(result))
@@ -144,7 +155,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     return result
 
 
-def _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size):
+def _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size, ten_crop=False):
     """The data set to evaluate on: ``data`` or the one the checkpoint was trained on (with its split seed)."""
     from crosslayer.data import load_dataset
     from crosslayer.data.registry import FOLDER_PREFIXES
@@ -159,7 +170,10 @@ def _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, 
     if image_size is None and data == ckpt_cfg.get("data") and data.startswith(FOLDER_PREFIXES):
         image_size = ckpt_cfg.get("image_size")  # the image folder it was trained on, at the size it was trained
     return load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), download=download, val_size=val_size,
-                        seed=int(ckpt_cfg.get("seed") or 0), limit=limit, image_size=image_size)
+                        seed=int(ckpt_cfg.get("seed") or 0), limit=limit, image_size=image_size,
+                        crop_size=ckpt_cfg.get("crop_size") if data.startswith("imagenet:") else None,
+                        normalize=None if data.startswith(("imagenet:", *FOLDER_PREFIXES)) else ckpt_cfg.get("normalize"),
+                        ten_crop=ten_crop)
 
 
 def _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res) -> dict:

@@ -118,6 +118,7 @@ class Trainer:
         self.resume = resume
         self._log = log
         self.tb = None
+        self.ten_crop_results: dict = {}
 
     def log(self, msg: str) -> None:
         if self.info.is_main and not self.cfg.quiet:
@@ -143,6 +144,8 @@ class Trainer:
         if self.step >= self.sched["total_steps"] or self.epoch >= self.epochs:
             self.log(f"{self.out_dir}: already complete ({len(self.history)} epochs)")
             self.write_results("complete")
+            if self.cfg.ten_crop and str(self.cfg.data).startswith("imagenet:"):
+                self.ten_crop()  # results.json was rewritten: measure it again
             return 0
         for epoch in range(self.epoch, self.epochs):
             done, stopped, lr, meter = self.train_epoch(epoch, stop)
@@ -159,7 +162,31 @@ class Trainer:
         res = self.write_results("complete")
         self.log(f"done: test error {res['test_err']:.2f}% (best {res['best_test_err']:.2f}%) after "
                  f"{res['epochs_done']} epochs, {res['wall_time_s']:.0f} s; outputs in {self.out_dir}")
+        if self.cfg.ten_crop and str(self.cfg.data).startswith("imagenet:"):
+            self.ten_crop()
         return 0
+
+    def ten_crop(self) -> None:
+        """fb.resnet.torch's ``-testOnly -tenCrop`` on its best model: the 10-crop test error of
+        best.pt, on the main process, added to results.json (``ten_crop_test_err``, ``..._top5_err``)."""
+        from crosslayer.data import build_loader, load_dataset
+
+        cfg = self.cfg
+        D.barrier(self.info)
+        if self.info.is_main:
+            best = ck.load_checkpoint(os.path.join(self.out_dir, "best.pt"), map_location="cpu")
+            self.model.load_state_dict(best["model"])
+            bundle = load_dataset(cfg.data, data_dir=cfg.data_dir, seed=cfg.seed, limit=cfg.limit,
+                                  crop_size=cfg.crop_size, ten_crop=True)
+            loader = build_loader(bundle, "test", max(1, 2 * self.per_rank_batch // 10), self.device, train=False,
+                                  num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+            r = evaluate(self.model, loader, cfg.amp, self.device, bundle.num_classes, tta=cfg.tta)
+            self.ten_crop_results = {"ten_crop_test_err": r["err"], "ten_crop_test_top5_err": r["err5"],
+                                     "ten_crop_epoch": best.get("epoch")}
+            self.write_results("complete")
+            self.log(f"10-crop test error of best.pt (epoch {best.get('epoch')}): {r['err']:.2f}% "
+                     f"(top-5 {r['err5']:.2f}%)")
+        D.barrier(self.info)
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -303,7 +330,8 @@ class Trainer:
                                                                                  b.image_size],
             classes=list(map(str, b.classes)), data_source=b.source, augment=bool(b.augment),
             # the normalisation the images got: `predict` applies it to new images without the data
-            mean=[float(m) for m in b.mean] if b.mean is not None else None,
+            mean=(b.mean.tolist() if isinstance(b.mean, torch.Tensor) else [float(m) for m in b.mean])
+            if b.mean is not None else None,  # a per-pixel mean image (pixel_mean_global_std): nested C x H x W
             std=[float(s) for s in b.std] if b.std is not None else None,
             train_images=len(b.train), test_images=len(b.test), val_images=len(b.val) if b.val is not None else 0,
             world_size=info.world_size, per_rank_batch_size=self.per_rank_batch,
@@ -559,6 +587,7 @@ class Trainer:
 
     def write_results(self, status: str) -> dict:
         res = results(self.record(), self.history, self.best_test_err, self.wall_time(), self.step, status)
+        res.update(self.ten_crop_results)
         if self.info.is_main:
             write_json(os.path.join(self.out_dir, "results.json"), res)
         return res

@@ -49,7 +49,8 @@ class Preset:
     val_size: int = 0
     val_split: str | None = None  # None/"random": seeded uniform subset; "svhn_balanced": 400+200 per class
     pad_mode: str | None = None  # crop padding of augmented data: None (the data set's: zeros) | reflect
-    normalize: str | None = None  # None: the data set's; "pixel_mean_global_std": mean image + one std
+    normalize: str | None = None  # None: the data set's; "pixel_mean_global_std": mean image + one std; "zca"
+    ten_crop: bool = False  # imagenet:ROOT: also fb.resnet.torch's 10-crop test error of best.pt, at the end
     lr_reference_batch: int | None = None  # lr is for this global batch; scaled linearly with --batch-size
     select_on: str = "final"  # what the paper reports: final | best_val | best_test
     select_evidence: str = ""  # why we believe so
@@ -166,7 +167,7 @@ _add(Preset(
 _add(Preset(
     "wrn", "Wide ResNet protocol (Zagoruyko & Komodakis 2016, scripts/train_cifar.sh)",
     epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-    milestones=(0.3, 0.6, 0.8), milestone_shift=-1, gamma=0.2, drop_rate=0.0, pad_mode="reflect",
+    milestones=(0.3, 0.6, 0.8), milestone_shift=-1, gamma=0.2, drop_rate=0.0, pad_mode="reflect", normalize="zca",
     select_evidence="the released train.lua logs the test accuracy of every epoch; the paper reports the "
                     "final one (median of 5 runs in the README)",
     table_rows="WRN-16-8 4.81/22.07, WRN-28-10 4.17/20.50, WRN-40-4 4.97/22.89 (no dropout); SVHN "
@@ -174,9 +175,12 @@ _add(Preset(
     source="szagoruyko/wide-residual-networks scripts/train_cifar.sh (learningRate 0.1, epoch_step {60,120,160} "
            "applied at the start of 1-indexed epochs = 0-indexed 59/119/159, max_epoch 200, ratio 0.2, nesterov, "
            "randomcrop_type=reflection), train.lua (batchSize 128, weightDecay 5e-4, momentum 0.9, dampening 0, "
-           "dropout 0); SVHN: scripts/train_svhn.sh (lr 0.01 x0.1 at 80/120 of 160, dropout 0.4, no crop/flip); "
-           "--drop-rate 0.3 gives the '-dropout' variants",
-    per_dataset={"svhn": dict(epochs=160, lr=0.01, milestones=(0.5, 0.75), gamma=0.1, drop_rate=0.4)},
+           "dropout 0, dataset ./datasets/cifar10_whitened.t7: ZCA-whitened CIFAR, README: pylearn2 "
+           "make_cifar10_gcn_whitened.py, fitted on the training split); SVHN: scripts/train_svhn.sh (lr 0.01 x0.1 "
+           "at 80/120 of 160, dropout 0.4, no crop/flip, svhn.t7 not whitened); --drop-rate 0.3 gives the "
+           "'-dropout' variants; --normalize mean_std the README's later meanstd numbers",
+    per_dataset={"svhn": dict(epochs=160, lr=0.01, milestones=(0.5, 0.75), gamma=0.1, drop_rate=0.4,
+                              normalize=None)},
 ))
 
 _add(Preset(
@@ -185,14 +189,15 @@ _add(Preset(
     milestones=(0.5, 0.75), milestone_shift=-1, gamma=0.1, val_size=5000, select_on="best_val",
     normalize="pixel_mean_global_std",
     select_evidence="README: 'test error (selected by best validation error)'",
-    table_rows="'ResNet with Stochastic Depth 110' (5.23/24.58, SVHN 1.75 = the 152-layer net) and the "
-               "constant-depth 'ResNet (reported by stochastic depth paper)' row (death_rate=0)",
+    table_rows="'ResNet with Stochastic Depth 110' (5.23/24.58; its SVHN 1.75 is resnet152_sd's) and the "
+               "constant-depth 'ResNet (reported by stochastic depth paper)' row (death_rate=0; SVHN 2.01: "
+               "resnet152_sd)",
     source="yueatsprograms/Stochastic_Depth main.lua (maxEpochs 500, batchSize 128, lr 0.1/0.01/0.001 while "
            "epoch < 50%/75% of maxEpochs, 1-indexed = 0-indexed 249/374; sgd nesterov 0.9, dampening 0, wd "
            "1e-4; SVHN lrSchedule 60%/70%), cifar-dataset.lua (45k/5k random split; preprocess = per-pixel "
            "mean image and one global std of the training split), svhn-dataset.lua (validation = 400 per "
            "class from train + 200 per class from extra; same preprocessing, no division by 255); README: "
-           "SVHN 50 epochs (-N 25, 152 layers)",
+           "SVHN 50 epochs with -N 25 (resnet152_sd)",
     per_dataset={"svhn": dict(epochs=50, milestones=(0.6, 0.7), val_split="svhn_balanced", val_size=0)},
 ))
 
@@ -205,12 +210,15 @@ _add(Preset(
                "the DelugeNet table's 'FractalNet' 4.59/22.85 are the paper's '++' (heavier augmentation) results",
     source="paper Sec. 4 (SGD momentum 0.9, batch 100, lr 0.02, /10 each time the remaining epochs halve: "
            "200/300/350/375 of 400; SVHN 20 epochs), gustavla/fractalnet generation/globals.crox (BATCH 100; "
-           "biases lr_mult 2, decay_mult 0: the model's param_groups); base weight decay is in neither (0 here)",
+           "weights decay_mult 1, biases lr_mult 2, decay_mult 0: the model's param_groups); the solver file with "
+           "the base weight_decay is not in the release and the paper states none (0 here; --weight-decay X decays "
+           "the weights only)",
     per_dataset={"svhn": dict(epochs=20)},
 ))
 
 _IMAGENET_SOURCE = ("facebook/fb.resnet.torch datasets/imagenet.lua (RandomSizedCrop 224, ColorJitter 0.4/0.4/0.4, "
-                    "Lighting 0.1 with the PCA eigen-values/vectors, flip; eval Scale 256 + CenterCrop 224), "
+                    "Lighting 0.1 with the PCA eigen-values/vectors, flip; eval Scale 256 + CenterCrop 224, or "
+                    "TenCrop 224 with -tenCrop, train.lua computeScore summing the crops' outputs), "
                     "opts.lua (LR 0.1, momentum 0.9, weightDecay 1e-4), train.lua (nesterov; decay = "
                     "floor((epoch - 1) / 30)), TRAINING.md (-batchSize 256); lr scaled linearly with the "
                     "global batch (lr 0.1 is for 256)")
@@ -219,7 +227,8 @@ _add(Preset(
     "imagenet", "DenseNet ImageNet protocol (liuzhuang13/DenseNet on fb.resnet.torch), data imagenet:ROOT",
     epochs=90, batch_size=256, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
     milestones=(30, 60), gamma=0.1, lr_reference_batch=256, select_on="best_test", select_evidence=_FB,
-    table_rows="DenseNet paper Table 3 (DenseNet-121/169/201/264 single-crop top-1/top-5)",
+    ten_crop=True,
+    table_rows="DenseNet paper Table 3 (DenseNet-121/169/201/264 single-crop and 10-crop top-1/top-5)",
     source="liuzhuang13/DenseNet README (-batchSize 256 -nEpochs 90); " + _IMAGENET_SOURCE,
 ))
 
@@ -227,6 +236,7 @@ _add(Preset(
     "imagenet-delugenet", "DelugeNet ImageNet protocol (xternalz/DelugeNets on fb.resnet.torch), data imagenet:ROOT",
     epochs=100, batch_size=256, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
     milestones=(30, 60, 90), gamma=0.1, lr_reference_batch=256, select_on="best_test", select_evidence=_FB,
+    ten_crop=True,
     table_rows="DelugeNets README ImageNet table (DelugeNet-92/104/122 single-crop top-1/top-5)",
     source="xternalz/DelugeNets README (-batchSize 256 -nEpochs 100); " + _IMAGENET_SOURCE,
 ))
