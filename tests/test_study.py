@@ -98,6 +98,22 @@ def test_run_config_is_a_train_config_with_the_plan(tmp_path):
     assert (cfg["select_on"], cfg["schedule"], cfg["batch_size"], cfg["lr"]) == ("final", "onecycle", 64, 0.1)
 
 
+@pytest.mark.parametrize("recipe", [S.RECIPE], ids=["short"])
+def test_every_recipe_field_reaches_every_runs_config(tmp_path, recipe):
+    """Each recipe field, in every run of the grid, is the value of that field of the run's
+    TrainConfig (val_size: the plan's validation images); none falls back to the preset's."""
+    plan = dict(data="fashion-mnist", recipe=dict(recipe), epochs=2, limit=None, val_images=recipe["val_size"])
+    from crosslayer.train.presets import get_preset
+
+    preset = get_preset(recipe["preset"])
+    differs = [k for k in recipe if k != "preset" and hasattr(preset, k) and getattr(preset, k) != recipe[k]]
+    assert differs, "the recipe must differ from its preset somewhere, or this test checks nothing"
+    for run in S.grid(3):
+        cfg = S.run_config(run, plan, str(tmp_path / run.name))
+        for field, value in recipe.items():
+            assert cfg[field] == value, (run.name, field)
+
+
 # ---------------------------------------------------------------- machinery on a tiny budget
 
 def test_tiny_study_trains_writes_everything_and_a_rerun_skips_finished_runs(tmp_path, capsys):

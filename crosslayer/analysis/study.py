@@ -25,7 +25,6 @@ keeps the plan (``study.json``), skips finished runs and continues unfinished or
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.train.config import TrainConfig
 
 FAMILIES = {  # family label -> registered models, smallest first
     "DenseNet-BC": ("densenet_bc16_k8", "densenet_bc28_k12", "densenet_bc40_k12"),
@@ -216,23 +216,14 @@ def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
 # ---------------------------------------------------------------------------------- training
 
 def run_config(run: Run, plan: dict, out_dir: str, data_dir: str | None = None):
-    """The ``crosslayer train`` config of one study run: the ONE place the study builds a config
-    (the same code path as ``crosslayer train --model M --data D --preset demo ...``)."""
-    from crosslayer.cli.train import add_arguments, build_config
-
-    r = plan["recipe"]
-    argv = ["--model", run.model, "--data", plan["data"], "--preset", r["preset"], "--out", out_dir,
-            "--epochs", str(plan["epochs"]), "--batch-size", str(r["batch_size"]), "--lr", str(r["lr"]),
-            "--val-size", str(plan["val_images"]), "--select-on", "final", "--seed", str(run.seed),
-            "--device", "cpu", "--amp", "none"]
-    if plan.get("limit"):
-        argv += ["--limit", str(plan["limit"])]
-    if data_dir:
-        argv += ["--data-dir", data_dir]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    cfg = build_config(parser.parse_args(argv))  # a validated TrainConfig
-    cfg.command = "crosslayer study (" + " ".join(argv) + ")"
+    """The ``crosslayer train`` config of one study run, built from the plan's recipe directly: every
+    recipe field is a :class:`TrainConfig` field and is passed as it is (``val_size`` as the plan's
+    validation images), so nothing in the recipe can be dropped on the way."""
+    recipe = {k: v for k, v in plan["recipe"].items() if k != "val_size"}
+    cfg = TrainConfig(model=run.model, data=plan["data"], epochs=plan["epochs"], val_size=plan["val_images"],
+                      limit=plan.get("limit") or None, seed=run.seed, select_on="final", device="cpu",
+                      data_dir=data_dir, **{"amp": "none", **recipe})
+    cfg.command = f"crosslayer study (run {run.name} of the plan in {os.path.dirname(os.path.dirname(out_dir))})"
     return cfg
 
 
