@@ -20,7 +20,7 @@ TINY_RECIPE = dict(S.RECIPE, batch_size=50, val_size=50)
 FAKE_COST = {"train_s_per_image": 0.4, "eval_s_per_image": 0.0}
 
 
-def fake_measure(models, shape, num_classes, batch_size):
+def fake_measure(models, shape, num_classes, batch_size, **kwargs):
     return {m: dict(FAKE_COST) for m in models}
 
 
@@ -98,17 +98,16 @@ def test_run_config_is_a_train_config_with_the_plan(tmp_path):
     assert (cfg["select_on"], cfg["schedule"], cfg["batch_size"], cfg["lr"]) == ("final", "onecycle", 64, 0.1)
 
 
-@pytest.mark.parametrize("recipe", [S.RECIPE], ids=["short"])
+@pytest.mark.parametrize("recipe", [S.RECIPE, S.converged_recipe(bf16=True)], ids=["short", "converged"])
 def test_every_recipe_field_reaches_every_runs_config(tmp_path, recipe):
     """Each recipe field, in every run of the grid, is the value of that field of the run's
     TrainConfig (val_size: the plan's validation images); none falls back to the preset's."""
     plan = dict(data="fashion-mnist", recipe=dict(recipe), epochs=2, limit=None, val_images=recipe["val_size"])
-    from crosslayer.train.presets import get_preset
+    from crosslayer.train.config import TrainConfig
 
-    preset = get_preset(recipe["preset"])
-    differs = [k for k in recipe if k != "preset" and hasattr(preset, k) and getattr(preset, k) != recipe[k]]
-    assert differs, "the recipe must differ from its preset somewhere, or this test checks nothing"
-    for run in S.grid(3):
+    plain = TrainConfig(model="densenet_bc16_k8", data="fashion-mnist", preset=recipe["preset"])
+    assert any(plain[k] != v for k, v in recipe.items()), "the recipe must differ from its preset's config"
+    for run in S.grid(3) + S.converged_grid():
         cfg = S.run_config(run, plan, str(tmp_path / run.name))
         for field, value in recipe.items():
             assert cfg[field] == value, (run.name, field)
@@ -279,3 +278,84 @@ def test_measure_costs_ignores_the_warm_up_steps_and_takes_the_median(monkeypatc
     monkeypatch.setattr(F, "cross_entropy", ce)
     costs = S.measure_costs(["preact_resnet8"], (1, 8, 8), 10, batch_size=4, steps=4, warmup=2)
     assert costs["preact_resnet8"]["train_s_per_image"] == pytest.approx(1.0 / 4)
+
+
+# ---------------------------------------------------------------- the converged study
+
+def test_converged_grid_seeds_and_order():
+    runs = S.converged_grid()
+    fams = S.CONVERGED["families"]
+    count = {}
+    for r in runs:
+        count[r.model] = count.get(r.model, 0) + 1
+    assert count == {m: (3 if i == 0 else 2) for models in fams.values() for i, m in enumerate(models)}
+    assert len({r.name for r in runs}) == len(runs) and set(fams) == set(S.FAMILIES)
+    # every model once (seed 0) before any model twice
+    n_models = len(count)
+    assert [r.seed for r in runs[:n_models]] == [0] * n_models and {r.model for r in runs[:n_models]} == set(count)
+
+
+def test_converged_models_share_the_stride_2_stem():
+    """Every family enters through one 3x3 stride-2 convolution of the 1-channel image (only the
+    connectivity after it differs), and the blocks run at 14/7/4 for 28x28 images."""
+    import torch
+
+    from crosslayer.models import create_model
+
+    kwargs = S.CONVERGED["recipe"]["model_kwargs"]
+    for models in S.CONVERGED["families"].values():
+        for name in models:
+            model = create_model(name, num_classes=10, in_channels=1, **kwargs).eval()
+            first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            assert (first.in_channels, first.kernel_size, first.stride, first.padding) == (1, (3, 3), (2, 2), (1, 1)), name
+            seen = []
+            hook = first.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.shape[-1]))
+            with torch.no_grad():
+                assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+            hook.remove()
+            assert seen == [14], name
+
+
+def test_converged_precision_is_bf16_only_where_the_cpu_has_it(tmp_path):
+    from crosslayer.ops.defaults import cpu_bf16_native
+
+    assert S.converged_recipe(bf16=True)["amp"] == "bf16" and S.converged_recipe(bf16=False)["amp"] == "none"
+    for flags, native in (("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                          ("fpu avx2 avx512f avx512bw", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_bf16_native(str(tmp_path / "cpuinfo")) is native
+    assert cpu_bf16_native(str(tmp_path / "absent")) is False
+
+
+TINY_CONVERGED = dict(families={"DenseNet-BC": ("densenet_bc16_k8",), "DelugeNet": ("delugenet20_w25",)},
+                      seeds=(2, 1), epochs=2, recipe=dict(S.CONVERGED["recipe"], batch_size=50, val_size=50))
+
+
+def test_tiny_converged_study_uses_the_whole_training_set_fixed_epochs_and_resumes(tmp_path, capsys):
+    data, out = write_idx(tmp_path / "data"), str(tmp_path / "study")
+    seen = {}
+
+    def measure(models, shape, num_classes, batch_size, **kwargs):
+        seen.update(kwargs)
+        return fake_measure(models, shape, num_classes, batch_size)
+
+    res = S.run_study(out, budget_min=30, data_dir=data, measure=measure, converged=TINY_CONVERGED)
+    assert seen == {"amp": S.converged_recipe(TINY_CONVERGED)["amp"], "model_kwargs": {"stem": "cifar-s2"}}
+    assert res["states"] == {n: "complete" for n in ("densenet_bc16_k8_s0", "delugenet20_w25_s0",
+                                                     "densenet_bc16_k8_s1", "delugenet20_w25_s1")}
+    plan = json.load(open(os.path.join(out, "study.json")))
+    assert (plan["study"], plan["limit"], plan["train_images"], plan["val_images"], plan["epochs"]) == (
+        "converged", None, 150, 50, 2)
+    for name in res["states"]:
+        cfg = json.load(open(os.path.join(out, "runs", name, "config.json")))
+        assert (cfg["epochs"], cfg["train_images"], cfg["test_images"], cfg["amp"], cfg["model_kwargs"]) == (
+            2, 150, 100, plan["recipe"]["amp"], {"stem": "cifar-s2"})
+    capsys.readouterr()
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    again = S.run_study(out, data_dir=data, measure=must_not_train, train=must_not_train, converged=TINY_CONVERGED)
+    assert set(again["states"].values()) == {"complete"}
+    with pytest.raises(S.CrosslayerError, match="converged"):
+        S.run_study(out, data_dir=data, measure=must_not_train, train=must_not_train)

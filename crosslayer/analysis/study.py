@@ -47,10 +47,28 @@ DATA = "fashion-mnist"
 # the demo preset as it was when docs/study.md was measured (the demo's weight decay and label
 # smoothing changed since)
 RECIPE = dict(preset="demo", batch_size=64, lr=0.1, weight_decay=5e-5, label_smoothing=0.0, val_size=2000)
+# The converged study (``crosslayer study --converged``): the full training set less the validation
+# split, a fixed number of epochs (not fitted to a budget), two sizes per family, all with the
+# stride-2 stem (the demo's input handling: only the connectivity differs between families), 3 seeds
+# of the smallest size and 2 of the other, bf16 autocast where the CPU computes bf16 natively (the
+# same precision for every run: it is decided once, when the plan is made). The recipe is the demo
+# preset as tuned for the full training set (weight decay 5e-4, label smoothing 0.1). Sized from
+# step times measured on the project's 2-core Xeon (AMX, bf16): about two hours when the machine is
+# quiet.
+CONVERGED = dict(
+    families={"DenseNet-BC": ("densenet_bc16_k8", "densenet_bc28_k12"),
+              "pre-act ResNet": ("preact_resnet8", "preact_resnet20"),
+              "DelugeNet": ("delugenet20_w25", "delugenet20_w50")},
+    seeds=(3, 2),  # seeds of the smallest size, of every other size
+    epochs=10,
+    recipe=dict(preset="demo", batch_size=64, lr=0.1, weight_decay=5e-4, label_smoothing=0.1, val_size=2000,
+                model_kwargs={"stem": "cifar-s2"}),
+)
 # ``--limit`` values tried (training images incl. validation), largest first. Down to 10000 the
 # whole 10,000-image test set is kept; SMALL_LIMITS (a busy machine) also cut the test set.
 LIMITS = (60000, 30000, 20000, 15000, 10000)
 SMALL_LIMITS = (10000, 6000, 4000, 3000, 2000)
+CONVERGED_BUDGET_MIN = 24 * 60.0  # the converged study's default: no practical limit per invocation
 MIN_EPOCHS, MAX_EPOCHS = 3, 30  # >= 3 points per training curve before the training set shrinks
 SAFETY = 0.75  # share of the budget the estimates may fill (evaluation ran ~1.8x the estimate under load)
 RESERVE_S = 90.0  # at least this much is kept for the figures at the end
@@ -89,35 +107,61 @@ def grid(seeds: int, families: dict = FAMILIES) -> list[Run]:
     return runs
 
 
+def converged_grid(spec: dict = CONVERGED) -> list[Run]:
+    """The converged study's runs in the order they are trained: seed 0 of every model (smallest
+    size first), then seed 1 of every model, then the extra seeds of the smallest size, so that a
+    study stopped early has every model once before it has any twice."""
+    families, (first, other) = spec["families"], spec["seeds"]
+    runs = []
+    for seed in range(max(first, other)):
+        for size in range(max(len(m) for m in families.values())):
+            if seed < (first if size == 0 else other):
+                runs += [Run(fam, models[size], seed) for fam, models in families.items() if size < len(models)]
+    return runs
+
+
+def converged_recipe(spec: dict = CONVERGED, bf16: bool | None = None) -> dict:
+    """The converged study's recipe with its precision: bf16 autocast where the CPU computes bf16
+    natively (``bf16`` None: ask this CPU), float32 elsewhere."""
+    from crosslayer.ops.defaults import cpu_bf16_native
+
+    native = cpu_bf16_native() if bf16 is None else bf16
+    return dict(spec["recipe"], amp="bf16" if native else "none")
+
+
 # ---------------------------------------------------------------------------------- planning
 
 def measure_costs(models, image_shape=(1, 28, 28), num_classes: int = 10, batch_size: int = 64,
-                  steps: int = 4, warmup: int = 2) -> dict[str, dict]:
+                  steps: int = 4, warmup: int = 2, amp: str = "none", model_kwargs=None) -> dict[str, dict]:
     """Seconds per image of a training step and of an evaluation forward pass, measured on this
     machine now (random tensors of the data's shape; the median of ``steps`` steps after ``warmup``
-    warm-up steps, so one step disturbed by another process does not set the plan)."""
+    warm-up steps, so one step disturbed by another process does not set the plan), with the
+    study's precision ``amp`` and model arguments."""
     import torch
     import torch.nn.functional as F
 
     from crosslayer.models import create_model
+    from crosslayer.train.runtime import amp_context
 
     costs = {}
+    cpu = torch.device("cpu")
     for name in models:
         torch.manual_seed(0)
-        model = create_model(name, num_classes=num_classes, in_channels=image_shape[0])
+        model = create_model(name, num_classes=num_classes, in_channels=image_shape[0], **(model_kwargs or {}))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x, y = torch.randn(batch_size, *image_shape), torch.randint(0, num_classes, (batch_size,))
         times = []
         for _ in range(warmup + steps):
             t = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
+            with amp_context(amp, cpu):
+                loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t)
         model.eval()
         xe = torch.randn(4 * batch_size, *image_shape)  # the study's evaluation batch
-        with torch.no_grad():
+        with torch.no_grad(), amp_context(amp, cpu):
             model(xe)
             t = time.perf_counter()
             model(xe)
@@ -168,10 +212,22 @@ def make_plan(runs: list[Run], costs: dict, budget_min: float, spent_s: float, n
     seconds = (budget_min * 60 - spent_s - reserve_s(budget_min)) * SAFETY
     limit, epochs = choose_size(costs, runs, seconds, n_train, n_test, int(recipe["val_size"]))
     val = val_images(limit, int(recipe["val_size"]))
-    plan = dict(data=data, recipe=dict(recipe), epochs=epochs, limit=limit if limit < n_train else None,
+    plan = dict(study="short", data=data, recipe=dict(recipe), epochs=epochs, limit=limit if limit < n_train else None,
                 train_images=limit - val, val_images=val, test_images=min(limit, n_test),
                 image_shape=list(image_shape), budget_min=budget_min, costs=costs, estimates_s={},
                 created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    add_estimates(plan, runs)
+    return plan
+
+
+def make_converged_plan(runs: list[Run], costs: dict, budget_min: float, n_train: int, n_test: int, image_shape,
+                        recipe: dict, epochs: int, data: str = DATA) -> dict:
+    """The converged study's plan: the whole training set less the validation split, the whole test
+    set, ``epochs`` epochs for every run whatever the budget (the budget only bounds an invocation)."""
+    val = int(recipe["val_size"])
+    plan = dict(study="converged", data=data, recipe=dict(recipe), epochs=epochs, limit=None,
+                train_images=n_train - val, val_images=val, test_images=n_test, image_shape=list(image_shape),
+                budget_min=budget_min, costs=costs, estimates_s={}, created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     add_estimates(plan, runs)
     return plan
 
@@ -196,8 +252,9 @@ def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
     lines = [f"study plan: {len(runs)} runs on {plan['data']}, {plan['epochs']} epoch(s) each of "
              f"{plan['train_images']:,} training images ({plan['val_images']:,} held out for validation, "
              f"{plan['test_images']:,} test images, test error reported at the final epoch)",
-             f"  recipe: preset {r['preset']} (one-cycle LR), batch {r['batch_size']}, peak lr {r['lr']:g}; "
-             f"budget {plan['budget_min']:g} min"]
+             f"  recipe: preset {r['preset']} (one-cycle LR), batch {r['batch_size']}, peak lr {r['lr']:g}, "
+             f"weight decay {r.get('weight_decay', '-')}, label smoothing {r.get('label_smoothing', '-')}, "
+             f"amp {r.get('amp', 'none')}, model args {r.get('model_kwargs') or '-'}; budget {plan['budget_min']:g} min"]
     total = 0.0
     for run in runs:
         est = plan["estimates_s"].get(run.name)
@@ -437,15 +494,22 @@ def write_figures(out: str, runs: list[Run], log=print) -> list[str]:
 
 
 def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, recipe: dict, t_start: float,
-                       measure, log) -> dict:
+                       measure, log, converged: dict | None = None) -> dict:
     """The saved plan of ``out`` (estimates added for new runs), or a new one from step times
-    measured now. Loads the data set first: a bad --data-dir fails before anything is written."""
+    measured now. Loads the data set first: a bad --data-dir fails before anything is written.
+    ``converged``: the converged study's spec (a fixed number of epochs), else the short study's
+    plan fitted to the budget. A saved plan of the other kind is an error (one line)."""
     from crosslayer.data import load_dataset
 
     path = os.path.join(out, "study.json")
+    kind = "converged" if converged else "short"
     if os.path.exists(path):
         with open(path) as f:
             plan = json.load(f)
+        if plan.get("study", "short") != kind:
+            other = "with" if kind == "short" else "without"
+            raise CrosslayerError(f"--out {out}: holds a {plan.get('study', 'short')} study; run it {other} "
+                                  f"--converged, or give another --out")
         if plan.get("budget_min") != budget_min:
             log(f"study: keeping the plan of {path} ({plan['epochs']} epochs, made for a {plan['budget_min']:g}-min "
                 f"budget); --budget {budget_min:g} only limits this invocation")
@@ -454,9 +518,14 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
         shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
         models = list(dict.fromkeys(r.model for r in runs))
         log(f"study: measuring the step time of {len(models)} models on this machine ...")
-        costs = measure(models, shape, bundle.num_classes, int(recipe["batch_size"]))
-        plan = make_plan(runs, costs, budget_min, time.time() - t_start, len(bundle.train), len(bundle.test),
-                         shape, recipe=recipe)
+        costs = measure(models, shape, bundle.num_classes, int(recipe["batch_size"]), amp=recipe.get("amp", "none"),
+                        model_kwargs=recipe.get("model_kwargs"))
+        if converged:
+            plan = make_converged_plan(runs, costs, budget_min, len(bundle.train), len(bundle.test), shape, recipe,
+                                       converged["epochs"])
+        else:
+            plan = make_plan(runs, costs, budget_min, time.time() - t_start, len(bundle.train), len(bundle.test),
+                             shape, recipe=recipe)
     add_estimates(plan, runs)  # e.g. more --seeds than the saved plan had
     os.makedirs(out, exist_ok=True)
     from crosslayer.train.loop import write_json
@@ -465,15 +534,24 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
     return plan
 
 
-def run_study(out: str, budget_min: float = 60.0, seeds: int = 2, data_dir: str | None = None, recipe=None,
-              families: dict = FAMILIES, measure=measure_costs, train=_train_one, log=print) -> dict:
+def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_dir: str | None = None, recipe=None,
+              families: dict = FAMILIES, measure=measure_costs, train=_train_one, log=print,
+              converged: dict | None = None) -> dict:
     """Plan, train and summarise the study within ``budget_min`` minutes (see the module doc).
-    Returns {"plan", "states", "written", "elapsed_s"}."""
+    ``converged``: the converged study's spec (:data:`CONVERGED`; its own grid, recipe and epochs;
+    ``seeds``, ``families`` and ``recipe`` are then not used); ``budget_min`` None: 60 minutes for
+    the short study, no limit (a day) for the converged one. Returns {"plan", "states", "written",
+    "elapsed_s"}."""
+    if budget_min is None:
+        budget_min = CONVERGED_BUDGET_MIN if converged else 60.0
     if not budget_min > 0:
         raise CrosslayerError(f"--budget must be a positive number of minutes, got {budget_min:g}")
     t_start = time.time()
-    runs = grid(seeds, families)
-    plan = _load_or_make_plan(out, runs, budget_min, data_dir, dict(recipe or RECIPE), t_start, measure, log)
+    if converged:
+        runs, recipe = converged_grid(converged), converged_recipe(converged)
+    else:
+        runs, recipe = grid(seeds, families), dict(recipe or RECIPE)
+    plan = _load_or_make_plan(out, runs, budget_min, data_dir, recipe, t_start, measure, log, converged)
     states = {r.name: run_state(os.path.join(out, "runs", r.name))[0] for r in runs}
     log(format_plan(plan, runs, states))
     states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log)
