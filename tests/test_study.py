@@ -164,6 +164,9 @@ def test_execute_resumes_unfinished_runs_trains_new_ones_and_defers_what_does_no
     assert calls == [("m_partial_s0", True), ("m_new_s0", False)]
     assert states == {"m_done_s0": "complete", "m_partial_s0": "complete", "m_new_s0": "complete",
                       "m_big_s0": "deferred"}
+    # without deferral (the converged study) a run is trained whatever its estimate
+    states = S.execute(plan, runs, str(tmp_path), time.time() + 600, train=train, log=lambda m: None, defer=False)
+    assert calls[2:] == [("m_big_s0", False)] and states["m_big_s0"] == "complete"
 
 
 def test_cli_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):
@@ -343,6 +346,11 @@ def test_tiny_converged_study_uses_the_whole_training_set_fixed_epochs_and_resum
     assert seen == {"amp": S.converged_recipe(TINY_CONVERGED)["amp"], "model_kwargs": {"stem": "cifar-s2"}}
     assert res["states"] == {n: "complete" for n in ("densenet_bc16_k8_s0", "delugenet20_w25_s0",
                                                      "densenet_bc16_k8_s1", "delugenet20_w25_s1")}
+    for name in ("verdicts.md", "verdicts.json", "convergence.png", "results.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    verdicts = json.load(open(os.path.join(out, "verdicts.json")))
+    assert {r["model"] for r in verdicts["reuse"]} == {"densenet_bc16_k8"} and verdicts["reuse"][0]["runs"] == 2
+    assert {r["model"] for r in verdicts["delugenet"]} == {"delugenet20_w25"}
     plan = json.load(open(os.path.join(out, "study.json")))
     assert (plan["study"], plan["limit"], plan["train_images"], plan["val_images"], plan["epochs"]) == (
         "converged", None, 150, 50, 2)

@@ -34,6 +34,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from crosslayer.analysis.claims import last_third_change
 from crosslayer.errors import CrosslayerError
 from crosslayer.train.config import TrainConfig
 
@@ -332,10 +333,12 @@ def _train_one(run: Run, plan: dict, run_dir: str, data_dir, resume: bool) -> in
 
 
 def execute(plan: dict, runs: list[Run], out: str, deadline: float, data_dir=None, train=_train_one,
-            log=print) -> dict:
+            log=print, defer: bool = True) -> dict:
     """Train the runs in order until ``deadline`` (time.time()): finished runs are skipped,
-    unfinished ones resumed, a run whose estimate (scaled by the slowdown seen so far) would pass
-    the deadline is deferred. Returns {run name: state} ('complete', 'partial', 'deferred', 'new')."""
+    unfinished ones resumed; with ``defer``, a run whose estimate (scaled by the slowdown seen so
+    far) would pass the deadline is deferred (without: the runs keep their order and the deadline's
+    timer stops the one it falls in). Returns {run name: state} ('complete', 'partial', 'deferred',
+    'new')."""
     states, ratio = {}, 1.0
     spent_est, spent_real = 0.0, 0.0
     with _Deadline(deadline) as dl:
@@ -346,7 +349,7 @@ def execute(plan: dict, runs: list[Run], out: str, deadline: float, data_dir=Non
                 states[run.name] = state
                 continue
             est = plan["estimates_s"][run.name] * (1 - done / max(1, plan["epochs"]))
-            if dl.fired or dl.user_stop or time.time() + est * ratio > deadline:
+            if dl.fired or dl.user_stop or (defer and time.time() + est * ratio > deadline):
                 states[run.name] = "deferred" if state == "new" else state
                 log(f"study: {run.name}: deferred (needs ~{est * ratio / 60:.1f} min, "
                     f"{max(0.0, deadline - time.time()) / 60:.1f} min left)")
@@ -381,6 +384,7 @@ def aggregate(run_dirs) -> list[dict]:
     for model, runs in by_model.items():
         runs.sort(key=lambda r: int(r["config"].get("seed", 0)))
         errs = [float(r["results"]["test_err"]) for r in runs]
+        changes = [last_third_change(r["metrics"].get("test_err", [])) for r in runs]
         vals = [float(r["results"]["val_err"]) for r in runs if r["results"].get("val_err") is not None]
         res = runs[0]["results"]
         rows.append(dict(family=family_of(model), model=model, params=int(res["params"]),
@@ -389,7 +393,7 @@ def aggregate(run_dirs) -> list[dict]:
                          test_err_mean=statistics.fmean(errs),
                          test_err_std=statistics.stdev(errs) if len(errs) > 1 else math.nan,
                          val_err_mean=statistics.fmean(vals) if vals else math.nan,
-                         epochs=int(res.get("epochs_done") or 0),
+                         epochs=int(res.get("epochs_done") or 0), last_third_changes=changes,
                          wall_min=statistics.fmean(float(r["results"].get("wall_time_s") or 0) for r in runs) / 60))
     order = {f: i for i, f in enumerate(FAMILIES)}
     return sorted(rows, key=lambda r: (order.get(r["family"], len(order)), r["family"], r["params"]))
@@ -412,7 +416,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 CSV_FIELDS = ("family", "model", "params", "macs", "seeds", "test_errs", "test_err_mean", "test_err_std",
-              "val_err_mean", "epochs", "wall_min")
+              "val_err_mean", "epochs", "wall_min", "last_third_changes")
 
 
 def write_table(rows: list[dict], out_dir: str) -> list[str]:
@@ -460,6 +464,70 @@ def plot_error_vs(rows: list[dict], x: str, out_png: str) -> dict:
     return series
 
 
+def plot_convergence(run_dirs: dict[str, str], out_png: str) -> dict:
+    """Test error after every epoch, one panel per family, one line per run, the last third of the
+    epochs shaded (where "stopped moving" is judged). Returns {family: {run: [errors]}}."""
+    from crosslayer.analysis.plots import _figure, _save
+    from crosslayer.analysis.tables import read_metrics
+
+    curves: dict[str, dict[str, list[float]]] = {}
+    for name, d in run_dirs.items():
+        model = name.rsplit("_s", 1)[0]
+        curves.setdefault(family_of(model), {})[name] = [float(v) for v in read_metrics(d).get("test_err", [])]
+    fig = _figure(4.2 * max(1, len(curves)), 4.0)
+    axes = fig.subplots(1, max(1, len(curves)), squeeze=False)[0]
+    for ax, (fam, runs) in zip(axes, curves.items()):
+        top = 0.0
+        for name, errs in sorted(runs.items()):
+            ax.plot(range(1, len(errs) + 1), errs, marker=".", label=name)
+            n = len(errs)
+            top = max(top, n)
+        if top >= 3:
+            ax.axvspan(top - top // 3, top, color="0.9", zorder=0)
+        ax.set(title=fam, xlabel="epoch", ylabel="test error (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    _save(fig, out_png)
+    return curves
+
+
+def write_verdicts(rows: list[dict], run_dirs: dict[str, str], out: str, log=print) -> list[str]:
+    """``verdicts.md`` / ``verdicts.json``: every claim's verdict computed from the finished runs
+    (rules: :mod:`crosslayer.analysis.claims`); the reuse statistics use every seed's final weights."""
+    from crosslayer.analysis import claims
+    from crosslayer.analysis.reuse import deluge_weight_maps, densenet_reuse, load_for_analysis
+    from crosslayer.train.loop import write_json
+
+    efficiency = []
+    for a, b in (("DenseNet-BC", "pre-act ResNet"), ("DelugeNet", "pre-act ResNet"), ("DelugeNet", "DenseNet-BC")):
+        for key, what in (("params", "parameters"), ("macs", "multiply-adds")):
+            efficiency.append((f"{a} reaches an error with fewer {what} than {b}",
+                               claims.compare_families(rows, a, b, key)))
+    dense, deluge = {}, {}
+    for name, d in sorted(run_dirs.items()):
+        model = name.rsplit("_s", 1)[0]
+        fam = family_of(model)
+        if fam not in ("DenseNet-BC", "DelugeNet"):
+            continue
+        try:
+            net, _ = load_for_analysis(os.path.join(d, "last.pt"))
+        except CrosslayerError as e:
+            log(f"study: {name}: no weights to analyse ({e})")
+            continue
+        if fam == "DenseNet-BC":
+            dense[name] = (model, claims.densenet_reuse_stats(densenet_reuse(net)))
+        else:
+            deluge[name] = (model, claims.deluge_stats(deluge_weight_maps(net)))
+    reuse_rows, deluge_rows = claims.reuse_verdicts(dense), claims.deluge_verdicts(deluge)
+    conv = [dict(model=r["model"], changes=r["last_third_changes"]) for r in rows]
+    md, js = os.path.join(out, "verdicts.md"), os.path.join(out, "verdicts.json")
+    with open(md, "w") as f:
+        f.write(claims.format_verdicts(efficiency, reuse_rows, deluge_rows, conv))
+    write_json(js, dict(efficiency=[dict(claim=t, **v) for t, v in efficiency], reuse=reuse_rows,
+                        delugenet=deluge_rows, convergence=conv))
+    return [md, js]
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
@@ -480,6 +548,10 @@ def write_figures(out: str, runs: list[Run], log=print) -> list[str]:
         path = os.path.join(out, f"error_vs_{x}.png")
         plot_error_vs(rows, x, path)
         written.append(path)
+    path = os.path.join(out, "convergence.png")
+    plot_convergence(dirs, path)
+    written.append(path)
+    written += write_verdicts(rows, dirs, out, log)
     for fam in FAMILIES:
         fam_dirs = [dirs[r.name] for r in finished if r.family == fam]
         if fam_dirs:
@@ -554,7 +626,9 @@ def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_di
     plan = _load_or_make_plan(out, runs, budget_min, data_dir, recipe, t_start, measure, log, converged)
     states = {r.name: run_state(os.path.join(out, "runs", r.name))[0] for r in runs}
     log(format_plan(plan, runs, states))
-    states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log)
+    # the converged study keeps its order (every model once before any twice): nothing is deferred
+    states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log,
+                     defer=not converged)
     written = write_figures(out, runs, log)
     elapsed = time.time() - t_start
     left = [n for n, s in states.items() if s != "complete"]
