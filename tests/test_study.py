@@ -367,3 +367,28 @@ def test_tiny_converged_study_uses_the_whole_training_set_fixed_epochs_and_resum
     assert set(again["states"].values()) == {"complete"}
     with pytest.raises(S.CrosslayerError, match="converged"):
         S.run_study(out, data_dir=data, measure=must_not_train, train=must_not_train)
+
+
+def test_results_csv_reads_back_as_the_rows_and_two_studies_go_side_by_side(tmp_path):
+    rows = S.aggregate(write_runs(tmp_path / "runs"))
+    _, path = S.write_table(rows, str(tmp_path))
+    back = S.read_table(path)
+    for r, b in zip(rows, back, strict=True):
+        for k in S.CSV_FIELDS:
+            if isinstance(r[k], float) and math.isnan(r[k]):
+                assert math.isnan(b[k]), k
+            elif k == "last_third_changes":
+                assert len(b[k]) == len(r[k]) and all(math.isnan(x) for x in b[k]), k  # 2 epochs: NaN
+            else:
+                assert b[k] == pytest.approx(r[k]), k
+    text = S.format_comparison(back, rows[:1], names=("A", "B"))
+    assert "| DenseNet-BC | densenet_bc16_k8 | 19,978 | 13.00 ± 1.41 (n=2, 3 ep., 6.67 M MACs) | 13.00 ± 1.41" in text
+    assert "| pre-act ResNet | preact_resnet8 | 77,562 | 14.00 ± 1.32 (n=3, 3 ep., 9.35 M MACs) | - |" in text
+    assert "| DenseNet-BC reaches an error with fewer parameters than pre-act ResNet | " in text
+
+
+def test_cli_compare_with_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert cli_main(["study", "--converged", "--out", str(out), "--compare", str(tmp_path / "none.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compare" in err and not out.exists()

@@ -436,6 +436,27 @@ def write_table(rows: list[dict], out_dir: str) -> list[str]:
     return [md, path]
 
 
+def read_table(path: str) -> list[dict]:
+    """The rows of a ``results.csv`` written by :func:`write_table` (e.g. a study kept in docs/),
+    as :func:`aggregate` returns them (lists split on ';', empty numbers NaN)."""
+    import csv
+
+    def num(text, kind=float):
+        return math.nan if text in ("", None) else kind(float(text))
+
+    with open(path, newline="") as f:
+        rows = []
+        for r in csv.DictReader(f):
+            lists = {k: [float(v) for v in (r.get(k) or "").split(";") if v] for k in ("test_errs", "last_third_changes")}
+            rows.append(dict(family=r["family"], model=r["model"], params=num(r["params"], int),
+                             macs=num(r["macs"], int) if r["macs"] else None,
+                             seeds=[int(float(v)) for v in r["seeds"].split(";") if v], test_errs=lists["test_errs"],
+                             test_err_mean=num(r["test_err_mean"]), test_err_std=num(r["test_err_std"]),
+                             val_err_mean=num(r["val_err_mean"]), epochs=num(r["epochs"], int),
+                             wall_min=num(r["wall_min"]), last_third_changes=lists["last_third_changes"]))
+    return rows
+
+
 def plot_error_vs(rows: list[dict], x: str, out_png: str) -> dict:
     """Test error (mean over seeds, bars = std) vs ``x`` ('params' or 'macs'), one line per
     family, log x (the DenseNet paper's Fig. 4). Returns the drawn data: {family: [(x, mean,
@@ -498,11 +519,7 @@ def write_verdicts(rows: list[dict], run_dirs: dict[str, str], out: str, log=pri
     from crosslayer.analysis.reuse import deluge_weight_maps, densenet_reuse, load_for_analysis
     from crosslayer.train.loop import write_json
 
-    efficiency = []
-    for a, b in (("DenseNet-BC", "pre-act ResNet"), ("DelugeNet", "pre-act ResNet"), ("DelugeNet", "DenseNet-BC")):
-        for key, what in (("params", "parameters"), ("macs", "multiply-adds")):
-            efficiency.append((f"{a} reaches an error with fewer {what} than {b}",
-                               claims.compare_families(rows, a, b, key)))
+    efficiency = efficiency_verdicts(rows)
     dense, deluge = {}, {}
     for name, d in sorted(run_dirs.items()):
         model = name.rsplit("_s", 1)[0]
@@ -528,11 +545,47 @@ def write_verdicts(rows: list[dict], run_dirs: dict[str, str], out: str, log=pri
     return [md, js]
 
 
+EFFICIENCY_PAIRS = (("DenseNet-BC", "pre-act ResNet"), ("DelugeNet", "pre-act ResNet"), ("DelugeNet", "DenseNet-BC"))
+
+
+def efficiency_verdicts(rows: list[dict]) -> list[tuple[str, dict]]:
+    """(claim text, :func:`claims.compare_families` result) for every pair of families, per
+    parameters and per multiply-adds."""
+    from crosslayer.analysis import claims
+
+    return [(f"{a} reaches an error with fewer {what} than {b}", claims.compare_families(rows, a, b, key))
+            for a, b in EFFICIENCY_PAIRS for key, what in (("params", "parameters"), ("macs", "multiply-adds"))]
+
+
+def format_comparison(rows_a: list[dict], rows_b: list[dict], names=("short", "converged")) -> str:
+    """Two studies side by side (markdown): every model's test error (mean ± std, seeds, epochs)
+    in each, then every efficiency verdict in each."""
+    a, b = ({r["model"]: r for r in rows} for rows in (rows_a, rows_b))
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    models = sorted(set(a) | set(b), key=lambda m: (order.get((a.get(m) or b[m])["family"], 9),
+                                                    (a.get(m) or b[m])["params"]))
+
+    def cell(r):
+        if r is None:
+            return "-"
+        macs = f"{r['macs'] / 1e6:.2f}" if r.get("macs") else "-"
+        return f"{_pm(r['test_err_mean'], r['test_err_std'])} (n={len(r['seeds'])}, {r['epochs']} ep., {macs} M MACs)"
+
+    lines = [f"| family | model | params | {names[0]}: test error % | {names[1]}: test error % |", "|---|---|---:|---|---|"]
+    for m in models:
+        r = a.get(m) or b[m]
+        lines.append(f"| {r['family']} | {m} | {r['params']:,} | {cell(a.get(m))} | {cell(b.get(m))} |")
+    lines += ["", f"| claim | {names[0]} | {names[1]} |", "|---|---|---|"]
+    for (text, va), (_, vb) in zip(efficiency_verdicts(rows_a), efficiency_verdicts(rows_b)):
+        lines.append(f"| {text} | {va['verdict']} | {vb['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
-def write_figures(out: str, runs: list[Run], log=print) -> list[str]:
+def write_figures(out: str, runs: list[Run], log=print, compare: str | None = None) -> list[str]:
     """Table, Fig.-4 plots, training curves per family and the reuse maps (seed 0 of every
     DenseNet and DelugeNet) from the finished runs under ``out/runs``. Returns the written paths."""
     from crosslayer.analysis.plots import draw_reuse, plot_training_curves
@@ -552,6 +605,11 @@ def write_figures(out: str, runs: list[Run], log=print) -> list[str]:
     plot_convergence(dirs, path)
     written.append(path)
     written += write_verdicts(rows, dirs, out, log)
+    if compare:
+        path = os.path.join(out, "comparison.md")
+        with open(path, "w") as f:
+            f.write(format_comparison(read_table(compare), rows))
+        written.append(path)
     for fam in FAMILIES:
         fam_dirs = [dirs[r.name] for r in finished if r.family == fam]
         if fam_dirs:
@@ -608,12 +666,15 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
 
 def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_dir: str | None = None, recipe=None,
               families: dict = FAMILIES, measure=measure_costs, train=_train_one, log=print,
-              converged: dict | None = None) -> dict:
+              converged: dict | None = None, compare: str | None = None) -> dict:
     """Plan, train and summarise the study within ``budget_min`` minutes (see the module doc).
     ``converged``: the converged study's spec (:data:`CONVERGED`; its own grid, recipe and epochs;
     ``seeds``, ``families`` and ``recipe`` are then not used); ``budget_min`` None: 60 minutes for
-    the short study, no limit (a day) for the converged one. Returns {"plan", "states", "written",
+    the short study, no limit (a day) for the converged one; ``compare``: another study's
+    ``results.csv``, written side by side with this one's into ``comparison.md``. Returns {"plan", "states", "written",
     "elapsed_s"}."""
+    if compare and not os.path.isfile(compare):
+        raise CrosslayerError(f"--compare {compare}: no such file (a results.csv written by crosslayer study)")
     if budget_min is None:
         budget_min = CONVERGED_BUDGET_MIN if converged else 60.0
     if not budget_min > 0:
@@ -629,7 +690,7 @@ def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_di
     # the converged study keeps its order (every model once before any twice): nothing is deferred
     states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log,
                      defer=not converged)
-    written = write_figures(out, runs, log)
+    written = write_figures(out, runs, log, compare)
     elapsed = time.time() - t_start
     left = [n for n, s in states.items() if s != "complete"]
     log(f"study: {len(runs) - len(left)}/{len(runs)} runs finished, {elapsed / 60:.1f} min this invocation; "

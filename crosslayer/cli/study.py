@@ -9,6 +9,7 @@ Examples::
     crosslayer study --budget 240 --seeds 3 --out runs/study_long       # more epochs, more seeds
     crosslayer study --converged --out runs/study_converged             # trained to the end (~2 h, 15 runs)
     crosslayer study --converged --out runs/study_converged             # again: continues where it stopped
+    crosslayer study --converged --out runs/study_converged --compare docs/study/results.csv
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
     parser.add_argument("--seeds", type=count(1, 100), default=2,
                         help="seeds of the smallest model of each family (default 2)")
+    parser.add_argument("--compare", default=None, metavar="RESULTS_CSV",
+                        help="another study's results.csv (e.g. docs/study/results.csv): written side by side with "
+                             "this study's errors and verdicts into OUT/comparison.md")
     parser.add_argument("--data-dir", default=None,
                         help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist "
                              "and the usual places)")
@@ -39,5 +43,5 @@ def main(args) -> int:
     from crosslayer.analysis.study import CONVERGED, run_study
 
     run_study(args.out, budget_min=args.budget, seeds=args.seeds, data_dir=args.data_dir,
-              converged=CONVERGED if args.converged else None)
+              converged=CONVERGED if args.converged else None, compare=args.compare)
     return 0
