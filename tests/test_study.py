@@ -300,7 +300,7 @@ def test_converged_grid_seeds_and_order():
 
 def test_converged_models_share_the_stride_2_stem():
     """Every family enters through one 3x3 stride-2 convolution of the 1-channel image (only the
-    connectivity after it differs), and the blocks run at 14/7/4 for 28x28 images."""
+    connectivity after it differs): its output is 14x14 for 28x28 images."""
     import torch
 
     from crosslayer.models import create_model
