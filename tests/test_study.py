@@ -20,7 +20,7 @@ TINY_RECIPE = dict(S.RECIPE, batch_size=50, val_size=50)
 FAKE_COST = {"train_s_per_image": 0.4, "eval_s_per_image": 0.0}
 
 
-def fake_measure(models, shape, num_classes, batch_size):
+def fake_measure(models, shape, num_classes, batch_size, **kwargs):
     return {m: dict(FAKE_COST) for m in models}
 
 
@@ -98,6 +98,21 @@ def test_run_config_is_a_train_config_with_the_plan(tmp_path):
     assert (cfg["select_on"], cfg["schedule"], cfg["batch_size"], cfg["lr"]) == ("final", "onecycle", 64, 0.1)
 
 
+@pytest.mark.parametrize("recipe", [S.RECIPE, S.converged_recipe(bf16=True)], ids=["short", "converged"])
+def test_every_recipe_field_reaches_every_runs_config(tmp_path, recipe):
+    """Each recipe field, in every run of the grid, is the value of that field of the run's
+    TrainConfig (val_size: the plan's validation images); none falls back to the preset's."""
+    plan = dict(data="fashion-mnist", recipe=dict(recipe), epochs=2, limit=None, val_images=recipe["val_size"])
+    from crosslayer.train.config import TrainConfig
+
+    plain = TrainConfig(model="densenet_bc16_k8", data="fashion-mnist", preset=recipe["preset"])
+    assert any(plain[k] != v for k, v in recipe.items()), "the recipe must differ from its preset's config"
+    for run in S.grid(3) + S.converged_grid():
+        cfg = S.run_config(run, plan, str(tmp_path / run.name))
+        for field, value in recipe.items():
+            assert cfg[field] == value, (run.name, field)
+
+
 # ---------------------------------------------------------------- machinery on a tiny budget
 
 def test_tiny_study_trains_writes_everything_and_a_rerun_skips_finished_runs(tmp_path, capsys):
@@ -149,6 +164,9 @@ def test_execute_resumes_unfinished_runs_trains_new_ones_and_defers_what_does_no
     assert calls == [("m_partial_s0", True), ("m_new_s0", False)]
     assert states == {"m_done_s0": "complete", "m_partial_s0": "complete", "m_new_s0": "complete",
                       "m_big_s0": "deferred"}
+    # without deferral (the converged study) a run is trained whatever its estimate
+    states = S.execute(plan, runs, str(tmp_path), time.time() + 600, train=train, log=lambda m: None, defer=False)
+    assert calls[2:] == [("m_big_s0", False)] and states["m_big_s0"] == "complete"
 
 
 def test_cli_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):
@@ -263,3 +281,114 @@ def test_measure_costs_ignores_the_warm_up_steps_and_takes_the_median(monkeypatc
     monkeypatch.setattr(F, "cross_entropy", ce)
     costs = S.measure_costs(["preact_resnet8"], (1, 8, 8), 10, batch_size=4, steps=4, warmup=2)
     assert costs["preact_resnet8"]["train_s_per_image"] == pytest.approx(1.0 / 4)
+
+
+# ---------------------------------------------------------------- the converged study
+
+def test_converged_grid_seeds_and_order():
+    runs = S.converged_grid()
+    fams = S.CONVERGED["families"]
+    count = {}
+    for r in runs:
+        count[r.model] = count.get(r.model, 0) + 1
+    assert count == {m: (3 if i == 0 else 2) for models in fams.values() for i, m in enumerate(models)}
+    assert len({r.name for r in runs}) == len(runs) and set(fams) == set(S.FAMILIES)
+    # every model once (seed 0) before any model twice
+    n_models = len(count)
+    assert [r.seed for r in runs[:n_models]] == [0] * n_models and {r.model for r in runs[:n_models]} == set(count)
+
+
+def test_converged_models_share_the_stride_2_stem():
+    """Every family enters through one 3x3 stride-2 convolution of the 1-channel image (only the
+    connectivity after it differs): its output is 14x14 for 28x28 images."""
+    import torch
+
+    from crosslayer.models import create_model
+
+    kwargs = S.CONVERGED["recipe"]["model_kwargs"]
+    for models in S.CONVERGED["families"].values():
+        for name in models:
+            model = create_model(name, num_classes=10, in_channels=1, **kwargs).eval()
+            first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            assert (first.in_channels, first.kernel_size, first.stride, first.padding) == (1, (3, 3), (2, 2), (1, 1)), name
+            seen = []
+            hook = first.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.shape[-1]))
+            with torch.no_grad():
+                assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+            hook.remove()
+            assert seen == [14], name
+
+
+def test_converged_precision_is_bf16_only_where_the_cpu_has_it(tmp_path):
+    from crosslayer.ops.defaults import cpu_bf16_native
+
+    assert S.converged_recipe(bf16=True)["amp"] == "bf16" and S.converged_recipe(bf16=False)["amp"] == "none"
+    for flags, native in (("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                          ("fpu avx2 avx512f avx512bw", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_bf16_native(str(tmp_path / "cpuinfo")) is native
+    assert cpu_bf16_native(str(tmp_path / "absent")) is False
+
+
+TINY_CONVERGED = dict(families={"DenseNet-BC": ("densenet_bc16_k8",), "DelugeNet": ("delugenet20_w25",)},
+                      seeds=(2, 1), epochs=2, recipe=dict(S.CONVERGED["recipe"], batch_size=50, val_size=50))
+
+
+def test_tiny_converged_study_uses_the_whole_training_set_fixed_epochs_and_resumes(tmp_path, capsys):
+    data, out = write_idx(tmp_path / "data"), str(tmp_path / "study")
+    seen = {}
+
+    def measure(models, shape, num_classes, batch_size, **kwargs):
+        seen.update(kwargs)
+        return fake_measure(models, shape, num_classes, batch_size)
+
+    res = S.run_study(out, budget_min=30, data_dir=data, measure=measure, converged=TINY_CONVERGED)
+    assert seen == {"amp": S.converged_recipe(TINY_CONVERGED)["amp"], "model_kwargs": {"stem": "cifar-s2"}}
+    assert res["states"] == {n: "complete" for n in ("densenet_bc16_k8_s0", "delugenet20_w25_s0",
+                                                     "densenet_bc16_k8_s1", "delugenet20_w25_s1")}
+    for name in ("verdicts.md", "verdicts.json", "convergence.png", "results.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    verdicts = json.load(open(os.path.join(out, "verdicts.json")))
+    assert {r["model"] for r in verdicts["reuse"]} == {"densenet_bc16_k8"} and verdicts["reuse"][0]["runs"] == 2
+    assert {r["model"] for r in verdicts["delugenet"]} == {"delugenet20_w25"}
+    plan = json.load(open(os.path.join(out, "study.json")))
+    assert (plan["study"], plan["limit"], plan["train_images"], plan["val_images"], plan["epochs"]) == (
+        "converged", None, 150, 50, 2)
+    for name in res["states"]:
+        cfg = json.load(open(os.path.join(out, "runs", name, "config.json")))
+        assert (cfg["epochs"], cfg["train_images"], cfg["test_images"], cfg["amp"], cfg["model_kwargs"]) == (
+            2, 150, 100, plan["recipe"]["amp"], {"stem": "cifar-s2"})
+    capsys.readouterr()
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    again = S.run_study(out, data_dir=data, measure=must_not_train, train=must_not_train, converged=TINY_CONVERGED)
+    assert set(again["states"].values()) == {"complete"}
+    with pytest.raises(S.CrosslayerError, match="converged"):
+        S.run_study(out, data_dir=data, measure=must_not_train, train=must_not_train)
+
+
+def test_results_csv_reads_back_as_the_rows_and_two_studies_go_side_by_side(tmp_path):
+    rows = S.aggregate(write_runs(tmp_path / "runs"))
+    _, path = S.write_table(rows, str(tmp_path))
+    back = S.read_table(path)
+    for r, b in zip(rows, back, strict=True):
+        for k in S.CSV_FIELDS:
+            if isinstance(r[k], float) and math.isnan(r[k]):
+                assert math.isnan(b[k]), k
+            elif k == "last_third_changes":
+                assert len(b[k]) == len(r[k]) and all(math.isnan(x) for x in b[k]), k  # 2 epochs: NaN
+            else:
+                assert b[k] == pytest.approx(r[k]), k
+    text = S.format_comparison(back, rows[:1], names=("A", "B"))
+    assert "| DenseNet-BC | densenet_bc16_k8 | 19,978 | 13.00 ± 1.41 (n=2, 3 ep., 6.67 M MACs) | 13.00 ± 1.41" in text
+    assert "| pre-act ResNet | preact_resnet8 | 77,562 | 14.00 ± 1.32 (n=3, 3 ep., 9.35 M MACs) | - |" in text
+    assert "| DenseNet-BC reaches an error with fewer parameters than pre-act ResNet | " in text
+
+
+def test_cli_compare_with_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert cli_main(["study", "--converged", "--out", str(out), "--compare", str(tmp_path / "none.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compare" in err and not out.exists()

@@ -25,7 +25,6 @@ keeps the plan (``study.json``), skips finished runs and continues unfinished or
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,7 +34,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from crosslayer.analysis.claims import last_third_change
 from crosslayer.errors import CrosslayerError
+from crosslayer.train.config import TrainConfig
 
 FAMILIES = {  # family label -> registered models, smallest first
     "DenseNet-BC": ("densenet_bc16_k8", "densenet_bc28_k12", "densenet_bc40_k12"),
@@ -47,10 +48,28 @@ DATA = "fashion-mnist"
 # the demo preset as it was when docs/study.md was measured (the demo's weight decay and label
 # smoothing changed since)
 RECIPE = dict(preset="demo", batch_size=64, lr=0.1, weight_decay=5e-5, label_smoothing=0.0, val_size=2000)
+# The converged study (``crosslayer study --converged``): the full training set less the validation
+# split, a fixed number of epochs (not fitted to a budget), two sizes per family, all with the
+# stride-2 stem (the demo's input handling: only the connectivity differs between families), 3 seeds
+# of the smallest size and 2 of the other, bf16 autocast where the CPU computes bf16 natively (the
+# same precision for every run: it is decided once, when the plan is made). The recipe is the demo
+# preset as tuned for the full training set (weight decay 5e-4, label smoothing 0.1). Sized from
+# step times measured on the project's 2-core Xeon (AMX, bf16): about two hours when the machine is
+# quiet.
+CONVERGED = dict(
+    families={"DenseNet-BC": ("densenet_bc16_k8", "densenet_bc28_k12"),
+              "pre-act ResNet": ("preact_resnet8", "preact_resnet20"),
+              "DelugeNet": ("delugenet20_w25", "delugenet20_w50")},
+    seeds=(3, 2),  # seeds of the smallest size, of every other size
+    epochs=10,
+    recipe=dict(preset="demo", batch_size=64, lr=0.1, weight_decay=5e-4, label_smoothing=0.1, val_size=2000,
+                model_kwargs={"stem": "cifar-s2"}),
+)
 # ``--limit`` values tried (training images incl. validation), largest first. Down to 10000 the
 # whole 10,000-image test set is kept; SMALL_LIMITS (a busy machine) also cut the test set.
 LIMITS = (60000, 30000, 20000, 15000, 10000)
 SMALL_LIMITS = (10000, 6000, 4000, 3000, 2000)
+CONVERGED_BUDGET_MIN = 24 * 60.0  # the converged study's default: no practical limit per invocation
 MIN_EPOCHS, MAX_EPOCHS = 3, 30  # >= 3 points per training curve before the training set shrinks
 SAFETY = 0.75  # share of the budget the estimates may fill (evaluation ran ~1.8x the estimate under load)
 RESERVE_S = 90.0  # at least this much is kept for the figures at the end
@@ -89,35 +108,61 @@ def grid(seeds: int, families: dict = FAMILIES) -> list[Run]:
     return runs
 
 
+def converged_grid(spec: dict = CONVERGED) -> list[Run]:
+    """The converged study's runs in the order they are trained: seed 0 of every model (smallest
+    size first), then seed 1 of every model, then the extra seeds of the smallest size, so that a
+    study stopped early has every model once before it has any twice."""
+    families, (first, other) = spec["families"], spec["seeds"]
+    runs = []
+    for seed in range(max(first, other)):
+        for size in range(max(len(m) for m in families.values())):
+            if seed < (first if size == 0 else other):
+                runs += [Run(fam, models[size], seed) for fam, models in families.items() if size < len(models)]
+    return runs
+
+
+def converged_recipe(spec: dict = CONVERGED, bf16: bool | None = None) -> dict:
+    """The converged study's recipe with its precision: bf16 autocast where the CPU computes bf16
+    natively (``bf16`` None: ask this CPU), float32 elsewhere."""
+    from crosslayer.ops.defaults import cpu_bf16_native
+
+    native = cpu_bf16_native() if bf16 is None else bf16
+    return dict(spec["recipe"], amp="bf16" if native else "none")
+
+
 # ---------------------------------------------------------------------------------- planning
 
 def measure_costs(models, image_shape=(1, 28, 28), num_classes: int = 10, batch_size: int = 64,
-                  steps: int = 4, warmup: int = 2) -> dict[str, dict]:
+                  steps: int = 4, warmup: int = 2, amp: str = "none", model_kwargs=None) -> dict[str, dict]:
     """Seconds per image of a training step and of an evaluation forward pass, measured on this
     machine now (random tensors of the data's shape; the median of ``steps`` steps after ``warmup``
-    warm-up steps, so one step disturbed by another process does not set the plan)."""
+    warm-up steps, so one step disturbed by another process does not set the plan), with the
+    study's precision ``amp`` and model arguments."""
     import torch
     import torch.nn.functional as F
 
     from crosslayer.models import create_model
+    from crosslayer.train.runtime import amp_context
 
     costs = {}
+    cpu = torch.device("cpu")
     for name in models:
         torch.manual_seed(0)
-        model = create_model(name, num_classes=num_classes, in_channels=image_shape[0])
+        model = create_model(name, num_classes=num_classes, in_channels=image_shape[0], **(model_kwargs or {}))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x, y = torch.randn(batch_size, *image_shape), torch.randint(0, num_classes, (batch_size,))
         times = []
         for _ in range(warmup + steps):
             t = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
+            with amp_context(amp, cpu):
+                loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t)
         model.eval()
         xe = torch.randn(4 * batch_size, *image_shape)  # the study's evaluation batch
-        with torch.no_grad():
+        with torch.no_grad(), amp_context(amp, cpu):
             model(xe)
             t = time.perf_counter()
             model(xe)
@@ -168,10 +213,22 @@ def make_plan(runs: list[Run], costs: dict, budget_min: float, spent_s: float, n
     seconds = (budget_min * 60 - spent_s - reserve_s(budget_min)) * SAFETY
     limit, epochs = choose_size(costs, runs, seconds, n_train, n_test, int(recipe["val_size"]))
     val = val_images(limit, int(recipe["val_size"]))
-    plan = dict(data=data, recipe=dict(recipe), epochs=epochs, limit=limit if limit < n_train else None,
+    plan = dict(study="short", data=data, recipe=dict(recipe), epochs=epochs, limit=limit if limit < n_train else None,
                 train_images=limit - val, val_images=val, test_images=min(limit, n_test),
                 image_shape=list(image_shape), budget_min=budget_min, costs=costs, estimates_s={},
                 created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    add_estimates(plan, runs)
+    return plan
+
+
+def make_converged_plan(runs: list[Run], costs: dict, budget_min: float, n_train: int, n_test: int, image_shape,
+                        recipe: dict, epochs: int, data: str = DATA) -> dict:
+    """The converged study's plan: the whole training set less the validation split, the whole test
+    set, ``epochs`` epochs for every run whatever the budget (the budget only bounds an invocation)."""
+    val = int(recipe["val_size"])
+    plan = dict(study="converged", data=data, recipe=dict(recipe), epochs=epochs, limit=None,
+                train_images=n_train - val, val_images=val, test_images=n_test, image_shape=list(image_shape),
+                budget_min=budget_min, costs=costs, estimates_s={}, created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     add_estimates(plan, runs)
     return plan
 
@@ -196,8 +253,9 @@ def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
     lines = [f"study plan: {len(runs)} runs on {plan['data']}, {plan['epochs']} epoch(s) each of "
              f"{plan['train_images']:,} training images ({plan['val_images']:,} held out for validation, "
              f"{plan['test_images']:,} test images, test error reported at the final epoch)",
-             f"  recipe: preset {r['preset']} (one-cycle LR), batch {r['batch_size']}, peak lr {r['lr']:g}; "
-             f"budget {plan['budget_min']:g} min"]
+             f"  recipe: preset {r['preset']} (one-cycle LR), batch {r['batch_size']}, peak lr {r['lr']:g}, "
+             f"weight decay {r.get('weight_decay', '-')}, label smoothing {r.get('label_smoothing', '-')}, "
+             f"amp {r.get('amp', 'none')}, model args {r.get('model_kwargs') or '-'}; budget {plan['budget_min']:g} min"]
     total = 0.0
     for run in runs:
         est = plan["estimates_s"].get(run.name)
@@ -216,23 +274,14 @@ def format_plan(plan: dict, runs: list[Run], done: dict) -> str:
 # ---------------------------------------------------------------------------------- training
 
 def run_config(run: Run, plan: dict, out_dir: str, data_dir: str | None = None):
-    """The ``crosslayer train`` config of one study run: the ONE place the study builds a config
-    (the same code path as ``crosslayer train --model M --data D --preset demo ...``)."""
-    from crosslayer.cli.train import add_arguments, build_config
-
-    r = plan["recipe"]
-    argv = ["--model", run.model, "--data", plan["data"], "--preset", r["preset"], "--out", out_dir,
-            "--epochs", str(plan["epochs"]), "--batch-size", str(r["batch_size"]), "--lr", str(r["lr"]),
-            "--val-size", str(plan["val_images"]), "--select-on", "final", "--seed", str(run.seed),
-            "--device", "cpu", "--amp", "none"]
-    if plan.get("limit"):
-        argv += ["--limit", str(plan["limit"])]
-    if data_dir:
-        argv += ["--data-dir", data_dir]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    cfg = build_config(parser.parse_args(argv))  # a validated TrainConfig
-    cfg.command = "crosslayer study (" + " ".join(argv) + ")"
+    """The ``crosslayer train`` config of one study run, built from the plan's recipe directly: every
+    recipe field is a :class:`TrainConfig` field and is passed as it is (``val_size`` as the plan's
+    validation images), so nothing in the recipe can be dropped on the way."""
+    recipe = {k: v for k, v in plan["recipe"].items() if k != "val_size"}
+    cfg = TrainConfig(model=run.model, data=plan["data"], epochs=plan["epochs"], val_size=plan["val_images"],
+                      limit=plan.get("limit") or None, seed=run.seed, select_on="final", device="cpu",
+                      data_dir=data_dir, **{"amp": "none", **recipe})
+    cfg.command = f"crosslayer study (run {run.name} of the plan in {os.path.dirname(os.path.dirname(out_dir))})"
     return cfg
 
 
@@ -284,10 +333,12 @@ def _train_one(run: Run, plan: dict, run_dir: str, data_dir, resume: bool) -> in
 
 
 def execute(plan: dict, runs: list[Run], out: str, deadline: float, data_dir=None, train=_train_one,
-            log=print) -> dict:
+            log=print, defer: bool = True) -> dict:
     """Train the runs in order until ``deadline`` (time.time()): finished runs are skipped,
-    unfinished ones resumed, a run whose estimate (scaled by the slowdown seen so far) would pass
-    the deadline is deferred. Returns {run name: state} ('complete', 'partial', 'deferred', 'new')."""
+    unfinished ones resumed; with ``defer``, a run whose estimate (scaled by the slowdown seen so
+    far) would pass the deadline is deferred (without: the runs keep their order and the deadline's
+    timer stops the one it falls in). Returns {run name: state} ('complete', 'partial', 'deferred',
+    'new')."""
     states, ratio = {}, 1.0
     spent_est, spent_real = 0.0, 0.0
     with _Deadline(deadline) as dl:
@@ -298,7 +349,7 @@ def execute(plan: dict, runs: list[Run], out: str, deadline: float, data_dir=Non
                 states[run.name] = state
                 continue
             est = plan["estimates_s"][run.name] * (1 - done / max(1, plan["epochs"]))
-            if dl.fired or dl.user_stop or time.time() + est * ratio > deadline:
+            if dl.fired or dl.user_stop or (defer and time.time() + est * ratio > deadline):
                 states[run.name] = "deferred" if state == "new" else state
                 log(f"study: {run.name}: deferred (needs ~{est * ratio / 60:.1f} min, "
                     f"{max(0.0, deadline - time.time()) / 60:.1f} min left)")
@@ -333,6 +384,7 @@ def aggregate(run_dirs) -> list[dict]:
     for model, runs in by_model.items():
         runs.sort(key=lambda r: int(r["config"].get("seed", 0)))
         errs = [float(r["results"]["test_err"]) for r in runs]
+        changes = [last_third_change(r["metrics"].get("test_err", [])) for r in runs]
         vals = [float(r["results"]["val_err"]) for r in runs if r["results"].get("val_err") is not None]
         res = runs[0]["results"]
         rows.append(dict(family=family_of(model), model=model, params=int(res["params"]),
@@ -341,7 +393,7 @@ def aggregate(run_dirs) -> list[dict]:
                          test_err_mean=statistics.fmean(errs),
                          test_err_std=statistics.stdev(errs) if len(errs) > 1 else math.nan,
                          val_err_mean=statistics.fmean(vals) if vals else math.nan,
-                         epochs=int(res.get("epochs_done") or 0),
+                         epochs=int(res.get("epochs_done") or 0), last_third_changes=changes,
                          wall_min=statistics.fmean(float(r["results"].get("wall_time_s") or 0) for r in runs) / 60))
     order = {f: i for i, f in enumerate(FAMILIES)}
     return sorted(rows, key=lambda r: (order.get(r["family"], len(order)), r["family"], r["params"]))
@@ -364,7 +416,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 CSV_FIELDS = ("family", "model", "params", "macs", "seeds", "test_errs", "test_err_mean", "test_err_std",
-              "val_err_mean", "epochs", "wall_min")
+              "val_err_mean", "epochs", "wall_min", "last_third_changes")
 
 
 def write_table(rows: list[dict], out_dir: str) -> list[str]:
@@ -382,6 +434,27 @@ def write_table(rows: list[dict], out_dir: str) -> list[str]:
                         ("" if r[k] is None or (isinstance(r[k], float) and math.isnan(r[k])) else r[k])
                         for k in CSV_FIELDS])
     return [md, path]
+
+
+def read_table(path: str) -> list[dict]:
+    """The rows of a ``results.csv`` written by :func:`write_table` (e.g. a study kept in docs/),
+    as :func:`aggregate` returns them (lists split on ';', empty numbers NaN)."""
+    import csv
+
+    def num(text, kind=float):
+        return math.nan if text in ("", None) else kind(float(text))
+
+    with open(path, newline="") as f:
+        rows = []
+        for r in csv.DictReader(f):
+            lists = {k: [float(v) for v in (r.get(k) or "").split(";") if v] for k in ("test_errs", "last_third_changes")}
+            rows.append(dict(family=r["family"], model=r["model"], params=num(r["params"], int),
+                             macs=num(r["macs"], int) if r["macs"] else None,
+                             seeds=[int(float(v)) for v in r["seeds"].split(";") if v], test_errs=lists["test_errs"],
+                             test_err_mean=num(r["test_err_mean"]), test_err_std=num(r["test_err_std"]),
+                             val_err_mean=num(r["val_err_mean"]), epochs=num(r["epochs"], int),
+                             wall_min=num(r["wall_min"]), last_third_changes=lists["last_third_changes"]))
+    return rows
 
 
 def plot_error_vs(rows: list[dict], x: str, out_png: str) -> dict:
@@ -412,11 +485,107 @@ def plot_error_vs(rows: list[dict], x: str, out_png: str) -> dict:
     return series
 
 
+def plot_convergence(run_dirs: dict[str, str], out_png: str) -> dict:
+    """Test error after every epoch, one panel per family, one line per run, the last third of the
+    epochs shaded (where "stopped moving" is judged). Returns {family: {run: [errors]}}."""
+    from crosslayer.analysis.plots import _figure, _save
+    from crosslayer.analysis.tables import read_metrics
+
+    curves: dict[str, dict[str, list[float]]] = {}
+    for name, d in run_dirs.items():
+        model = name.rsplit("_s", 1)[0]
+        curves.setdefault(family_of(model), {})[name] = [float(v) for v in read_metrics(d).get("test_err", [])]
+    fig = _figure(4.2 * max(1, len(curves)), 4.0)
+    axes = fig.subplots(1, max(1, len(curves)), squeeze=False)[0]
+    for ax, (fam, runs) in zip(axes, curves.items()):
+        top = 0.0
+        for name, errs in sorted(runs.items()):
+            ax.plot(range(1, len(errs) + 1), errs, marker=".", label=name)
+            n = len(errs)
+            top = max(top, n)
+        if top >= 3:
+            ax.axvspan(top - top // 3, top, color="0.9", zorder=0)
+        ax.set(title=fam, xlabel="epoch", ylabel="test error (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    _save(fig, out_png)
+    return curves
+
+
+def write_verdicts(rows: list[dict], run_dirs: dict[str, str], out: str, log=print) -> list[str]:
+    """``verdicts.md`` / ``verdicts.json``: every claim's verdict computed from the finished runs
+    (rules: :mod:`crosslayer.analysis.claims`); the reuse statistics use every seed's final weights."""
+    from crosslayer.analysis import claims
+    from crosslayer.analysis.reuse import deluge_weight_maps, densenet_reuse, load_for_analysis
+    from crosslayer.train.loop import write_json
+
+    efficiency = efficiency_verdicts(rows)
+    dense, deluge = {}, {}
+    for name, d in sorted(run_dirs.items()):
+        model = name.rsplit("_s", 1)[0]
+        fam = family_of(model)
+        if fam not in ("DenseNet-BC", "DelugeNet"):
+            continue
+        try:
+            net, _ = load_for_analysis(os.path.join(d, "last.pt"))
+        except CrosslayerError as e:
+            log(f"study: {name}: no weights to analyse ({e})")
+            continue
+        if fam == "DenseNet-BC":
+            dense[name] = (model, claims.densenet_reuse_stats(densenet_reuse(net)))
+        else:
+            deluge[name] = (model, claims.deluge_stats(deluge_weight_maps(net)))
+    reuse_rows, deluge_rows = claims.reuse_verdicts(dense), claims.deluge_verdicts(deluge)
+    conv = [dict(model=r["model"], changes=r["last_third_changes"]) for r in rows]
+    md, js = os.path.join(out, "verdicts.md"), os.path.join(out, "verdicts.json")
+    with open(md, "w") as f:
+        f.write(claims.format_verdicts(efficiency, reuse_rows, deluge_rows, conv))
+    write_json(js, dict(efficiency=[dict(claim=t, **v) for t, v in efficiency], reuse=reuse_rows,
+                        delugenet=deluge_rows, convergence=conv))
+    return [md, js]
+
+
+EFFICIENCY_PAIRS = (("DenseNet-BC", "pre-act ResNet"), ("DelugeNet", "pre-act ResNet"), ("DelugeNet", "DenseNet-BC"))
+
+
+def efficiency_verdicts(rows: list[dict]) -> list[tuple[str, dict]]:
+    """(claim text, :func:`claims.compare_families` result) for every pair of families, per
+    parameters and per multiply-adds."""
+    from crosslayer.analysis import claims
+
+    return [(f"{a} reaches an error with fewer {what} than {b}", claims.compare_families(rows, a, b, key))
+            for a, b in EFFICIENCY_PAIRS for key, what in (("params", "parameters"), ("macs", "multiply-adds"))]
+
+
+def format_comparison(rows_a: list[dict], rows_b: list[dict], names=("short", "converged")) -> str:
+    """Two studies side by side (markdown): every model's test error (mean ± std, seeds, epochs)
+    in each, then every efficiency verdict in each."""
+    a, b = ({r["model"]: r for r in rows} for rows in (rows_a, rows_b))
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    models = sorted(set(a) | set(b), key=lambda m: (order.get((a.get(m) or b[m])["family"], 9),
+                                                    (a.get(m) or b[m])["params"]))
+
+    def cell(r):
+        if r is None:
+            return "-"
+        macs = f"{r['macs'] / 1e6:.2f}" if r.get("macs") else "-"
+        return f"{_pm(r['test_err_mean'], r['test_err_std'])} (n={len(r['seeds'])}, {r['epochs']} ep., {macs} M MACs)"
+
+    lines = [f"| family | model | params | {names[0]}: test error % | {names[1]}: test error % |", "|---|---|---:|---|---|"]
+    for m in models:
+        r = a.get(m) or b[m]
+        lines.append(f"| {r['family']} | {m} | {r['params']:,} | {cell(a.get(m))} | {cell(b.get(m))} |")
+    lines += ["", f"| claim | {names[0]} | {names[1]} |", "|---|---|---|"]
+    for (text, va), (_, vb) in zip(efficiency_verdicts(rows_a), efficiency_verdicts(rows_b)):
+        lines.append(f"| {text} | {va['verdict']} | {vb['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
-def write_figures(out: str, runs: list[Run], log=print) -> list[str]:
+def write_figures(out: str, runs: list[Run], log=print, compare: str | None = None) -> list[str]:
     """Table, Fig.-4 plots, training curves per family and the reuse maps (seed 0 of every
     DenseNet and DelugeNet) from the finished runs under ``out/runs``. Returns the written paths."""
     from crosslayer.analysis.plots import draw_reuse, plot_training_curves
@@ -432,6 +601,15 @@ def write_figures(out: str, runs: list[Run], log=print) -> list[str]:
         path = os.path.join(out, f"error_vs_{x}.png")
         plot_error_vs(rows, x, path)
         written.append(path)
+    path = os.path.join(out, "convergence.png")
+    plot_convergence(dirs, path)
+    written.append(path)
+    written += write_verdicts(rows, dirs, out, log)
+    if compare:
+        path = os.path.join(out, "comparison.md")
+        with open(path, "w") as f:
+            f.write(format_comparison(read_table(compare), rows))
+        written.append(path)
     for fam in FAMILIES:
         fam_dirs = [dirs[r.name] for r in finished if r.family == fam]
         if fam_dirs:
@@ -446,15 +624,22 @@ def write_figures(out: str, runs: list[Run], log=print) -> list[str]:
 
 
 def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, recipe: dict, t_start: float,
-                       measure, log) -> dict:
+                       measure, log, converged: dict | None = None) -> dict:
     """The saved plan of ``out`` (estimates added for new runs), or a new one from step times
-    measured now. Loads the data set first: a bad --data-dir fails before anything is written."""
+    measured now. Loads the data set first: a bad --data-dir fails before anything is written.
+    ``converged``: the converged study's spec (a fixed number of epochs), else the short study's
+    plan fitted to the budget. A saved plan of the other kind is an error (one line)."""
     from crosslayer.data import load_dataset
 
     path = os.path.join(out, "study.json")
+    kind = "converged" if converged else "short"
     if os.path.exists(path):
         with open(path) as f:
             plan = json.load(f)
+        if plan.get("study", "short") != kind:
+            other = "with" if kind == "short" else "without"
+            raise CrosslayerError(f"--out {out}: holds a {plan.get('study', 'short')} study; run it {other} "
+                                  f"--converged, or give another --out")
         if plan.get("budget_min") != budget_min:
             log(f"study: keeping the plan of {path} ({plan['epochs']} epochs, made for a {plan['budget_min']:g}-min "
                 f"budget); --budget {budget_min:g} only limits this invocation")
@@ -463,9 +648,14 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
         shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
         models = list(dict.fromkeys(r.model for r in runs))
         log(f"study: measuring the step time of {len(models)} models on this machine ...")
-        costs = measure(models, shape, bundle.num_classes, int(recipe["batch_size"]))
-        plan = make_plan(runs, costs, budget_min, time.time() - t_start, len(bundle.train), len(bundle.test),
-                         shape, recipe=recipe)
+        costs = measure(models, shape, bundle.num_classes, int(recipe["batch_size"]), amp=recipe.get("amp", "none"),
+                        model_kwargs=recipe.get("model_kwargs"))
+        if converged:
+            plan = make_converged_plan(runs, costs, budget_min, len(bundle.train), len(bundle.test), shape, recipe,
+                                       converged["epochs"])
+        else:
+            plan = make_plan(runs, costs, budget_min, time.time() - t_start, len(bundle.train), len(bundle.test),
+                             shape, recipe=recipe)
     add_estimates(plan, runs)  # e.g. more --seeds than the saved plan had
     os.makedirs(out, exist_ok=True)
     from crosslayer.train.loop import write_json
@@ -474,19 +664,33 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
     return plan
 
 
-def run_study(out: str, budget_min: float = 60.0, seeds: int = 2, data_dir: str | None = None, recipe=None,
-              families: dict = FAMILIES, measure=measure_costs, train=_train_one, log=print) -> dict:
+def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_dir: str | None = None, recipe=None,
+              families: dict = FAMILIES, measure=measure_costs, train=_train_one, log=print,
+              converged: dict | None = None, compare: str | None = None) -> dict:
     """Plan, train and summarise the study within ``budget_min`` minutes (see the module doc).
-    Returns {"plan", "states", "written", "elapsed_s"}."""
+    ``converged``: the converged study's spec (:data:`CONVERGED`; its own grid, recipe and epochs;
+    ``seeds``, ``families`` and ``recipe`` are then not used); ``budget_min`` None: 60 minutes for
+    the short study, no limit (a day) for the converged one; ``compare``: another study's
+    ``results.csv``, written side by side with this one's into ``comparison.md``. Returns {"plan", "states", "written",
+    "elapsed_s"}."""
+    if compare and not os.path.isfile(compare):
+        raise CrosslayerError(f"--compare {compare}: no such file (a results.csv written by crosslayer study)")
+    if budget_min is None:
+        budget_min = CONVERGED_BUDGET_MIN if converged else 60.0
     if not budget_min > 0:
         raise CrosslayerError(f"--budget must be a positive number of minutes, got {budget_min:g}")
     t_start = time.time()
-    runs = grid(seeds, families)
-    plan = _load_or_make_plan(out, runs, budget_min, data_dir, dict(recipe or RECIPE), t_start, measure, log)
+    if converged:
+        runs, recipe = converged_grid(converged), converged_recipe(converged)
+    else:
+        runs, recipe = grid(seeds, families), dict(recipe or RECIPE)
+    plan = _load_or_make_plan(out, runs, budget_min, data_dir, recipe, t_start, measure, log, converged)
     states = {r.name: run_state(os.path.join(out, "runs", r.name))[0] for r in runs}
     log(format_plan(plan, runs, states))
-    states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log)
-    written = write_figures(out, runs, log)
+    # the converged study keeps its order (every model once before any twice): nothing is deferred
+    states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log,
+                     defer=not converged)
+    written = write_figures(out, runs, log, compare)
     elapsed = time.time() - t_start
     left = [n for n, s in states.items() if s != "complete"]
     log(f"study: {len(runs) - len(left)}/{len(runs)} runs finished, {elapsed / 60:.1f} min this invocation; "

@@ -7,6 +7,9 @@ Examples::
     crosslayer study --out runs/study                                   # the default 60-minute study
     crosslayer study --out runs/study                                   # again: skips finished runs
     crosslayer study --budget 240 --seeds 3 --out runs/study_long       # more epochs, more seeds
+    crosslayer study --converged --out runs/study_converged             # trained to the end (~2 h, 15 runs)
+    crosslayer study --converged --out runs/study_converged             # again: continues where it stopped
+    crosslayer study --converged --out runs/study_converged --compare docs/study/results.csv
 """
 
 from __future__ import annotations
@@ -19,18 +22,26 @@ from crosslayer.cli._args import count
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("Examples::", 1)[1]
-    parser.add_argument("--budget", type=float, default=60.0, metavar="MINUTES",
-                        help="wall-clock budget of this invocation; sets the epochs of a new study (default 60)")
+    parser.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                        help="wall-clock budget of this invocation; sets the epochs of a new short study "
+                             "(default 60; with --converged: no limit)")
+    parser.add_argument("--converged", action="store_true",
+                        help="the converged study: full training set, fixed epochs, two sizes per family with "
+                             "the same stride-2 stem, 3/2 seeds, bf16 where the CPU has it (docs/study.md)")
     parser.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
     parser.add_argument("--seeds", type=count(1, 100), default=2,
                         help="seeds of the smallest model of each family (default 2)")
+    parser.add_argument("--compare", default=None, metavar="RESULTS_CSV",
+                        help="another study's results.csv (e.g. docs/study/results.csv): written side by side with "
+                             "this study's errors and verdicts into OUT/comparison.md")
     parser.add_argument("--data-dir", default=None,
                         help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist "
                              "and the usual places)")
 
 
 def main(args) -> int:
-    from crosslayer.analysis.study import run_study
+    from crosslayer.analysis.study import CONVERGED, run_study
 
-    run_study(args.out, budget_min=args.budget, seeds=args.seeds, data_dir=args.data_dir)
+    run_study(args.out, budget_min=args.budget, seeds=args.seeds, data_dir=args.data_dir,
+              converged=CONVERGED if args.converged else None, compare=args.compare)
     return 0

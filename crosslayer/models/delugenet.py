@@ -150,7 +150,9 @@ class DelugeStage(nn.Module):
 
 
 class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
-    """DelugeNet for CIFAR (``stem="cifar"``) or ImageNet (``stem="imagenet"``).
+    """DelugeNet for CIFAR (``stem="cifar"``) or ImageNet (``stem="imagenet"``). ``"cifar-s2"`` (ours,
+    not in the paper) gives the CIFAR stem conv stride 2, as DenseNet's: the stages run at half the
+    input resolution.
 
     ``units`` = composite layers per stage counting the stage's first unit (CIFAR DelugeNet-146:
     (8, 16, 24) plus the transition outputs; docs/architecture.md); ``widths`` = stage channels C_s
@@ -170,8 +172,8 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         self.composites, self.widths = tuple(composites), tuple(widths)
         me = memory_efficient
         stages = []
-        if stem == "cifar":
-            self.stem = nn.Conv2d(in_channels, stem_channels, 3, padding=1, bias=False)
+        if stem in ("cifar", "cifar-s2"):
+            self.stem = nn.Conv2d(in_channels, stem_channels, 3, 2 if stem == "cifar-s2" else 1, 1, bias=False)
             # stage 1 starts from a composite layer on the stem output (no CLDC; BN-ReLU-bottleneck)
             entry = CompositeLayer(stem_channels, widths[0] // 2, widths[0], 1, me)
             first = _Single(entry)
@@ -182,7 +184,7 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
             entry = nn.Conv2d(stem_channels, widths[0], 1, bias=False)
             stages.append(DelugeStage(entry, widths[0], widths[0] // 2, composites[0], me))
         else:
-            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+            raise ValueError(f"stem must be 'cifar', 'cifar-s2' or 'imagenet', got {stem!r}")
         for s in range(1, len(widths)):
             prev_len = stages[-1].layers.__len__() + 1
             trans = Transition(widths[s - 1], widths[s], prev_len)

@@ -131,16 +131,20 @@ class CifarResNet(ClassifierMixin, nn.Module):
     ``shortcut_type`` ('preact' units) is fb.resnet.torch's ``-shortcutType``: 'A' zero-padded
     identity (its CIFAR default), 'B' 1x1 projection where the shape changes; as in its
     ``preresnet.lua``, the first unit of each stage shares its BN-ReLU with the shortcut.
+    ``stem="cifar-s2"`` (ours, not in the paper) gives the 3x3 stem conv stride 2, as DenseNet's
+    ``"cifar-s2"``: the stages run at half the input resolution.
     """
 
     def __init__(self, blocks_per_stage: int, unit: str = "basic", widths: tuple[int, int, int] = (16, 32, 64),
                  num_classes: int = 10, in_channels: int = 3, conv_bias: bool = False, death_rate: float = 0.0,
-                 shortcut_pool: str = "subsample", shortcut_type: str = "A"):
+                 shortcut_pool: str = "subsample", shortcut_type: str = "A", stem: str = "cifar"):
         super().__init__()
         if shortcut_type not in ("A", "B"):
             raise ValueError(f"shortcut_type must be 'A' (zero-padding) or 'B' (projection), got {shortcut_type!r}")
+        if stem not in ("cifar", "cifar-s2"):
+            raise ValueError(f"stem must be 'cifar' or 'cifar-s2', got {stem!r}")
         preact = unit.startswith("preact")
-        self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=conv_bias)
+        self.stem = nn.Conv2d(in_channels, 16, 3, 2 if stem == "cifar-s2" else 1, 1, bias=conv_bias)
         self.stem_bn = None if preact else nn.BatchNorm2d(16)
         total, layers, channels, idx = 3 * blocks_per_stage, [], 16, 0
         for s, width in enumerate(widths):

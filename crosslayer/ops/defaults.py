@@ -63,3 +63,15 @@ def unset_training_defaults(settings, device_type: str, bf16_supported: bool | N
     defaults = training_defaults(device_type, bf16_supported)
     get = settings.get if isinstance(settings, Mapping) else lambda k: getattr(settings, k, None)
     return {k: v for k, v in defaults.items() if get(k) is None}
+
+
+def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware (the ``avx512_bf16`` or ``amx_bf16`` flag): there
+    bf16 autocast runs oneDNN's native kernels; elsewhere it is emulated and not faster than
+    float32. False where the flags cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
