@@ -95,9 +95,11 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
     pil = [read_image(p) for p in images]  # every file checked before the model is loaded
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location=device)
     cfg = ckpt.get("config") or {}
-    channels, size = int(cfg.get("in_channels", 3)), int(cfg.get("image_size") or 32)
+    channels = int(cfg.get("in_channels", 3))
+    size = int(cfg.get("image_size") or (cfg.get("input_shape") or [32])[-1])
     mean, std = run_normalisation(cfg)
-    transform = eval_transform(channels, size, mean, std)
+    resize_size = (cfg.get("image_transform") or {}).get("resize_size")  # fine-tuned: the starting weights' resize
+    transform = eval_transform(channels, size, mean, std, resize_size=resize_size)
     classes = [str(c) for c in (cfg.get("classes") or range(int(cfg["num_classes"])))]
     x = torch.stack([transform(img) for img in pil]).to(device)
     with torch.no_grad():
