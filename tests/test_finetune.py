@@ -207,7 +207,56 @@ def test_weights_of_another_model_are_one_line_naming_the_tensor(setup, capsys, 
     (["--pretrained", "w.pth", "--init-from", "runs/a"], ["--pretrained and --init-from"]),
     (["--freeze-epochs", "2"], ["--freeze-epochs 2", "--pretrained or --init-from"]),
     (["--pretrained", "w.pth", "--head-lr-mult", "-1"], ["--head-lr-mult -1.0"]),
+    (["--pretrained", "missing.pth"], ["--pretrained missing.pth: no such file"]),
 ])
 def test_bad_starting_weight_options_are_one_line(argv, needles, capsys, tmp_path):
-    rc, _, err = _run(capsys, "train", "--model", MODEL, "--data", "synthetic", *argv, "--out", str(tmp_path / "x"))
+    rc, _, err = _run(capsys, "train", "--model", MODEL, "--data", "synthetic", "--limit", "16", "--max-steps", "1",
+                      "--device", "cpu", *argv, "--out", str(tmp_path / "x"))
     assert_one_line_error(rc, err, *needles)
+
+
+def test_published_weights_come_from_the_hub_cache_with_their_transform(tmp_path, monkeypatch):
+    """--pretrained without a value: the published file in torch.hub's cache (no download), its
+    SHA-256, torchvision's evaluation transform (resize 256, crop 224, ImageNet mean/std); the
+    1000-class classifier is replaced for 3 classes and the rest equals torchvision's model."""
+    import torchvision
+
+    from crosslayer.models.pretrained import published_weights
+    from crosslayer.train.config import TrainConfig
+    from crosslayer.train.transfer import load_start, read_start
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    tv = nontrivial_batchnorm(torchvision.models.densenet121(weights=None), running_stats=True)
+    cache = tmp_path / "home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    path = cache / os.path.basename(published_weights("densenet121").url)
+    torch.save(tv.state_dict(), path)
+    sw = read_start(TrainConfig(model="densenet121", data="imagefolder:photos", pretrained=True))
+    assert sw.file == str(path) and sw.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sw.source == published_weights("densenet121").url
+    assert (sw.transform["image_size"], sw.transform["resize_size"]) == (224, 256)
+    assert sw.transform["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    model = create_model("densenet121", num_classes=3)
+    assert load_start(model, sw, "densenet121") == (True, 1000)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().forward_features(x), torch.relu(tv.eval().features(x)), atol=1e-5)
+
+
+def test_image_folders_resize_then_crop_as_the_weights_transform(tmp_path):
+    """load_dataset(image_size=224, resize_size=256): the shorter side to 256, then the centre 224."""
+    from torchvision.transforms import v2 as T
+
+    from crosslayer.data import load_dataset
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (260, 300, 3), dtype=np.uint8)).save(tmp_path / split / "a" / "0.png")
+    b = load_dataset(f"imagefolder:{tmp_path}", image_size=224, resize_size=256, mean=(0.5,) * 3, std=(0.25,) * 3)
+    x, _ = b.test[0]
+    img = Image.open(tmp_path / "val" / "a" / "0.png")
+    want = T.Compose([T.PILToTensor(), T.Resize(256, antialias=True), T.CenterCrop(224),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.25] * 3)])(img)
+    assert b.image_size == 224 and torch.allclose(x, want)
