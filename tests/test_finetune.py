@@ -260,3 +260,39 @@ def test_image_folders_resize_then_crop_as_the_weights_transform(tmp_path):
     want = T.Compose([T.PILToTensor(), T.Resize(256, antialias=True), T.CenterCrop(224),
                       T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.25] * 3)])(img)
     assert b.image_size == 224 and torch.allclose(x, want)
+
+
+def _ddp_worker(rank: int, port: int, argv: list, report: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.save({"rc": cli(argv)}, f"{report}_rank{rank}.pt")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fine_tuning_under_ddp_freezes_then_releases_the_backbone(setup, tmp_path):
+    """Two gloo processes (as torchrun): every rank loads the same weights file; the frozen first
+    epoch leaves the backbone as loaded, and after --resume the released backbone trains (DDP is
+    rebuilt with the trained parameters, otherwise the step fails or nothing moves)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("no gloo backend")
+    out, rep = str(tmp_path / "run"), str(tmp_path / "rep")
+    argv = [*COMMON, "--data", setup["data"], "--pretrained", setup["weights"], "--out", out, "--quiet"]
+    mp.spawn(_ddp_worker, args=(_free_port(), [*argv, "--max-steps", "3"], rep + "_a"), nprocs=2, join=True)
+    first = _ckpt(os.path.join(out, "last.pt"))
+    assert first["epoch"] == 1 and _moved(first["model"], setup["state"]) == []
+    resume = ["train", "--out", out, "--resume", "--quiet", "--device", "cpu", "--epochs", "2"]
+    mp.spawn(_ddp_worker, args=(_free_port(), resume, rep + "_b"), nprocs=2, join=True)
+    assert all(torch.load(f"{rep}_{t}_rank{r}.pt")["rc"] == 0 for t in "ab" for r in (0, 1))
+    last = _ckpt(os.path.join(out, "last.pt"))
+    assert last["epoch"] == 2 and "features.conv0.weight" in _moved(last["model"], setup["state"])
