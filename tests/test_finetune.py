@@ -119,6 +119,15 @@ def test_the_head_is_replaced_and_the_backbone_starts_from_the_weights(setup, wh
     assert init["head"] == "re-initialised" and init["weights_classes"] == 5
 
 
+def test_the_new_head_trains_at_head_lr_mult_times_the_lr(first):
+    """The optimizer has the backbone at the preset's LR and the classifier (weight and bias, the
+    last two parameters) at 10x it."""
+    groups = first[0]["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == pytest.approx([0.01, 0.1])
+    n = sum(len(g["params"]) for g in groups)
+    assert groups[1]["params"] == [n - 2, n - 1]
+
+
 def test_frozen_layers_stay_during_the_freeze_epochs_and_move_after(setup, whole, first):
     out, log = whole
     first, last = first[0], _ckpt(os.path.join(out, "last.pt"))
@@ -148,6 +157,8 @@ def test_a_fine_tuning_run_resumes_exactly(setup, whole, capsys):
     assert uninterrupted["epoch"] == 3
     for k, v in uninterrupted["model"].items():
         assert torch.equal(resumed[k], v), k
+    with open(os.path.join(out, "config.json")) as f:  # the record survives the resume
+        assert json.load(f)["init"]["sha256"] == hashlib.sha256(open(setup["weights"], "rb").read()).hexdigest()
 
 
 def test_init_from_takes_the_earlier_runs_transform_and_eval_predict_repeat_it(setup, whole, capsys, tmp_path):

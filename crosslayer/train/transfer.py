@@ -86,6 +86,9 @@ def _read_pretrained(model: str, pretrained) -> StartWeights:
         source = os.fspath(pretrained)
     if source.startswith(("http://", "https://", "file://")):
         sd, file = fetch_state_dict(source), _hub_file(source)
+    elif not os.path.isfile(source):
+        raise StartWeightsError(f"--pretrained {source}: no such file (give a state_dict file, an http(s)/file:// "
+                                f"URL, or no value for the model's published weights)")
     else:
         sd, file = read_state_dict(source), source
     return StartWeights("--pretrained", source, file, sha256_file(file), sd, _imagenet_transform(model))
