@@ -99,9 +99,11 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
         raise CrosslayerError(f"{checkpoint}: the run trained on ZCA-whitened images (--normalize zca), a whitening "
                               f"fitted on its training data that predict does not have; evaluate it with "
                               f"`crosslayer eval` on the data set instead")
-    channels, size = int(cfg.get("in_channels", 3)), int(cfg.get("image_size") or 32)
+    channels = int(cfg.get("in_channels", 3))
+    size = int(cfg.get("image_size") or (cfg.get("input_shape") or [32])[-1])
     mean, std = run_normalisation(cfg)
-    transform = eval_transform(channels, size, mean, std)
+    resize_size = (cfg.get("image_transform") or {}).get("resize_size")  # fine-tuned: the starting weights' resize
+    transform = eval_transform(channels, size, mean, std, resize_size=resize_size)
     classes = [str(c) for c in (cfg.get("classes") or range(int(cfg["num_classes"])))]
     x = torch.stack([transform(img) for img in pil]).to(device)
     with torch.no_grad():

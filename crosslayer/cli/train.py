@@ -6,6 +6,8 @@ Examples::
     crosslayer train --out runs/bc100 --resume                   # continue after a crash / SIGTERM
     crosslayer train --model resnet20 --data synthetic --preset demo --epochs 1 --out /tmp/r --limit 256
     torchrun --nproc_per_node 4 -m crosslayer train --model delugenet146 --data c10+ --preset delugenet --out runs/d146
+    crosslayer train --model densenet121 --pretrained --data imagefolder+:photos --preset finetune --out runs/ft
+    crosslayer train --model resnet20 --init-from runs/c10 --data c100+ --preset finetune --out runs/c100-ft
     crosslayer train --list-presets
 """
 
@@ -71,6 +73,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="imagenet:ROOT only: crop size (default 224; evaluation resizes to crop x 256/224 first)")
     g.add_argument("--list-presets", action="store_true", help="print the presets with their sources and exit")
     g.add_argument("--print-config", action="store_true", help="print the resolved preset + overrides and exit")
+
+    w = parser.add_argument_group("starting weights (fine-tuning; --preset finetune)")
+    w.add_argument("--pretrained", nargs="?", const=True, metavar="PATH_OR_URL",
+                   help="start from the model's published weights (torch.hub cache), or from a state_dict file or "
+                        "http(s)/file:// URL; the run's data gets the weights' evaluation transform")
+    w.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
+                   help="start from the weights of an earlier run of the same architecture (its directory: best.pt, "
+                        "else last.pt; or a checkpoint); the data gets that run's image size and normalisation")
+    w.add_argument("--head-lr-mult", type=float, metavar="X",
+                   help="LR multiplier of a classifier re-initialised for a new class count (finetune preset: 10)")
+    w.add_argument("--freeze-epochs", type=int, metavar="N",
+                   help="train only the classifier for the first N epochs: the backbone's weights and BatchNorm "
+                        "statistics stay as loaded (default: the preset's, 0)")
+    w.add_argument("--normalize", choices=("data", "pixel_mean_global_std"),
+                   help="data: the data set's own mean/std even when starting from weights (default: the starting "
+                        "weights', else the data set's); pixel_mean_global_std: mean image + one std")
 
     h = parser.add_argument_group("hyper-parameters (default: the preset's)")
     h.add_argument("--epochs", type=int)

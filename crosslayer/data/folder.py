@@ -5,7 +5,9 @@ Read with ``torchvision.datasets.ImageFolder`` (images converted to RGB). ``imag
 centre-crops N x N, so folders of mixed sizes and shapes work; without it images are used at their
 native size, which must be square and the same for all images (checked on the first image, and per
 image on load).
-Normalised with the ImageNet mean/std. ``imagefolder+:`` adds flip + zero-pad (size/8) + random crop,
+``resize_size`` (with ``image_size``) resizes the shorter side to it before the centre crop, as
+torchvision's evaluation transform (256, then 224). Normalised with the ImageNet mean/std unless
+``mean``/``std`` are given (fine-tuning: the starting weights'). ``imagefolder+:`` adds flip + zero-pad (size/8) + random crop,
 after normalisation like the CIFAR variants. No tensors: the DataLoader path is used.
 """
 
@@ -53,7 +55,8 @@ def _rgb_loader(path, size: int | None = None):
     return img
 
 
-def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_size=None):
+def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_size=None, *, mean=None, std=None,
+                     resize_size=None):
     from crosslayer.data.registry import IMAGENET, DatasetBundle
     from crosslayer.data.transforms import Augment, sample_transform
 
@@ -76,9 +79,11 @@ def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_
         size, geo, check = w, [], w
     else:
         size, check = int(image_size), None
-        geo = [T.Resize(size, antialias=True), T.CenterCrop(size)]
+        geo = [T.Resize(int(resize_size or size), antialias=True), T.CenterCrop(size)]
     aug = Augment(pad=max(1, size // 8), flip=True) if augment else None
-    mean, std = IMAGENET["mean"], IMAGENET["std"]
+    if mean is None or std is None:
+        mean, std = IMAGENET["mean"], IMAGENET["std"]
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
     def transform(with_aug):
         ts = [T.PILToTensor(), *geo, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]

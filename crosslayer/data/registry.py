@@ -234,7 +234,8 @@ def _unknown(name) -> DataError:
 def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int = 0, seed: int = 0,
                  limit: int | None = None, image_size: int | None = None, *, pad_mode: str | None = None,
                  normalize: str | None = None, val_split: str | None = None,
-                 crop_size: int | None = None, ten_crop: bool = False) -> DatasetBundle:
+                 crop_size: int | None = None, ten_crop: bool = False, mean=None, std=None,
+                 resize_size: int | None = None) -> DatasetBundle:
     """Load data set variant ``name`` (see ``crosslayer.data`` docstring) into a :class:`DatasetBundle`.
 
     data_dir: directory with the files in their official formats (None: search the defaults, see
@@ -248,6 +249,10 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     from extra, as the stochastic-depth code; ``val_size`` is then ignored). crop_size: ``imagenet:``
     only (default 224; evaluation resizes the shorter side to crop_size x 256/224 first). ten_crop:
     ``imagenet:`` only, the test split yields fb.resnet.torch's ten crops of each image.
+    mean/std: normalise with these instead of the data set's own statistics (fine-tuning uses the
+    starting weights'; not for ``imagenet:``, whose transform is fixed). resize_size: image folders
+    with ``image_size``, resize the shorter side to this before the centre crop (torchvision's
+    evaluation transform: 256 then 224).
     """
     if limit is not None and limit < 1:
         raise DataError(f"{name}: limit must be >= 1, got {limit}")
@@ -266,11 +271,13 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
             from crosslayer.data.folder import load_imagefolder
 
             aug = pre == "imagefolder+:"
-            return load_imagefolder(name, name[len(pre):] or data_dir, aug, val_size, seed, limit, image_size)
+            return load_imagefolder(name, name[len(pre):] or data_dir, aug, val_size, seed, limit, image_size,
+                                    mean=mean, std=std, resize_size=resize_size)
     v = VARIANTS.get(name)
     if v is None:
         raise _unknown(name)
-    mean, std = (v.mean or None), (v.std or None)
+    if mean is None or std is None:
+        mean, std = (v.mean or None), (v.std or None)
     val_indices = None
     if val_split not in (None, "random", "svhn_balanced"):
         raise DataError(f"validation split {val_split!r} unknown; choose random or svhn_balanced")

@@ -311,14 +311,20 @@ _OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
                       r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
-def load_torchvision_state_dict(model: DenseNet, state_dict: dict[str, torch.Tensor], strict: bool = True):
-    """Load a torchvision DenseNet state_dict (current ``norm1`` or old ``norm.1`` key style,
-    pytorch/vision#474) into a crosslayer ImageNet DenseNet with identical outputs."""
+def torchvision_keys(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
+    """A torchvision DenseNet state_dict with old-style keys (``norm.1``, pytorch/vision#474) renamed to
+    the current ones (``norm1``), which are crosslayer's; other keys unchanged."""
     fixed = OrderedDict()
     for key, value in state_dict.items():
         m = _OLD_KEY.match(key)
         fixed[m.group(1) + m.group(2) if m else key] = value
-    return model.load_state_dict(fixed, strict=strict)
+    return fixed
+
+
+def load_torchvision_state_dict(model: DenseNet, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load a torchvision DenseNet state_dict (current ``norm1`` or old ``norm.1`` key style,
+    pytorch/vision#474) into a crosslayer ImageNet DenseNet with identical outputs."""
+    return model.load_state_dict(torchvision_keys(state_dict), strict=strict)
 
 
 # ---------------------------------------------------------------- small variants for `crosslayer study`

@@ -75,6 +75,11 @@ class TrainConfig:
     select_on: str | None = None
     crop_size: int | None = None  # imagenet:ROOT only
     ten_crop: bool | None = None  # imagenet:ROOT only: fb.resnet.torch's 10-crop error of best.pt at the end
+    # starting weights (fine-tuning; checked by _check_start, flags in cli/train.py's "starting weights")
+    pretrained: bool | str | None = None  # True: the model's published weights; or a file path / URL
+    init_from: str | None = None  # an earlier run (directory or checkpoint) of the same architecture
+    head_lr_mult: float | None = None  # LR multiplier of a re-initialised classifier (None: the preset's)
+    freeze_epochs: int | None = None  # backbone frozen for the first N epochs (None: the preset's)
     # how to run it
     device: str = "auto"
     amp: str | None = None  # None: the device kind's default (crosslayer.ops.defaults: bf16 on CUDA)
@@ -121,7 +126,7 @@ class TrainConfig:
 PRESET_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
                  "milestone_shift", "gamma", "schedule_unit", "warmup_epochs", "warmup_steps", "warmup_lr",
                  "label_smoothing", "tta", "drop_rate", "drop_rate_no_aug", "val_size", "val_split", "pad_mode",
-                 "normalize", "select_on", "ten_crop")
+                 "normalize", "select_on", "ten_crop", "head_lr_mult", "freeze_epochs")
 
 
 def _apply_preset(cfg: TrainConfig, given_epochs: bool) -> None:
@@ -169,6 +174,12 @@ _RANGES = {
     "warmup_epochs": (float, 0, None, True, True, False),
     "warmup_lr": (float, 0, None, True, True, True),
 }
+# starting weights (fine-tuning): the ranges of its hyper-parameters
+_START_RANGES = {
+    "head_lr_mult": (float, 0, None, True, True, False),
+    "freeze_epochs": (int, 0, None, True, True, False),
+}
+_NORMALIZE = ("data", "pixel_mean_global_std")  # None: the starting weights' statistics, else the data set's
 _CHOICES = {
     "schedule": ("step", "cosine", "linear", "onecycle", "constant"),
     "schedule_unit": ("epoch", "step"),
@@ -234,6 +245,32 @@ def _check_data(data) -> None:
                           f"imagefolder+:ROOT, imagenet:ROOT")
 
 
+def _check_start(cfg: TrainConfig) -> None:
+    """The starting-weights fields: one source at most, and a frozen backbone only of starting weights."""
+    for name, spec in _START_RANGES.items():
+        _check_number(name, getattr(cfg, name), spec)
+    p = cfg.pretrained
+    if not (p is None or isinstance(p, bool) or (isinstance(p, str) and p.strip())):
+        raise ConfigError(f"--pretrained {p!r}: give no value (the model's published weights), a file path or an "
+                          f"http(s)/file:// URL")
+    if cfg.init_from is not None and not (isinstance(cfg.init_from, str) and cfg.init_from.strip()):
+        raise ConfigError(f"--init-from {cfg.init_from!r}: give a run directory or a checkpoint file")
+    if p and cfg.init_from:
+        raise ConfigError("--pretrained and --init-from: give one source of starting weights, not both")
+    if cfg.freeze_epochs and not (p or cfg.init_from):
+        whose = f" (preset {cfg.preset})" if cfg.preset == "finetune" else ""
+        raise ConfigError(f"--freeze-epochs {cfg.freeze_epochs}{whose}: freezes the backbone of starting weights; "
+                          f"give --pretrained or --init-from (or --freeze-epochs 0)")
+    if cfg.normalize not in (None, *_NORMALIZE):
+        raise ConfigError(f"--normalize {cfg.normalize}: must be one of {', '.join(_NORMALIZE)} (or unset: the "
+                          f"starting weights' statistics, else the data set's)")
+
+
+def starts_from_weights(cfg: TrainConfig) -> bool:
+    """Whether the run starts from ``--pretrained`` or ``--init-from`` weights."""
+    return bool(cfg.pretrained or cfg.init_from)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise a one-line ConfigError for the first value that is not allowed."""
     for name in ("model", "data"):
@@ -257,6 +294,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--amp fp16: needs CUDA (on the CPU use --amp bf16)")
     if not isinstance(cfg.model_kwargs, dict):
         raise ConfigError(f"--model-arg: expected KEY=VALUE pairs, got {cfg.model_kwargs!r}")
+    _check_start(cfg)
 
 
 def _build_on_meta(name: str, kwargs: dict):

@@ -167,13 +167,20 @@ def _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, 
         val_size = int(ckpt_cfg.get("val_size") or 0) if split == "val" or data == ckpt_cfg.get("data") else 0
     if split == "val" and not val_size:
         raise CrosslayerError(f"{checkpoint}: --split val needs a validation split (--val-size N)")
-    if image_size is None and data == ckpt_cfg.get("data") and data.startswith(FOLDER_PREFIXES):
-        image_size = ckpt_cfg.get("image_size")  # the image folder it was trained on, at the size it was trained
+    same = data == ckpt_cfg.get("data")
+    resize_size = None
+    if image_size is None and same and data.startswith(FOLDER_PREFIXES):
+        # the image folder it was trained on, at the size it was trained (fine-tuned: the starting weights')
+        t = ckpt_cfg.get("image_transform") or {"image_size": ckpt_cfg.get("image_size")}
+        image_size, resize_size = t.get("image_size"), t.get("resize_size")
+    # a fine-tuned run normalised its data with the starting weights' statistics (config.json's mean/std)
+    norm = ckpt_cfg.get("init") and same and ckpt_cfg.get("mean") and ckpt_cfg.get("std")
     return load_dataset(data, data_dir=data_dir or ckpt_cfg.get("data_dir"), download=download, val_size=val_size,
                         seed=int(ckpt_cfg.get("seed") or 0), limit=limit, image_size=image_size,
                         crop_size=ckpt_cfg.get("crop_size") if data.startswith("imagenet:") else None,
                         normalize=None if data.startswith(("imagenet:", *FOLDER_PREFIXES)) else ckpt_cfg.get("normalize"),
-                        ten_crop=ten_crop)
+                        ten_crop=ten_crop, resize_size=resize_size, mean=ckpt_cfg["mean"] if norm else None,
+                        std=ckpt_cfg["std"] if norm else None)
 
 
 def _result(checkpoint, ckpt_cfg, ckpt, bundle, split, res) -> dict:

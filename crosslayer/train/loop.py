@@ -31,7 +31,8 @@ from crosslayer.io import write_json
 from crosslayer.ops.defaults import unset_training_defaults
 from crosslayer.train import checkpoint as ck
 from crosslayer.train import distributed as D
-from crosslayer.train.config import TrainConfig, check_model, differs, model_parameters, takes_argument
+from crosslayer.train import transfer
+from crosslayer.train.config import TrainConfig, check_model, differs, model_parameters, starts_from_weights, takes_argument
 from crosslayer.train.evaluate import evaluate
 from crosslayer.train.metrics import StepMetrics
 from crosslayer.train.outputs import METRIC_COLUMNS, results, write_metrics
@@ -199,15 +200,13 @@ class Trainer:
         state = self._load_resume_state()
         set_seed(cfg.seed + self.info.rank)
         set_deterministic(cfg.deterministic, self.device)
+        self._read_start(state)
         self._load_data()
         self._build_model()
         self.sched = resolve_schedule(cfg, self.spe)
         self.epochs = self.sched["epochs"]
         self.facts = self._facts()
-        # a model may define its paper's parameter groups (FractalNet: biases at 2x lr, no weight decay)
-        params = (self.model.param_groups(cfg.lr, cfg.weight_decay) if hasattr(self.model, "param_groups")
-                  else self.model.parameters())
-        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(self._param_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=bool(cfg.nesterov) and cfg.momentum > 0,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.sched, self.spe))
@@ -244,15 +243,52 @@ class Trainer:
                  f"step {state.get('step', 0)}")
         return state
 
+    def _read_start(self, state: dict | None) -> None:
+        """The starting weights (--pretrained / --init-from) of a new run: rank 0 reads (downloads)
+        them first, then the other ranks from the same file. A resumed run takes its record (and the
+        data transform) from the checkpoint and never reads them again."""
+        self.start_weights, self.init = None, None
+        if state is not None:
+            self.init = (state.get("config") or {}).get("init")
+        elif starts_from_weights(self.cfg):
+            if self.info.is_main:
+                self.start_weights = transfer.read_start(self.cfg)
+            D.barrier(self.info)
+            if not self.info.is_main:
+                self.start_weights = transfer.read_start(self.cfg)
+        t = self.start_weights.transform if self.start_weights is not None else (self.init or {}).get("transform")
+        self.start_transform = t or {}
+
+    def data_options(self) -> dict:
+        """load_dataset's image size and normalisation: the starting weights' evaluation transform
+        (image folders: their input size and resize; every data set but imagenet:ROOT: their mean/std)
+        unless --image-size / --normalize are given."""
+        from crosslayer.data.registry import FOLDER_PREFIXES
+
+        cfg, t = self.cfg, self.start_transform
+        opts = dict(image_size=cfg.image_size, resize_size=None, mean=None, std=None,
+                    normalize=None if cfg.normalize == "data" else cfg.normalize)
+        if cfg.data.startswith(FOLDER_PREFIXES) and cfg.image_size is None and t.get("image_size"):
+            opts.update(image_size=int(t["image_size"]), resize_size=t.get("resize_size"))
+        if cfg.normalize is None and t.get("mean") and t.get("std") and not cfg.data.startswith("imagenet:"):
+            opts.update(mean=tuple(t["mean"]), std=tuple(t["std"]))
+        return opts
+
     def _load_data(self) -> None:
         from crosslayer.data import build_loader, load_dataset
 
         cfg, info = self.cfg, self.info
+        opts = self.data_options()
+        # the image-folder geometry asked for (None: native size), for eval and predict to repeat
+        self.image_transform = {"image_size": opts["image_size"], "resize_size": opts["resize_size"]}
         self.bundle = bundle = load_dataset(cfg.data, data_dir=cfg.data_dir, val_size=int(cfg.val_size or 0),
                                             seed=cfg.seed, limit=cfg.limit, download=cfg.download,
-                                            image_size=cfg.image_size, pad_mode=cfg.pad_mode,
-                                            normalize=cfg.normalize, val_split=cfg.val_split,
-                                            crop_size=cfg.crop_size)
+                                            pad_mode=cfg.pad_mode, val_split=cfg.val_split,
+                                            crop_size=cfg.crop_size, **opts)
+        if opts["mean"] is not None and len(opts["mean"]) != bundle.in_channels:
+            raise transfer.StartWeightsError(f"{self._start_flag()}: the weights were trained on "
+                                             f"{len(opts['mean'])}-channel images, data {bundle.name} has "
+                                             f"{bundle.in_channels}-channel images")
         bs = D.per_rank_batch(int(cfg.batch_size), info)
         common = dict(rank=info.rank, world_size=info.world_size, seed=cfg.seed, channels_last=cfg.channels_last,
                       num_workers=cfg.num_workers, fast=cfg.fast)
@@ -287,6 +323,8 @@ class Trainer:
         cfg, bundle = self.cfg, self.bundle
         self.kwargs = self.model_kwargs()
         model = create_model(cfg.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels, **self.kwargs)
+        if self.start_weights is not None:
+            self._load_start(model)
         model = model.to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -294,8 +332,66 @@ class Trainer:
         if cfg.sync_bn:
             model = D.convert_sync_bn(model, self.info)
         self.model = model  # unwrapped: state_dicts come from here
-        net = D.wrap_model(model, self.info)
-        self.net = torch.compile(net) if cfg.compile else net
+        self._wrap(frozen=False)
+
+    def _wrap(self, frozen: bool) -> None:
+        """DDP (+ compile) around the model. DDP fixes the set of trained parameters when it is built,
+        so freezing or releasing the backbone under torchrun builds it again."""
+        net = D.wrap_model(self.model, self.info)
+        self.net = torch.compile(net) if self.cfg.compile else net
+        self.net_frozen = frozen
+
+    def _start_flag(self) -> str:
+        return "--init-from" if self.cfg.init_from else "--pretrained"
+
+    def _load_start(self, model: nn.Module) -> None:
+        """Copy the starting weights into the freshly built ``model``; a new classifier when the class
+        count differs (one line says so)."""
+        sw, cfg = self.start_weights, self.cfg
+        transfer.check_architecture(sw, cfg, self.bundle.in_channels, self.kwargs)
+        new_head, classes = transfer.load_start(model, sw, cfg.model)
+        self.init = sw.record("re-initialised" if new_head else "loaded", classes)
+        self.start_weights = None  # the state_dict is in the model now
+        file = f"{sw.file}, " if os.path.abspath(sw.file) != os.path.abspath(sw.source) else ""
+        self.log(f"starting weights: {sw.flag} {sw.source} ({file}sha256 {sw.sha256[:16]}...)")
+        if new_head:
+            had = f"{classes} classes" if classes is not None else "no classifier"
+            self.log(f"classifier re-initialised for the {self.bundle.num_classes} classes of data "
+                     f"{self.bundle.name} (the weights have {had}); its LR x{cfg.head_lr_mult:g}")
+
+    def _param_groups(self) -> list:
+        """The optimizer's parameter groups: the model's own (FractalNet: biases at 2x lr, no weight
+        decay) or all parameters, with a re-initialised classifier at --head-lr-mult x the LR."""
+        cfg = self.cfg
+        groups = (self.model.param_groups(cfg.lr, cfg.weight_decay) if hasattr(self.model, "param_groups")
+                  else [{"params": list(self.model.parameters())}])
+        if not (self.init and self.init.get("head") == "re-initialised") or cfg.head_lr_mult == 1:
+            return groups
+        head = {id(p) for p in self.model.get_classifier().parameters()}
+        out = []
+        for g in groups:
+            ps = list(g["params"])
+            body, new = [p for p in ps if id(p) not in head], [p for p in ps if id(p) in head]
+            if body:
+                out.append({**g, "params": body})
+            if new:
+                out.append({**g, "params": new, "lr": g.get("lr", cfg.lr) * cfg.head_lr_mult})
+        return out
+
+    def _freeze(self, epoch: int) -> None:
+        """The backbone is frozen (parameters and BatchNorm statistics) during the first --freeze-epochs
+        epochs (:func:`crosslayer.train.transfer.set_frozen`); call after ``net.train()``."""
+        n = int(self.cfg.freeze_epochs or 0)
+        if not n:
+            return
+        frozen = epoch < n
+        transfer.set_frozen(self.model, frozen)
+        if self.info.enabled and frozen != self.net_frozen:
+            self._wrap(frozen)
+        if frozen and epoch == 0 and self.batch_in_epoch == 0:
+            self.log(f"backbone frozen for {n} epoch(s): only the classifier trains, BatchNorm statistics kept")
+        elif epoch == n and self.batch_in_epoch == 0:
+            self.log(f"backbone released: every layer trains from epoch {n + 1}")
 
     def _check_fits(self, model: nn.Module) -> None:
         """One forward pass on two real images: a model that cannot take this data fails here with
@@ -330,8 +426,9 @@ class Trainer:
                                                                                  b.image_size],
             classes=list(map(str, b.classes)), data_source=b.source, augment=bool(b.augment),
             # the normalisation the images got: `predict` applies it to new images without the data
+            # (a per-pixel mean image, pixel_mean_global_std, is a nested C x H x W list)
             mean=(b.mean.tolist() if isinstance(b.mean, torch.Tensor) else [float(m) for m in b.mean])
-            if b.mean is not None else None,  # a per-pixel mean image (pixel_mean_global_std): nested C x H x W
+            if b.mean is not None else None, image_transform=self.image_transform,
             std=[float(s) for s in b.std] if b.std is not None else None,
             train_images=len(b.train), test_images=len(b.test), val_images=len(b.val) if b.val is not None else 0,
             world_size=info.world_size, per_rank_batch_size=self.per_rank_batch,
@@ -419,6 +516,7 @@ class Trainer:
         self.train_loader.set_epoch(epoch, start_batch=b0)
         meter = _EpochMeter(self.epoch_stats if b0 else None, self.info.is_main, self.device)
         self.net.train()
+        self._freeze(epoch)
         bar = self._progress(epoch, b0)
         done, stopped, lr = b0, None, self.optimizer.param_groups[0]["lr"]
         for batch, (x, y) in enumerate(self.train_loader, start=b0):
@@ -555,7 +653,7 @@ class Trainer:
     def record(self) -> dict:
         """config.json (and every checkpoint's ``config``): the config, the model's actual
         constructor arguments and what the run measured."""
-        rec = {**self.cfg.to_dict(), **self.facts, "model_kwargs": dict(self.kwargs)}
+        rec = {**self.cfg.to_dict(), **self.facts, "model_kwargs": dict(self.kwargs), "init": self.init}
         rec["epochs"] = self.epochs  # for a run counted in iterations: the epochs they take
         return rec
 

@@ -53,6 +53,8 @@ class Preset:
     ten_crop: bool = False  # imagenet:ROOT: also fb.resnet.torch's 10-crop test error of best.pt, at the end
     lr_reference_batch: int | None = None  # lr is for this global batch; scaled linearly with --batch-size
     select_on: str = "final"  # what the paper reports: final | best_val | best_test
+    head_lr_mult: float = 1.0  # LR multiplier of a classifier re-initialised for new classes (fine-tuning)
+    freeze_epochs: int = 0  # epochs with the backbone of starting weights frozen (fine-tuning)
     select_evidence: str = ""  # why we believe so
     table_rows: str = ""  # the paper-table rows this protocol produced
     source: str = ""
@@ -247,6 +249,18 @@ _add(Preset(
     schedule="onecycle", milestones=(), warmup_epochs=0.15, label_smoothing=0.1,
     source="tuned on a held-out split of Fashion-MNIST's training set on 2 CPU cores (docs/benchmarks.md, "
            "'Demo'): one-cycle (linear warm-up, linear decay to 0)",
+))
+
+
+_add(Preset(
+    "finetune", "fine-tuning from --pretrained / --init-from weights: lower LR, cosine, short; new head at 10x LR",
+    epochs=10, batch_size=64, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
+    schedule="cosine", milestones=(), head_lr_mult=10.0, freeze_epochs=0,
+    source="BVLC/caffe models/finetune_flickr_style: solver.prototxt (base_lr 10x lower than from scratch, "
+           "'lr for fine-tuning should be lower'; momentum 0.9, weight_decay 0.0005), train_val.prototxt (the new "
+           "fc8_flickr layer at lr_mult 10, 'starting from random while the others are already trained'); this "
+           "project's choices: lr 0.01 (the densenet preset's 0.1 / 10), cosine to 0, 10 epochs, batch 64, nesterov, "
+           "no frozen epochs (--freeze-epochs N)",
 ))
 
 
