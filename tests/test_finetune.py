@@ -167,7 +167,7 @@ def test_init_from_takes_the_earlier_runs_transform_and_eval_predict_repeat_it(s
     out = str(tmp_path / "next")
     rc, log, err = _run(capsys, "train", "--model", MODEL, "--data", setup["data"], "--init-from", whole[0],
                         "--preset", "finetune", "--epochs", "1", "--batch-size", "8", "--no-progress", "--device",
-                        "cpu", "--normalize", "data", "--out", out)
+                        "cpu", "--normalize", "mean_std", "--out", out)
     assert rc == 0, err
     assert "classifier re-initialised" not in log  # same classes: the classifier is loaded too
     with open(os.path.join(out, "config.json")) as f:
@@ -186,11 +186,11 @@ def test_init_from_takes_the_earlier_runs_transform_and_eval_predict_repeat_it(s
 
 def test_init_from_normalises_with_the_earlier_runs_statistics_unless_overridden(setup, whole, capsys, tmp_path):
     """From the image-folder run (ImageNet mean/std) to synthetic data (normalised by its own images
-    by default): the new run uses the earlier run's mean/std; --normalize data its own."""
+    by default): the new run uses the earlier run's mean/std; --normalize mean_std its own."""
     common = ["train", "--model", MODEL, "--data", "synthetic", "--init-from", whole[0], "--epochs", "1",
               "--limit", "16", "--batch-size", "8", "--max-steps", "1", "--quiet", "--device", "cpu"]
     means = []
-    for extra, name in (([], "weights"), (["--normalize", "data"], "data")):
+    for extra, name in (([], "weights"), (["--normalize", "mean_std"], "data")):
         rc, _, err = _run(capsys, *common, *extra, "--out", str(tmp_path / name))
         assert rc == 0, err
         with open(tmp_path / name / "config.json") as f:

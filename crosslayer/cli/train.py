@@ -86,9 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--freeze-epochs", type=int, metavar="N",
                    help="train only the classifier for the first N epochs: the backbone's weights and BatchNorm "
                         "statistics stay as loaded (default: the preset's, 0)")
-    w.add_argument("--normalize", choices=("data", "pixel_mean_global_std"),
-                   help="data: the data set's own mean/std even when starting from weights (default: the starting "
-                        "weights', else the data set's); pixel_mean_global_std: mean image + one std")
 
     h = parser.add_argument_group("hyper-parameters (default: the preset's)")
     h.add_argument("--epochs", type=int)
@@ -116,8 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="which test error results.json reports (docs/protocols.md)")
     h.add_argument("--pad-mode", choices=("zero", "reflect"), help="padding of the random crop (WRN preset: reflect)")
     h.add_argument("--normalize", choices=("mean_std", "pixel_mean_global_std", "zca"),
-                   help="CIFAR/SVHN preprocessing: per-channel mean/std (the data set's), the stochastic-depth code's "
-                        "mean image + one std, or the WRN code's ZCA whitening fitted on the training split")
+                   help="preprocessing: the data set's per-channel mean/std (default, except when starting from weights: "
+                        "theirs), the stochastic-depth code's mean image + one std, or the WRN code's ZCA "
+                        "whitening fitted on the training split")
     h.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
                    help="imagenet:ROOT: after training, fb.resnet.torch's 10-crop test error of best.pt in "
                         "results.json (ImageNet presets: on)")

@@ -179,7 +179,7 @@ _START_RANGES = {
     "head_lr_mult": (float, 0, None, True, True, False),
     "freeze_epochs": (int, 0, None, True, True, False),
 }
-_NORMALIZE = ("data", "pixel_mean_global_std")  # None: the starting weights' statistics, else the data set's
+_NORMALIZE = ("mean_std", "pixel_mean_global_std", "zca")  # None: the starting weights' statistics, else the data set's
 _CHOICES = {
     "schedule": ("step", "cosine", "linear", "onecycle", "constant"),
     "schedule_unit": ("epoch", "step"),

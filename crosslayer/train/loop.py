@@ -267,7 +267,7 @@ class Trainer:
 
         cfg, t = self.cfg, self.start_transform
         opts = dict(image_size=cfg.image_size, resize_size=None, mean=None, std=None,
-                    normalize=None if cfg.normalize == "data" else cfg.normalize)
+                    normalize=cfg.normalize)
         if cfg.data.startswith(FOLDER_PREFIXES) and cfg.image_size is None and t.get("image_size"):
             opts.update(image_size=int(t["image_size"]), resize_size=t.get("resize_size"))
         if cfg.normalize is None and t.get("mean") and t.get("std") and not cfg.data.startswith("imagenet:"):
