@@ -6,8 +6,9 @@ side) and centre-cropped to the input shape saved with the checkpoint when it di
 [0, 1] and normalised with the mean/std the run trained with. Nothing is written to disk.
 
 PIL modes: 16-bit grayscale (``I;16*``, ``I``) is scaled from 0..65535 to 8 bits (never clipped),
-palette images go through RGBA, and a mode with no defined range or conversion (``F``, ``LAB``) is
-refused in one line, as is an image under a quarter of the model's input size on its shorter side.
+palette images go through RGBA, modes PIL cannot convert straight go through RGB (``LAB``), and a
+mode with no defined range (``F``) or no conversion is refused in one line, as is an image under
+a quarter of the model's input size on its shorter side.
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ def to_mode(img, mode: str, path: str = "image"):
                               f"8- or 16-bit PNG")
     elif img.mode == "P":
         img = img.convert("RGBA")  # a palette with transparency converts only through RGBA
-    try:
-        return img.convert(mode)
-    except ValueError:
-        raise CrosslayerError(f"{path}: PIL mode {img.mode} images cannot be converted to "
+    for via in (None, "RGB"):  # e.g. LAB converts to RGB but not straight to L
+        try:
+            return img.convert(mode) if via is None else img.convert(via).convert(mode)
+        except ValueError:
+            continue
+    raise CrosslayerError(f"{path}: PIL mode {img.mode} images cannot be converted to "
                               f"{'grayscale' if mode == 'L' else 'RGB'}; save it as an RGB or grayscale "
-                              f"PNG/JPEG") from None
+                              f"PNG/JPEG")
 
 
 def check_size(img, size: int, path: str = "image") -> None:
