@@ -110,7 +110,11 @@ def _check_output(out: str, fmt: str, checkpoint: str, force: bool) -> None:
         raise ExportError(f"--out {out}: no such directory {parent}")
     if os.path.isdir(out):
         raise ExportError(f"--out {out}: is a directory; give a file name (e.g. model{FORMATS[fmt]})")
-    check_output_dir(parent, flag="--out")  # read-only or not ours: say so before any work
+    try:  # read-only or not ours: say so before any work
+        check_output_dir(parent)
+    except CrosslayerError as e:
+        why = str(e).rsplit("(", 1)[-1].split(")")[0]
+        raise ExportError(f"--out {out}: cannot write into {parent} ({why})") from None
     refuse_overwrite(out, force, reads=[checkpoint])
 
 

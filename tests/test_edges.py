@@ -334,6 +334,10 @@ def test_export_that_cannot_write_its_folder_names_the_folder(fm_run, tmp_path, 
     rc, _, err = _err(capsys, "export", run, "--format", "onnx", "--out", tmp_path / "m.onnx")
     line = assert_one_line_error(rc, err, f"cannot write into {tmp_path}", "Permission denied")
     assert "cannot be exported" not in line
+    # a folder this user may not write (as root, os.access stands in for it): refused before any work
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.path.abspath(path) != str(tmp_path))
+    rc, _, err = _err(capsys, "export", run, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert_one_line_error(rc, err, f"--out {tmp_path / 'm.onnx'}: cannot write into {tmp_path} (permission denied)")
 
 
 # ---------------------------------------------------------------------------------------------- smaller
