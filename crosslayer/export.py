@@ -19,7 +19,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from crosslayer.errors import CrosslayerError
+from crosslayer.errors import CrosslayerError, check_output_dir
+from crosslayer.io import os_error_in, refuse_overwrite
 
 NOTES = {"torchscript": "TorchScript is deprecated in PyTorch; --format exported-program is its successor"}
 
@@ -103,33 +104,44 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def _check_output(out: str, fmt: str) -> None:
+def _check_output(out: str, fmt: str, checkpoint: str, force: bool) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise ExportError(f"--out {out}: no such directory {parent}")
     if os.path.isdir(out):
         raise ExportError(f"--out {out}: is a directory; give a file name (e.g. model{FORMATS[fmt]})")
+    try:  # read-only or not ours: say so before any work
+        check_output_dir(parent)
+    except CrosslayerError as e:
+        why = str(e).rsplit("(", 1)[-1].split(")")[0]
+        raise ExportError(f"--out {out}: cannot write into {parent} ({why})") from None
+    refuse_overwrite(out, force, reads=[checkpoint])
 
 
-def export_checkpoint(checkpoint: str, fmt: str, out: str | None = None, atol: float = 1e-4, seed: int = 0) -> dict:
-    """Export ``checkpoint`` as ``fmt`` to ``out`` (default :func:`default_output`), verified first.
+def export_checkpoint(checkpoint: str, fmt: str, out: str | None = None, atol: float = 1e-4, seed: int = 0,
+                      force: bool = False) -> dict:
+    """Export ``checkpoint`` (a file or a run directory) as ``fmt`` to ``out`` (default
+    :func:`default_output`), verified first; an existing ``out`` is replaced only with ``force``,
+    and never when it is ``checkpoint`` itself.
 
     The output is loaded back and run on random inputs of batch 2 (the export's example) and 3
-    (a different batch size); the largest absolute difference to the eager model must be below
-    ``atol``. Returns ``{"path", "format", "max_abs_diff", "bytes", "note"}``."""
-    from crosslayer.train.checkpoint import load_model_from_checkpoint
+    (a different batch size) of the input shape the checkpoint was trained on; the largest absolute
+    difference to the eager model must be below ``atol``. Returns ``{"path", "format",
+    "max_abs_diff", "bytes", "note"}``."""
+    from crosslayer.train.checkpoint import input_shape, load_model_from_checkpoint, resolve_checkpoint
 
+    checkpoint = resolve_checkpoint(checkpoint)
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         raise ExportError("--format onnx checks the file with onnxruntime, which is not installed: "
                           "pip install 'crosslayer[export]'")
     out = os.fspath(out) if out else default_output(os.fspath(checkpoint), fmt)
-    _check_output(out, fmt)
+    _check_output(out, fmt, checkpoint, force)
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location="cpu")
     cfg = {k: v for k, v in (ckpt.get("config") or {}).items() if not k.startswith("_")}
     g = torch.Generator().manual_seed(seed)
-    shape = (int(cfg.get("in_channels", 3)), int(cfg.get("image_size") or 32), int(cfg.get("image_size") or 32))
+    shape = input_shape(cfg, checkpoint)
     xs = [torch.randn(n, *shape, generator=g) for n in (2, 3)]
     write, run = _WRITERS[fmt]
     base, ext = os.path.splitext(os.path.basename(out))  # the temporary file keeps the suffix (torch.export wants .pt2)
@@ -139,6 +151,10 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str | None = None, atol: f
             write(model, xs[0], tmp, cfg)
             got = [run(tmp, cfg, x).float() for x in xs]
         except Exception as e:  # noqa: BLE001 - an exporter failure is a property of this model and format
+            ose = os_error_in(e)
+            if ose is not None and ose.errno is not None:  # the folder, the disk: not the model
+                raise ExportError(f"--out {out}: cannot write into {os.path.dirname(tmp)} "
+                                  f"({ose.strerror or os.strerror(ose.errno)})") from None
             raise ExportError(f"{checkpoint}: {cfg.get('model', 'the model')} cannot be exported as {fmt} "
                               f"({type(e).__name__}: {_first_line(e)})") from None
         with torch.no_grad():

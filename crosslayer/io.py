@@ -83,6 +83,25 @@ def write_error(path: str, exc: BaseException, what: str = "", error: type[Excep
     return error(f"{path}: could not write{' ' + what if what else ''} ({why})")
 
 
+def refuse_overwrite(path: str | os.PathLike, force: bool = False, *, flag: str = "--out",
+                     reads: Iterable = ()) -> None:
+    """The one rule of every verb that writes a file the user names: an existing ``path`` is replaced
+    only with ``--force``, and never when it is a file the command reads (``reads``: its checkpoint),
+    ``--force`` or not. One-line CrosslayerError otherwise; checks only, writes nothing."""
+    path = os.fspath(path)
+    if not os.path.lexists(path) or os.path.isdir(path):
+        return
+    for src in reads:
+        try:
+            same = os.path.samefile(path, src)
+        except OSError:
+            same = False
+        if same:
+            raise CrosslayerError(f"{flag} {path}: is the file this command reads; choose another {flag}")
+    if not force:
+        raise CrosslayerError(f"{flag} {path}: exists; pass --force to overwrite it, or choose another {flag}")
+
+
 def _write_tmp(tmp: str, content: Content) -> None:
     with open(tmp, "wb") as f:
         if callable(content):

@@ -2,14 +2,20 @@
 
 Each image is read with PIL and put through the run's evaluation transform: converted to the
 model's channels (grayscale for Fashion-MNIST/MNIST models, RGB otherwise), resized (shorter
-side) and centre-cropped to the training image size when it differs, scaled to [0, 1] and
-normalised with the mean/std the run trained with. Nothing is written to disk.
+side) and centre-cropped to the input shape saved with the checkpoint when it differs, scaled to
+[0, 1] and normalised with the mean/std the run trained with. Nothing is written to disk.
+
+PIL modes: 16-bit grayscale (``I;16*``, ``I``) is scaled from 0..65535 to 8 bits (never clipped),
+palette images go through RGBA, modes PIL cannot convert straight go through RGB (``LAB``), and a
+mode with no defined range (``F``) or no conversion is refused in one line, as is an image under
+a quarter of the model's input size on its shorter side.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from crosslayer.errors import CrosslayerError
@@ -33,6 +39,45 @@ class _Fit:
 
     def __repr__(self) -> str:
         return f"_Fit(mode={self.mode!r}, size={self.size}, resize_size={self.resize_size})"
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillows decode a 16-bit PNG
+
+
+def to_mode(img, mode: str, path: str = "image"):
+    """``img`` converted to ``mode`` ("L" or "RGB") the way its pixel values mean: 16-bit images are
+    scaled to 8 bits (PIL's own conversion clips them at 255); one-line CrosslayerError for a mode
+    with no defined range or no conversion."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT:
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise CrosslayerError(f"{path}: 32-bit integer image (values {a.min()}..{a.max()}); save it as an "
+                                  f"8- or 16-bit PNG")
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise CrosslayerError(f"{path}: 32-bit float image (PIL mode F) has no fixed value range; save it as an "
+                              f"8- or 16-bit PNG")
+    elif img.mode == "P":
+        img = img.convert("RGBA")  # a palette with transparency converts only through RGBA
+    for via in (None, "RGB"):  # e.g. LAB converts to RGB but not straight to L
+        try:
+            return img.convert(mode) if via is None else img.convert(via).convert(mode)
+        except ValueError:
+            continue
+    raise CrosslayerError(f"{path}: PIL mode {img.mode} images cannot be converted to "
+                              f"{'grayscale' if mode == 'L' else 'RGB'}; save it as an RGB or grayscale "
+                              f"PNG/JPEG")
+
+
+def check_size(img, size: int, path: str = "image") -> None:
+    """Refuse an image under a quarter of the model's input ``size`` on its shorter side: upscaled that
+    far it carries too little to classify (a 1x1 image would be one flat colour)."""
+    smallest = max(2, size // 4)
+    if min(img.size) < smallest:
+        raise CrosslayerError(f"{path}: image is {img.size[0]}x{img.size[1]} pixels; this model takes "
+                              f"{size}x{size} images and needs at least {smallest} pixels on each side")
 
 
 def eval_transform(channels: int, size: int, mean, std, resize_size: int | None = None):
@@ -85,22 +130,27 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
     """Top-``topk`` classes of each image: ``[{"image", "top": [{"class", "index", "prob"}, ...]}]``,
     probabilities from the softmax of the model's logits (with the test-time augmentation the run
     evaluated with), highest first."""
-    from crosslayer.train.checkpoint import load_model_from_checkpoint
+    from crosslayer.train.checkpoint import input_shape, load_model_from_checkpoint, resolve_checkpoint
+    from crosslayer.train.distributed import pick_device
     from crosslayer.train.evaluate import tta_logits
 
     if topk < 1:
         raise CrosslayerError(f"--topk must be >= 1, got {topk}")
     if not images:
         raise CrosslayerError("give at least one IMAGE file")
+    device = pick_device(device)  # a missing CUDA is named here, not blamed on the checkpoint
     pil = [read_image(p) for p in images]  # every file checked before the model is loaded
+    checkpoint = resolve_checkpoint(checkpoint)
     model, ckpt = load_model_from_checkpoint(checkpoint, map_location=device)
     cfg = ckpt.get("config") or {}
     if cfg.get("normalize") == "zca":
         raise CrosslayerError(f"{checkpoint}: the run trained on ZCA-whitened images (--normalize zca), a whitening "
                               f"fitted on its training data that predict does not have; evaluate it with "
                               f"`crosslayer eval` on the data set instead")
-    channels = int(cfg.get("in_channels", 3))
-    size = int(cfg.get("image_size") or (cfg.get("input_shape") or [32])[-1])
+    channels, size, _ = input_shape(cfg, checkpoint)
+    pil = [to_mode(img, "L" if channels == 1 else "RGB", p) for img, p in zip(pil, images)]
+    for img, p in zip(pil, images):
+        check_size(img, size, p)
     mean, std = run_normalisation(cfg)
     resize_size = (cfg.get("image_transform") or {}).get("resize_size")  # fine-tuned: the starting weights' resize
     transform = eval_transform(channels, size, mean, std, resize_size=resize_size)

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import os
 import urllib.error
+import urllib.request
 import warnings
 
 import pytest
@@ -58,12 +59,18 @@ def _out(model, x):
         return model.eval()(x)
 
 
-def test_pretrained_file_url_downloads_into_the_hub_cache_and_matches_torchvision(tv_weights, torch_home):
+def test_pretrained_file_url_is_read_in_place_and_matches_torchvision(tv_weights, torch_home):
+    """A ``file://`` URL is a local file: loaded where it is, never copied into the hub cache, and its
+    name is the user's (``my-weights-abc.pth`` is not a hash prefix that must match)."""
     path, x, want = tv_weights
     model = create_model("densenet121", pretrained=path.as_uri())
     assert torch.allclose(_out(model, x), want, atol=1e-5)
-    assert (torch_home / "hub" / "checkpoints" / path.name).exists()  # torch.hub's cache
+    assert not (torch_home / "hub").exists()
     assert model.pretrained_cfg["source"] == path.as_uri() and len(model.pretrained_cfg["classes"]) == 1000
+    mine = path.with_name("my weights-abc.pth")  # "-abc." reads as a (wrong) hash prefix to torch.hub
+    os.link(path, mine)
+    assert torch.allclose(_out(create_model("densenet121", pretrained=mine.as_uri()), x), want, atol=1e-5)
+    assert not (torch_home / "hub").exists()
     # a plain path loads the same
     assert torch.allclose(_out(create_model("densenet121", pretrained=str(path)), x), want, atol=1e-5)
 
@@ -102,12 +109,15 @@ def test_published_weights_are_torchvisions_densenets():
 
 def test_pretrained_errors_are_one_line(tv_weights, torch_home, monkeypatch):
     path, _, _ = tv_weights
-    bad = path.with_name("densenet121-deadbeef.pth")
-    os.link(path, bad)
+    # a download whose SHA-256 does not start with the digits in its name (the server sends our file)
+    monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: urllib.request.urlopen(path.as_uri()))
+    url = "https://example.invalid/densenet121-deadbeef.pth"
     with pytest.raises(CrosslayerError, match="hash check failed") as e:
-        create_model("densenet121", pretrained=bad.as_uri())
+        create_model("densenet121", pretrained=url)
     assert "\n" not in str(e.value)
-    assert not (torch_home / "hub" / "checkpoints" / bad.name).exists()
+    assert not (torch_home / "hub" / "checkpoints" / "densenet121-deadbeef.pth").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")

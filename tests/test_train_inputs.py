@@ -75,7 +75,7 @@ BAD_TRAIN = [
     ("--iterations", "0", "integer >= 1"),
     ("--limit", "0", "integer >= 1"), ("--limit", "-3", "integer >= 1"),
     ("--image-size", "0", "integer >= 1"), ("--val-size", "-1", ">= 0"),
-    ("--num-workers", "-1", ">= 0"), ("--checkpoint-every", "-1", ">= 0"), ("--seed", "-1", ">= 0"),
+    ("--num-workers", "-1", ">= 0"), ("--checkpoint-every", "-1", ">= 0"), ("--seed", "-1", "from 0 to 4294967295"),
     ("--milestones", "-0.5", "> 0"),
     ("--device", "gpu", "cpu, cuda"),
     ("--model-arg", "growth_rate=abc", "must be a number"),

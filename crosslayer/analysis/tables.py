@@ -359,11 +359,23 @@ def run_row(run: dict) -> dict:
     compared = at_best_val if basis == "at best val" else float(final)
     return dict(run=run["name"], model=run["model"], data=run["data"] or "",
                 params_m=params / 1e6 if params else math.nan, gmacs=macs / 1e9 if macs else math.nan,
-                epochs_done=int(epochs_done), epochs=cfg.get("epochs"), limit=cfg.get("limit"),
+                epochs_done=int(epochs_done), epochs=cfg.get("epochs"), limit=effective_limit(cfg),
                 train_images=cfg.get("train_images"), final_test_err=float(final), best_test_err=float(best),
                 test_err_at_best_val=at_best_val, paper_err=paper, diff=compared - paper if ref else math.nan,
                 diff_basis=basis if ref else "", paper_row=ref["row"] if ref else "",
                 wall_time_s=_float(res.get("wall_time_s")), paper_note=note)
+
+
+def effective_limit(cfg: dict) -> int | None:
+    """The run's ``--limit`` if it cut the data set, else None: a limit above the data set's size
+    (every training image, validation split included, and every test image under it) trained on
+    the full data set. Without recorded image counts the limit is taken at its word."""
+    limit = cfg.get("limit")
+    counts = [cfg.get("train_images"), cfg.get("test_images")]
+    if limit is None or None in counts:
+        return limit
+    train, test = int(counts[0]) + int(cfg.get("val_images") or 0), int(counts[1])
+    return limit if max(train, test) >= int(limit) else None
 
 
 CSV_FIELDS = ["run", "model", "data", "params_m", "gmacs", "epochs_done", "epochs", "limit", "train_images",

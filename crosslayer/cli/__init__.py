@@ -61,13 +61,14 @@ def _chosen_command(argv: list[str]) -> str | None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``command`` only that verb's module is imported ("" imports none: a fast
     top-level ``--help``)."""
-    parser = OneLineParser(prog="crosslayer", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="crosslayer", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         p.set_defaults(_module=module)
         if command is None or command == name:
             importlib.import_module(module).add_arguments(p)
+    parser.verbs = sub.choices  # name -> the verb's parser (its own errors point to its own help)
     return parser
 
 
@@ -97,7 +98,10 @@ def _report(prog: str, message: str) -> None:
 
 def _run(argv: list[str]) -> int:
     try:
-        args = build_parser(_chosen_command(argv) or "").parse_args(argv)
+        parser = build_parser(_chosen_command(argv) or "")
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the verb's own parser, so the line points to `crosslayer VERB --help`
+            parser.verbs[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # --help (0) or a flag argparse refused (2, its one line is printed)
         return e.code if isinstance(e.code, int) else 2
     prog = f"crosslayer {args.command}"

@@ -8,6 +8,7 @@ import argparse
 import re
 
 INT_MAX = 2**31 - 1  # a count above this is a typo, not a request
+SEED_MAX = 2**32 - 1  # --seed: NumPy's and CUDA's generators take 32-bit seeds
 MAX_IMAGE_SIZE = 4096  # --image-size: larger images would not fit any batch in memory
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 

@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from crosslayer.analysis.plots import draw_reuse
-    from crosslayer.train.evaluate import resolve_checkpoint
+    from crosslayer.train.checkpoint import resolve_checkpoint
 
     if bool(args.checkpoint) == bool(args.model):
         raise CrosslayerError("give either a CHECKPOINT or --model NAME")

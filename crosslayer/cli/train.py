@@ -19,6 +19,7 @@ import json
 import shlex
 import sys
 
+from crosslayer.cli._args import SEED_MAX, count
 from crosslayer.train.config import ConfigError, TrainConfig, resume_config
 from crosslayer.train.presets import PRESETS, format_presets
 
@@ -119,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
                    help="imagenet:ROOT: after training, fb.resnet.torch's 10-crop test error of best.pt in "
                         "results.json (ImageNet presets: on)")
-    h.add_argument("--seed", type=int, help="random seed (default 0)")
+    h.add_argument("--seed", type=count(0, SEED_MAX), help=f"random seed, 0 to {SEED_MAX} (default 0)")
 
     r = parser.add_argument_group("execution")
     r.add_argument("--device", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")

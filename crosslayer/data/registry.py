@@ -52,6 +52,10 @@ VARIANTS: dict[str, Variant] = {
     "synthetic+": Variant("synthetic", _CIFAR_AUG, (), (), description="synthetic + CIFAR augmentation (tests)"),
 }
 FOLDER_PREFIXES = ("imagefolder:", "imagefolder+:")
+# the image size of each family's files (image folders and ImageNet have none: they are resized)
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "svhn": 32, "svhn-train": 32, "fashion-mnist": 28, "mnist": 28,
+               "synthetic": 32}
+
 DATASETS: dict[str, str] = {k: v.description for k, v in VARIANTS.items()}
 DATASETS["imagefolder:ROOT"] = ("ROOT/train and ROOT/val (or ROOT/test) class folders; ImageNet mean/std; native size "
                                 "or --image-size N")

@@ -64,7 +64,19 @@ def pretrained_cfg(name: str, source: str) -> dict:
 
 
 def _is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://", "file://"))
+    return text.startswith(("http://", "https://"))
+
+
+def _file_url_path(text: str) -> str | None:
+    """The local path of a ``file://`` URL (None for anything else): such a file is read where it
+    is, like a plain path; the hub's cache and its ``NAME-<sha256 prefix>.EXT`` naming are for
+    downloads, and a local ``my-model-abc.pth`` is not named by its hash."""
+    if not text.startswith("file://"):
+        return None
+    from urllib.parse import unquote, urlparse
+    from urllib.request import url2pathname
+
+    return url2pathname(unquote(urlparse(text).path))
 
 
 def fetch_state_dict(url: str, model_dir: str | None = None) -> dict:
@@ -105,8 +117,8 @@ def load_pretrained(model: nn.Module, name: str, pretrained, num_classes: int | 
     """Load ``pretrained`` weights into ``model`` (built with the weights' class count), then, like
     timm, replace the classifier when ``num_classes`` differs (0 = pooled features).
 
-    ``pretrained``: True (the published weights of ``name``), a URL (``http(s)://`` or ``file://``,
-    through the hub cache and its hash check) or a path to a state_dict file."""
+    ``pretrained``: True (the published weights of ``name``), an ``http(s)://`` URL (through the hub
+    cache and its hash check), or a state_dict file: a path or a ``file://`` URL, read in place."""
     from crosslayer.models.densenet import DenseNet, load_torchvision_state_dict
     from crosslayer.train.checkpoint import unwrap_state_dict
 
@@ -115,7 +127,8 @@ def load_pretrained(model: nn.Module, name: str, pretrained, num_classes: int | 
         sd = fetch_state_dict(source)
     elif isinstance(pretrained, (str, os.PathLike)):
         source = os.fspath(pretrained)
-        sd = fetch_state_dict(source) if _is_url(source) else read_state_dict(source)
+        local = _file_url_path(source)
+        sd = fetch_state_dict(source) if _is_url(source) else read_state_dict(local or source)
     else:
         raise PretrainedError(f"pretrained={pretrained!r}: give True, a file path or an http(s)/file:// URL")
     sd = unwrap_state_dict(sd)

@@ -5,21 +5,29 @@ or None — and the caller runs its PyTorch-operator path — when they are swit
 (``CROSSLAYER_CPU_KERNELS=0``), when there is no C++ compiler or ninja, or when the build fails
 (one warning says why). The build takes about a minute, once: the library lands in
 ``$CROSSLAYER_CACHE`` (default ``~/.cache/crosslayer``) under a name hashing the source, the torch
-version and the CPU's instruction-set flags (it is compiled with ``-march=native``), so a cache
-shared between machines never loads a library built for another CPU. Each build runs in its own
-temporary folder and is moved into place atomically: concurrent processes (``torchrun``) may
-build twice but never wait on, or load, a half-written library.
+version, the compiler's version and the CPU's instruction-set flags (it is compiled with
+``-march=native``), so a cache shared between machines never loads a library built for another CPU
+or by another compiler.
+
+The cache is never trusted blindly: each build writes ``NAME.so.sha256`` (size and SHA-256 of the
+library) beside it, and a library whose file does not match is not loaded (a truncated one would
+kill the process with a bus error) but rebuilt, as is one that fails to import, once. Builds hold
+an exclusive file lock (``NAME.so.lock``): concurrent processes (``torchrun`` ranks) compile once,
+the others wait and load the result. Each build runs in its own temporary folder and is moved into
+place atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -52,10 +60,21 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def compiler_version() -> str:
+    """The first line of ``$CXX --version`` (``c++`` by default), or "" without a compiler: a
+    compiler upgrade gets a library of its own."""
+    try:
+        r = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (r.stdout.strip().splitlines() or [""])[0]
+
+
 def library_name() -> str:
-    """The module name of this source built for this torch and this CPU."""
+    """The module name of this source built for this torch, this compiler and this CPU."""
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
-                         + " ".join(CFLAGS).encode() + sys.version.encode()).hexdigest()[:16]
+                         + " ".join(CFLAGS).encode() + sys.version.encode()
+                         + compiler_version().encode()).hexdigest()[:16]
     return f"crosslayer_cpu_{key}"
 
 
@@ -111,6 +130,75 @@ def _compile(name: str, target: Path):
     return module
 
 
+def _seal_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _digest(target: Path) -> str:
+    h = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{target.stat().st_size} {h.hexdigest()}"
+
+
+def _seal(target: Path) -> None:
+    """Record the built library's size and SHA-256 beside it (atomically: a reader sees none or all)."""
+    seal = _seal_path(target)
+    tmp = seal.with_name(f".{seal.name}.{os.getpid()}.tmp")
+    tmp.write_text(_digest(target) + "\n")
+    os.replace(tmp, seal)
+
+
+def sealed(target: Path) -> str | None:
+    """The library's recorded "size sha256" if the file on disk matches it, else None (missing,
+    truncated, overwritten, or built before seals existed)."""
+    try:
+        want = _seal_path(target).read_text().strip()
+        if int(want.split()[0]) != target.stat().st_size:  # cheap first: a truncated file
+            return None
+        return want if _digest(target) == want else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """Hold ``NAME.so.lock`` exclusively; say so when another process holds it (it is compiling)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("crosslayer: waiting for another process compiling the CPU kernels ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _load(name: str, target: Path):
+    """Import the cached library if its seal matches; otherwise (or if it fails to import) build it,
+    once, under the lock; a process that waited on another's build imports that build."""
+    tried = sealed(target)
+    if tried:
+        try:
+            return _import(name, target)
+        except Exception:  # noqa: BLE001 - a sealed library that does not load (e.g. foreign ABI): rebuilt below
+            pass
+    with _build_lock(target):
+        now = sealed(target)
+        if now and now != tried:  # built by another process while this one waited
+            return _import(name, target)
+        for stale in (target, _seal_path(target)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        module = _build(name, target)
+        _seal(target)
+        return module
+
+
 def get():
     """The compiled kernels module, or None (see the module docstring)."""
     if not enabled():
@@ -118,9 +206,8 @@ def get():
     if not _state["loaded"]:
         _state["loaded"] = True
         name = library_name()
-        target = cache_dir() / f"{name}.so"
         try:
-            _state["module"] = _import(name, target) if target.exists() else _build(name, target)
+            _state["module"] = _load(name, cache_dir() / f"{name}.so")
         except Exception as e:  # any failure: the PyTorch path, said once
             _state["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             warnings.warn(f"crosslayer: CPU kernels unavailable ({_state['reason']}); using PyTorch operators "

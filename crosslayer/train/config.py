@@ -163,7 +163,7 @@ _RANGES = {
     "checkpoint_every": (int, 0, None, True, True, False),
     "warmup_steps": (int, 0, None, True, True, False),
     "milestone_shift": (int, None, None, True, True, False),
-    "seed": (int, 0, None, True, True, False),
+    "seed": (int, 0, 2**32 - 1, True, True, False),  # NumPy's and CUDA's generators take 32-bit seeds
     "lr": (float, 0, None, True, True, False),
     "weight_decay": (float, 0, None, True, True, False),
     "momentum": (float, 0, 1, True, False, False),
@@ -201,10 +201,11 @@ def flag(name: str) -> str:
 
 def _range_text(kind, lo, hi, lo_in, hi_in) -> str:
     what = "an integer" if kind is int else "a number"
+    fmt = "d" if kind is int else "g"
     if lo is not None and hi is not None:
-        return f"{what} in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+        return f"{what} in {'[' if lo_in else '('}{lo:{fmt}}, {hi:{fmt}}{']' if hi_in else ')'}"
     if lo is not None:
-        return f"{what} {'>=' if lo_in else '>'} {lo:g}"
+        return f"{what} {'>=' if lo_in else '>'} {lo:{fmt}}"
     return what
 
 
@@ -212,9 +213,10 @@ def _check_number(name: str, value, spec) -> None:
     kind, lo, hi, lo_in, hi_in, optional = spec
     if value is None and optional:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (isinstance(value, int) or math.isfinite(value))  # a huge int is not a float: compare it as is
     if ok and kind is int:
-        ok = float(value).is_integer()
+        ok = isinstance(value, int) or value.is_integer()
     if ok and lo is not None:
         ok = value >= lo if lo_in else value > lo
     if ok and hi is not None:

@@ -16,24 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crosslayer.errors import CheckpointError, CrosslayerError, check_output_dir
+from crosslayer.errors import CrosslayerError, check_output_dir
 from crosslayer.io import write_csv, write_json
 from crosslayer.train import distributed as D
+from crosslayer.train.checkpoint.load import resolve_checkpoint
 from crosslayer.train.runtime import amp_context, is_out_of_memory
-
-RUN_DIR_CHECKPOINTS = ("best.pt", "last.pt")  # what a run directory stands for, in this order
-
-
-def resolve_checkpoint(path) -> str:
-    """``path`` itself, or for a run directory its ``best.pt``, else its ``last.pt``."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        return path  # a missing file is reported by load_checkpoint ("no such checkpoint")
-    for name in RUN_DIR_CHECKPOINTS:
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    raise CheckpointError(f"{path}: a folder without {' or '.join(RUN_DIR_CHECKPOINTS)}; give a checkpoint file "
-                          f"or a run directory written by `crosslayer train`")
 
 
 class _Progress:

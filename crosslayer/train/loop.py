@@ -134,7 +134,11 @@ class Trainer:
         try:
             with RunDir(self.out_dir, enabled=self.info.is_main), _StopFlag() as stop:
                 self.setup()
-                return self.train(stop)
+                try:
+                    return self.train(stop)
+                except Exception:
+                    self._mark_failed()
+                    raise
         finally:
             if self.tb is not None:
                 self.tb.close()
@@ -689,6 +693,13 @@ class Trainer:
         if self.info.is_main:
             write_json(os.path.join(self.out_dir, "results.json"), res)
         return res
+
+    def _mark_failed(self) -> None:
+        """results.json of a run that stopped on an error (a failed save, a diverged loss) says
+        "failed", not "running"; best effort, the error itself is what the user is told."""
+        if self.info.is_main and os.path.exists(os.path.join(self.out_dir, "results.json")):
+            with contextlib.suppress(Exception):
+                self.write_results("failed")
 
     # -- stopping -------------------------------------------------------------------------------
     def _signalled(self, stop: _StopFlag) -> str | None:

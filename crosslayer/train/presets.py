@@ -18,6 +18,7 @@ epochs, what fb.resnet.torch's ``main.lua`` prints as " * Finished top1").
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from crosslayer.errors import CrosslayerError
@@ -277,14 +278,16 @@ def preset_for(name: str, data: str | None, model: str | None) -> Preset:
 
 def resolve_milestones(milestones, shift: int, total: int) -> list[int]:
     """Turn milestones into absolute epoch/step indices (0-indexed: the LR changes from that
-    epoch/step on). Values <= 1 are fractions of ``total``; ``shift`` applies to those only."""
+    epoch/step on). Values <= 1 are fractions of ``total``: the first index ``i`` with
+    ``i - shift >= m * total``, i.e. ``ceil(m * total) + shift`` (``shift = -1``: the Lua rule
+    "decay when the 1-indexed epoch >= m * nEpochs"); ``shift`` applies to fractions only."""
     out = []
     for m in milestones:
         m = float(m)
         if m <= 0:
             raise CrosslayerError(f"--milestones: {m:g} is not positive")
-        # fraction-derived milestones never fall on the first epoch (only matters for <= 3 epochs)
-        out.append(max(1, int(round(m * total)) + shift) if m <= 1 else int(round(m)))
+        # round(.., 9): 0.3 * 10 is 3.0000000000000004 in floating point, and means epoch 3
+        out.append(max(0, math.ceil(round(m * total, 9)) + shift) if m <= 1 else int(round(m)))
     return sorted(out)
 
 

@@ -25,11 +25,13 @@ from crosslayer.train.checkpoint.load import (
     FORMAT_VERSION,
     load_checkpoint,
     load_resume_checkpoint,
+    resolve_checkpoint,
     verify_checkpoint,
 )
 from crosslayer.train.checkpoint.model import (
     check_checkpoint_fits,
     export_safetensors,
+    input_shape,
     load_model_from_checkpoint,
     unwrap_state_dict,
 )
@@ -38,6 +40,7 @@ from crosslayer.train.checkpoint.save import PREV_SUFFIX, save_checkpoint
 
 __all__ = [
     "FORMAT_VERSION", "PREV_SUFFIX", "save_checkpoint", "load_checkpoint", "load_resume_checkpoint",
+    "resolve_checkpoint",
     "verify_checkpoint", "capture_rng_state", "restore_rng_state", "load_model_from_checkpoint",
-    "check_checkpoint_fits", "unwrap_state_dict", "export_safetensors",
+    "check_checkpoint_fits", "unwrap_state_dict", "export_safetensors", "input_shape",
 ]

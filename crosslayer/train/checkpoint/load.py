@@ -25,6 +25,7 @@ from crosslayer.io import first_line, remove_quietly
 FORMAT_VERSION = 1
 PREV_SUFFIX = ".prev"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+RUN_DIR_CHECKPOINTS = ("best.pt", "last.pt")  # what a run directory stands for, in this order
 
 
 def _describe_load_error(exc: BaseException, is_zip: bool) -> str:
@@ -55,6 +56,19 @@ def _read_magic(path: str) -> bytes:
     if not magic:
         raise CheckpointError(f"{path}: empty file (0 bytes; incomplete write?)")
     return magic
+
+
+def resolve_checkpoint(path) -> str:
+    """``path`` itself, or for a run directory its ``best.pt``, else its ``last.pt``: every verb that
+    reads a checkpoint (eval, reuse, predict, export) takes either."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path  # a missing file is reported by load_checkpoint ("no such checkpoint")
+    for name in RUN_DIR_CHECKPOINTS:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise CheckpointError(f"{path}: a folder without {' or '.join(RUN_DIR_CHECKPOINTS)}; give a checkpoint file "
+                          f"or a run directory written by `crosslayer train`")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -40,6 +40,26 @@ def check_checkpoint_fits(ckpt: dict, path: str, *, num_classes: int | None = No
                               f"{in_channels}-channel images")
 
 
+def input_shape(cfg: dict, path: str = "the checkpoint") -> tuple[int, int, int]:
+    """The ``(channels, height, width)`` a checkpoint's model was trained on: the ``input_shape`` the
+    run recorded, else (older runs) its ``--image-size``, ImageNet crop or data set's native size."""
+    from crosslayer.data.registry import NATIVE_SIZE, VARIANTS
+
+    if cfg.get("input_shape"):
+        c, h, w = (int(v) for v in cfg["input_shape"])
+        return c, h, w
+    channels, data = int(cfg.get("in_channels", 3)), str(cfg.get("data") or "")
+    size = cfg.get("image_size")
+    if not size and data.startswith("imagenet:"):
+        size = cfg.get("crop_size") or 224
+    if not size and data in VARIANTS:
+        size = NATIVE_SIZE.get(VARIANTS[data].family)
+    if not size:
+        raise CheckpointError(f"{path}: the checkpoint records no input size (trained on {data or 'unknown data'}); "
+                              f"retrain with this crosslayer version")
+    return channels, int(size), int(size)
+
+
 def load_model_from_checkpoint(path: str | os.PathLike, map_location="cpu", *, num_classes: int | None = None,
                                in_channels: int | None = None, data: str = "the data"):
     """Rebuild the model a checkpoint was trained as and load its weights: ``(model.eval(), ckpt)``.
