@@ -131,7 +131,7 @@ def test_he_fan_out_init():
 
 
 def test_dropout_after_every_conv_but_stem():
-    m = crosslayer.create_model("densenet_bc40_k12", drop_rate=0.2, growth_rate=4)
+    m = crosslayer.create_model("densenet_bc40_k12", conv_drop_rate=0.2, growth_rate=4)
     m.train()
     seen = []
     hooks = [mod.register_forward_hook(lambda mod, i, o: seen.append(mod)) for mod in m.modules()
