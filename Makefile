@@ -11,6 +11,7 @@ $(BIN)/crosslayer: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m crosslayer.ops.cpu_kernels  # compile the optional CPU kernels now, not in the first run
+	$(BIN)/python tests/timm_sources.py  # timm's own model tests (its sdist) into $(VENV)/timm-src
 	touch $@
 
 # Fashion-MNIST comes from Debian's package dataset-fashion-mnist (IDX files under $(FMNIST)).

@@ -5,7 +5,7 @@
 
 Each entry takes ``create_model``'s arguments: ``pretrained`` (True for the published ImageNet
 DenseNet-121/169/201/161 weights, or a path / URL), ``num_classes`` (0 = pooled features),
-``in_channels`` and the model's own options (``growth_rate``, ``drop_rate``, ``memory_efficient``, ...).
+``in_channels`` and the model's own options (``growth_rate``, ``conv_drop_rate``, ``memory_efficient``, ...).
 """
 
 from crosslayer.models import create_model as _create_model

@@ -187,14 +187,14 @@ def test_fused_path_is_taken_in_training_and_inference_only():
         net(x)
     net(x)  # eval mode with autograd (e.g. input gradients): the plain modules
     net.train()
-    net.drop_rate = 0.2  # dropout: the plain modules
+    net.conv_drop_rate = 0.2  # dropout: the plain modules
     net(x)
     assert calls == [True, True, False, False]
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_densenet_memory_efficient_is_bit_identical_to_fast_mode(fused):
-    fast = _densenet(drop_rate=0.0, fused=fused)
+    fast = _densenet(conv_drop_rate=0.0, fused=fused)
     me = copy.deepcopy(fast)
     me.set_memory_efficient(True)
     assert me.memory_efficient and all(m.memory_efficient for m in me.modules() if hasattr(m, "bottleneck"))

@@ -132,7 +132,7 @@ def test_he_fan_out_init():
 
 
 def test_dropout_after_every_conv_but_stem():
-    m = crosslayer.create_model("densenet_bc40_k12", drop_rate=0.2, growth_rate=4)
+    m = crosslayer.create_model("densenet_bc40_k12", conv_drop_rate=0.2, growth_rate=4)
     m.train()
     seen = []
     hooks = [mod.register_forward_hook(lambda mod, i, o: seen.append(mod)) for mod in m.modules()
@@ -295,12 +295,13 @@ def test_channels_last_and_bf16_autocast_paths(name):
                                        ("delugenet20", "stages.1.layers.0.body.conv3")])
 def test_torchvision_feature_extractor_traces_the_module_path(name, node):
     """torchvision's create_feature_extractor (FX symbolic tracing) sees the plain modules, in
-    train and eval mode alike, and returns the model's own logits."""
+    train and eval mode alike, and returns the model's own logits (a DenseNet with its fast paths
+    off: with them on, its graph calls the fused stages as one node, see test_densenet_fx_graph_runs_the_fused_stages)."""
     import warnings
 
     fx = pytest.importorskip("torchvision.models.feature_extraction")
     torch.manual_seed(0)
-    m = crosslayer.create_model(name, num_classes=10).eval()
+    m = crosslayer.create_model(name, num_classes=10, **({"fused": False} if name.startswith("densenet") else {})).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torchvision warns when train- and eval-mode graphs differ
         train_nodes, eval_nodes = fx.get_graph_node_names(m)
@@ -311,6 +312,19 @@ def test_torchvision_feature_extractor_traces_the_module_path(name, node):
         out, ref = fe(x), m(x)
     assert out["feat"].dim() == 4 and torch.allclose(out["logits"], ref, atol=1e-5)
 
+
+
+def test_densenet_fx_graph_runs_the_fused_stages():
+    """With the fast paths on, a DenseNet's FX graph calls the fused stages (one node) so that it
+    computes exactly what eager computes (eval mode, with and without autograd)."""
+    fx = pytest.importorskip("torchvision.models.feature_extraction")
+    torch.manual_seed(0)
+    m = crosslayer.create_model("densenet_bc40_k12", num_classes=10, growth_rate=4)
+    fe = fx.create_feature_extractor(m.eval(), {"classifier": "logits"})
+    x = torch.randn(2, 3, 32, 32)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(fe(x)["logits"], m(x))
 
 
 # Small variants of `crosslayer study` (not in the papers): (1-channel 28x28 Fashion-MNIST, 3-channel), 10 classes.

@@ -138,7 +138,7 @@ def test_train_cli_writes_the_run_directory(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert CONFIG_KEYS <= set(cfg)
     assert cfg["num_classes"] == 10 and cfg["in_channels"] == 3 and cfg["params"] > 0 and cfg["macs"] > 0
-    assert cfg["model_kwargs"] == {"growth_rate": 4, "drop_rate": 0.2}  # no augmentation -> DenseNet dropout
+    assert cfg["model_kwargs"] == {"growth_rate": 4, "conv_drop_rate": 0.2}  # no augmentation -> DenseNet dropout
     res = json.loads((out / "results.json").read_text())
     assert {"model", "data", "test_err", "best_test_err", "epochs_done", "params", "macs", "wall_time_s"} <= set(res)
     assert res["epochs_done"] == 2 and res["best_test_err"] <= res["test_err"]

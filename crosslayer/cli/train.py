@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--label-smoothing", type=float)
     h.add_argument("--tta", choices=("none", "flip"),
                    help="test-time augmentation of every evaluation: flip = mean logits of each image and its mirror")
-    h.add_argument("--drop-rate", type=float, help="dropout passed to the model (DenseNet, WRN)")
+    h.add_argument("--drop-rate", type=float, help="the papers' dropout after the convolutions (DenseNet, WRN: the "
+                   "model's conv_drop_rate; --model-arg drop_rate=P is dropout before the classifier)")
     h.add_argument("--val-size", type=int, help="hold out this many training images as a validation split")
     h.add_argument("--select-on", choices=("final", "best_val", "best_test"),
                    help="which test error results.json reports (docs/protocols.md)")

@@ -1,34 +1,95 @@
-"""Pieces shared by every model file: the timm-style classifier interface, the init rule and the
-speed switches of the cross-layer models."""
+"""Pieces shared by every model file: timm's model interface (classifier head, global pooling,
+stage taps, grad checkpointing), the init rule and the speed switches of the cross-layer models."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from crosslayer.ops.dispatch import is_tracing
+
+POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")  # timm's names; "" = no pooling
+
+
+def global_pool2d(x: torch.Tensor, pool_type: str) -> torch.Tensor:
+    """Global pooling of a feature map (N, C, H, W) to (N, C) (``catavgmax``: (N, 2C)); ``""``: none."""
+    if pool_type == "":
+        return x
+    if pool_type == "avg":
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    avg, mx = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
+    return {"max": mx, "avgmax": 0.5 * (avg + mx), "catavgmax": torch.cat([avg, mx], 1)}[pool_type]
+
+
+def check_pool_type(pool_type: str) -> str:
+    if pool_type not in POOL_TYPES:
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, POOL_TYPES))}, got {pool_type!r}")
+    return pool_type
+
+
+def take_indices(num_taps: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """timm's ``forward_intermediates`` indices: None = all taps, an int n = the last n, a sequence =
+    those taps (negative counts from the end)."""
+    if indices is None:
+        return list(range(num_taps))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_taps:
+            raise ValueError(f"indices={indices}: there are {num_taps} feature taps")
+        return list(range(num_taps - indices, num_taps))
+    out = [i % num_taps if -num_taps <= i < num_taps else None for i in indices]
+    if None in out:
+        raise ValueError(f"indices={list(indices)}: there are {num_taps} feature taps")
+    return out
 
 
 class ClassifierMixin:
-    """timm-style interface: ``forward_features`` -> activated feature map (N, num_features, H, W),
-    ``forward_head`` -> global average pool + (dropout) + linear classifier.
+    """timm's model interface: ``forward_features`` -> activated feature map (N, num_features, H, W),
+    ``forward_head`` -> global pool (``global_pool``, average by default) + (dropout) + linear classifier.
 
     Subclasses set ``self.num_features``, ``self.num_classes``, ``self.classifier`` (built with
-    :meth:`classifier_head`, so ``num_classes=0`` gives pooled features) and ``self.head_drop_rate``
-    (0 unless the paper has dropout before the classifier).
+    :meth:`classifier_head`, so ``num_classes=0`` gives pooled features), ``self.feature_info``
+    (one dict per stage tap: ``num_chs``, ``reduction``, ``module``), the class attribute
+    ``first_conv`` (the stem convolution's name) and implement :meth:`stage_outputs` and
+    :meth:`group_matcher`. ``head_drop_rate`` is the dropout before the classifier (timm's
+    ``drop_rate``; 0 unless a paper has it).
     """
 
     num_features: int
     num_classes: int
+    first_conv: str
+    feature_info: list[dict]
     head_drop_rate: float = 0.0
+    global_pool: str = "avg"
+    grad_checkpointing: bool = False
+    pretrained_cfg: dict | None = None
 
     @staticmethod
-    def classifier_head(num_features: int, num_classes: int) -> nn.Module:
+    def classifier_head(num_features: int, num_classes: int, **factory) -> nn.Module:
         """The final linear classifier, or ``nn.Identity`` for ``num_classes=0``: the model then
         returns its pooled features (N, num_features), as in timm."""
-        return nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        return nn.Linear(num_features, num_classes, **factory) if num_classes > 0 else nn.Identity()
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features the classifier reads (``pre_logits``)."""
+        return self.num_features * (2 if self.global_pool == "catavgmax" else 1)
+
+    @property
+    def in_chans(self) -> int:
+        return self.get_submodule(self.first_conv).in_channels
+
+    @property
+    def default_cfg(self) -> dict | None:  # timm's older name of pretrained_cfg
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict | None) -> None:
+        self.pretrained_cfg = cfg
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        x = global_pool2d(x, self.global_pool)
         if self.head_drop_rate > 0:
             x = F.dropout(x, self.head_drop_rate, self.training)
         return x if pre_logits else self.classifier(x)
@@ -39,18 +100,52 @@ class ClassifierMixin:
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one for ``num_classes``; 0 = no classifier,
-        the model returns its pooled features (N, num_features), as timm's ``reset_classifier(0)``."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a freshly initialised one for ``num_classes`` on the model's
+        device and dtype; 0 = no classifier, the model returns its pooled features (N, head_hidden_size),
+        as timm's ``reset_classifier(0)``. ``global_pool`` (None = keep; a classifier after ``""``
+        gets ``avg`` back): ``avg``, ``max``, ``avgmax``, ``catavgmax`` or ``""`` (no pooling,
+        with ``num_classes=0`` only)."""
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        ref = self.classifier if isinstance(self.classifier, nn.Linear) else None
-        self.num_classes = num_classes
-        self.classifier = self.classifier_head(self.num_features, num_classes)
+        pool = self.global_pool if global_pool is None else check_pool_type(global_pool)
+        if pool == "" and num_classes > 0:  # a linear classifier reads pooled features
+            if global_pool is not None:
+                raise ValueError("global_pool='' (no pooling) needs num_classes=0")
+            pool = "avg"
+        ref = next((p for n, p in self.named_parameters() if not n.startswith("classifier.")), None)
+        factory = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
+        self.global_pool, self.num_classes = pool, num_classes
+        self.classifier = self.classifier_head(self.head_hidden_size, num_classes, **factory)
+        self.classifier.train(self.training)
         if isinstance(self.classifier, nn.Linear):
             nn.init.zeros_(self.classifier.bias)
-            if ref is not None:
-                self.classifier.to(ref.weight.device, ref.weight.dtype)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (same function)."""
+        self.grad_checkpointing = bool(enable)
+
+    def run_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through ``blocks`` in order, each checkpointed when grad checkpointing is on."""
+        on = self.grad_checkpointing and torch.is_grad_enabled() and not is_tracing(x)
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False) if on else block(x)
+        return x
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every stage tap of :attr:`feature_info`; the last is ``forward_features(x)``."""
+        raise NotImplementedError
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's ``forward_intermediates``: ``(forward_features(x), [stage outputs at indices])``, or only
+        the list with ``intermediates_only``. ``norm`` and ``stop_early`` are accepted for timm's
+        signature: the last tap is the final normalised features, and every stage runs."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        taps = self.stage_outputs(x)
+        picked = [taps[i] for i in take_indices(len(taps), indices)]
+        return picked if intermediates_only else (taps[-1], picked)
 
 
 def init_he_fan_out(model: nn.Module) -> None:
@@ -109,4 +204,6 @@ class SpeedSwitches:
         """Switch the memory-efficient mode on or off; weights are unchanged."""
         self.set_speed(memory_efficient=enabled)
 
-    set_grad_checkpointing = set_memory_efficient  # timm's name
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's name for :meth:`set_memory_efficient`."""
+        self.set_speed(memory_efficient=enable)

@@ -167,9 +167,16 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
 
     def __init__(self, composites: tuple[int, ...], widths: tuple[int, ...], stem_channels: int,
                  num_classes: int = 10, in_channels: int = 3, stem: str = "cifar", memory_efficient: bool = False,
-                 fused: bool | None = None, cpu_channels_last: bool = True):
+                 fused: bool | None = None, cpu_channels_last: bool = True, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
         super().__init__()
-        self.composites, self.widths = tuple(composites), tuple(widths)
+        if drop_path_rate:
+            raise ValueError(f"drop_path_rate={drop_path_rate}: a DelugeNet has no drop-path (stochastic depth)")
+        self.composites, self.widths, self.head_drop_rate = tuple(composites), tuple(widths), drop_rate
+        self.first_conv = "stem" if stem == "cifar" else "stem.0"
+        first = 1 if stem == "cifar" else 4  # the stem's reduction; each later stage halves the resolution
+        self.feature_info = [dict(num_chs=w, reduction=first * 2 ** s, module=f"stages.{s}") for s, w in enumerate(widths)]
+        self.feature_info[-1]["module"] = "head_norm"  # the last tap is the final features
         me = memory_efficient
         stages = []
         if stem in ("cifar", "cifar-s2"):
@@ -200,13 +207,23 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         self.set_speed(memory_efficient=memory_efficient, fused=fused, cpu_channels_last=cpu_channels_last)
         init_he_fan_out(self)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's newest output after its shared normalisation; last, the final features."""
         if not is_tracing(x) and self.cpu_channels_last and self.training and x.device.type == "cpu" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.stem(x)
+        x, taps = self.stem(x), []
         for stage in self.stages:
             x = stage(x, self.fused)
-        return F.relu(self.head_norm(self.head_cldc(x.normalized, x.bank)))
+            taps.append(x.normalized[0])
+        taps[-1] = F.relu(self.head_norm(self.head_cldc(x.normalized, x.bank)))
+        return taps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage_outputs(x)[-1]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning rates (timm): the stem, each stage, the head's CLDC and norm."""
+        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^head_(?:cldc|norm)", (99999,))])
 
     def cross_layer_convs(self) -> list[dict]:
         """Every CLDC in forward order: dicts with ``stage`` (1-based), ``kind`` ('composite',

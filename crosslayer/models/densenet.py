@@ -16,6 +16,7 @@ import re
 from collections import OrderedDict
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -125,7 +126,8 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     ``"cifar-pool"``, the 3x3 conv followed by a 2x2 max-pool.
 
     Args follow the paper: ``growth_rate`` k, ``bottleneck`` (B), ``compression`` theta (C),
-    ``num_init_features`` c_0 (16 for basic DenseNet, 2k for DenseNet-BC), ``drop_rate``.
+    ``num_init_features`` c_0 (16 for basic DenseNet, 2k for DenseNet-BC), ``conv_drop_rate`` (the
+    paper's dropout after every convolution). ``drop_rate`` is timm's: dropout before the classifier.
 
     Speed switches (:class:`~crosslayer.models._base.SpeedSwitches`; same function, same weights):
     ``memory_efficient`` recomputes the BN-ReLU of the concatenations in backward instead of
@@ -136,13 +138,17 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     """
 
     def __init__(self, block_config: tuple[int, ...], growth_rate: int = 12, num_init_features: int = 24,
-                 bottleneck: bool = True, compression: float = 0.5, bn_size: int = 4, drop_rate: float = 0.0,
+                 bottleneck: bool = True, compression: float = 0.5, bn_size: int = 4, conv_drop_rate: float = 0.0,
                  num_classes: int = 10, in_channels: int = 3, stem: str = "cifar",
-                 memory_efficient: bool = False, fused: bool | None = None, cpu_channels_last: bool = True):
+                 memory_efficient: bool = False, fused: bool | None = None, cpu_channels_last: bool = True,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
-        self.growth_rate, self.compression, self.drop_rate = growth_rate, compression, drop_rate
+        if drop_path_rate:
+            raise ValueError(f"drop_path_rate={drop_path_rate}: a DenseNet has no drop-path (stochastic depth)")
+        self.growth_rate, self.compression, self.conv_drop_rate = growth_rate, compression, conv_drop_rate
+        self.head_drop_rate = drop_rate
         self.block_config = tuple(block_config)
         if stem == "cifar":
             layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
@@ -158,17 +164,20 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
         else:
             raise ValueError(f"stem must be 'cifar', 'cifar-s2', 'cifar-pool' or 'imagenet', got {stem!r}")
         self.features = nn.Sequential(OrderedDict(layers))
-        channels = num_init_features
+        channels, reduction = num_init_features, {"cifar": 1, "imagenet": 4}.get(stem, 2)
+        self.feature_info = []  # the stage taps: each transition's output, then the final features
         for i, num_layers in enumerate(block_config):
             block = DenseBlock(num_layers, channels, growth_rate, bottleneck=bottleneck, bn_size=bn_size,
-                               drop_rate=drop_rate, memory_efficient=memory_efficient)
+                               drop_rate=conv_drop_rate, memory_efficient=memory_efficient)
             self.features.add_module(f"denseblock{i + 1}", block)
             channels += num_layers * growth_rate
             if i != len(block_config) - 1:
                 out = int(math.floor(channels * compression))
-                self.features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate))
-                channels = out
+                self.features.add_module(f"transition{i + 1}", Transition(channels, out, conv_drop_rate))
+                channels, reduction = out, 2 * reduction
+                self.feature_info.append(dict(num_chs=out, reduction=reduction, module=f"features.transition{i + 1}"))
         self.features.add_module("norm5", nn.BatchNorm2d(channels))  # torchvision's name, any depth
+        self.feature_info.append(dict(num_chs=channels, reduction=reduction, module="features.norm5"))
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = self.classifier_head(channels, num_classes)
         # Fused blocks: same math as the per-layer form, ~1.5x faster on CPU (docs/benchmarks.md).
@@ -177,22 +186,66 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
         self.set_speed(memory_efficient=memory_efficient, fused=fused, cpu_channels_last=cpu_channels_last)
         init_he_fan_out(self)
 
+    first_conv = "features.conv0"
+
     def _use_fused(self, x: torch.Tensor) -> bool:
-        """Fused blocks cover training (with or without autograd) and inference with the stock
-        modules (:func:`crosslayer.ops.dense_block.fusable`). The plain path takes everything else:
-        autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input gradients), BatchNorms
-        in mixed modes, dropout, hooks, SyncBatchNorm and other swapped or added modules, tracers."""
-        if not use_fused(self.fused, x.device.type) or is_tracing(x) or self.drop_rate > 0:
-            return False
-        # hooks on the blocks' modules would not fire inside the fused node
-        return not has_hooks(self.features) and dense_block.fusable_features(self.features)
+        return _use_fused(self.features, x, self.fused, self.conv_drop_rate)
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if isinstance(x, torch.fx.Proxy) and use_fused(self.fused, next(self.parameters()).device.type):
+            # the fast paths may apply: one call in the graph, which takes eager's path when it runs
+            switches = (self.fused, self.memory_efficient, self.cpu_channels_last, self.conv_drop_rate)
+            taps = _traced_stage_outputs(self.features, x, *switches)
+            return [taps[i] for i in range(len(self.feature_info))]
+        x = _cpu_layout(x, self.cpu_channels_last)
+        return _run_stages(self.features, x, self._use_fused(x), self.memory_efficient)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not is_tracing(x) and self.cpu_channels_last and x.device.type == "cpu" and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self._use_fused(x):
-            return dense_block.run_features(self.features, x, self.memory_efficient)
-        return F.relu(self.features(x))
+        return self.stage_outputs(x)[-1]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning rates (timm): the stem, each block with its transition, the final norm."""
+        return dict(stem=r"^features\.(?:conv0|norm0)",
+                    blocks=[(r"^features\.(?:denseblock|transition)(\d+)", None), (r"^features\.norm5", (99999,))])
+
+
+def _use_fused(features: nn.Sequential, x: torch.Tensor, fused: bool | None, conv_drop_rate: float) -> bool:
+    """Fused blocks cover training (with or without autograd) and inference with the stock
+    modules (:func:`crosslayer.ops.dense_block.fusable`). The plain path takes everything else:
+    autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input gradients), BatchNorms
+    in mixed modes, dropout, hooks, SyncBatchNorm and other swapped or added modules, tracers."""
+    if not use_fused(fused, x.device.type) or is_tracing(x) or conv_drop_rate > 0:
+        return False
+    # hooks on the blocks' modules would not fire inside the fused node
+    return not has_hooks(features) and dense_block.fusable_features(features)
+
+
+def _cpu_layout(x: torch.Tensor, cpu_channels_last: bool) -> torch.Tensor:
+    if not is_tracing(x) and cpu_channels_last and x.device.type == "cpu" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _run_stages(features: nn.Sequential, x: torch.Tensor, fused: bool, recompute: bool) -> list[torch.Tensor]:
+    """Each transition's output, then relu(features(x)): fused, or through the modules."""
+    if fused:
+        return dense_block.run_stages(features, x, recompute)
+    taps = []
+    for module in features:
+        x = module(x)
+        if isinstance(module, Transition):
+            taps.append(x)
+    return taps + [F.relu(x)]
+
+
+def _traced_stage_outputs(features: nn.Sequential, x: torch.Tensor, fused: bool | None, recompute: bool,
+                          cpu_channels_last: bool, conv_drop_rate: float) -> list[torch.Tensor]:
+    """:meth:`DenseNet.stage_outputs` as one call of an FX graph: it decides the path when it runs."""
+    x = _cpu_layout(x, cpu_channels_last)
+    return _run_stages(features, x, _use_fused(features, x, fused, conv_drop_rate), recompute)
+
+
+torch.fx.wrap("_traced_stage_outputs")
 
 
 def densenet_cifar(depth: int, growth_rate: int, bottleneck: bool, compression: float,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -79,11 +80,16 @@ class FractalBlock(nn.Module):
         return [self.conv(x)] + self.second.paths(self._join(self.first.paths(x)))
 
     def _join(self, paths: list[torch.Tensor]) -> torch.Tensor:
+        if self.training and self.drop_path > 0 and len(paths) > 1 and isinstance(paths[0], torch.fx.Proxy):
+            return _traced_join(paths, self.drop_path)
         if self.training and self.drop_path > 0 and len(paths) > 1:
             keep = torch.rand(len(paths)) >= self.drop_path
             if not keep.any():
                 keep[torch.randint(len(paths), ())] = True
-            paths = [p for p, k in zip(paths, keep) if k]
+            # the mean over the kept paths, with the dropped ones multiplied by 0 (not left out), so
+            # that their parameters get a zero gradient and the solver's weight decay and momentum still
+            # reach them, as Caffe's solver updates every parameter
+            return sum(p * k for p, k in zip(paths, keep.to(paths[0].dtype))) / keep.sum()
         return torch.stack(paths).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,18 +100,36 @@ class FractalBlock(nn.Module):
         return F.max_pool2d(out, 2) if self.pool == "after_join" else out
 
 
+def _traced_join(paths: list[torch.Tensor], drop_path: float) -> torch.Tensor:
+    """Local drop-path as arithmetic an FX graph can record: each path kept with probability
+    1 - drop_path, one drawn at random kept when none is, the mean over the kept ones."""
+    n = len(paths)
+    coins = torch.rand_like(paths[0].new_empty(n).float()) >= drop_path
+    fallback = F.one_hot(torch.randint_like(coins, n, dtype=torch.long)[0], n).bool()
+    keep = (coins | fallback & ~coins.any()).to(paths[0].dtype)
+    return sum(p * keep[i] for i, p in enumerate(paths)) / keep.sum()
+
+
 class FractalNet(ClassifierMixin, nn.Module):
     """FractalNet for 32x32 inputs: ``len(widths)`` fractal blocks, each halving the resolution by
-    2x2 max-pooling (``pool``: where, see :class:`FractalBlock`)."""
+    2x2 max-pooling (``pool``: where, see :class:`FractalBlock`). ``drop_rates``: the paper's dropout
+    after the convolutions of each block; timm's ``drop_rate`` is dropout before the classifier and
+    ``drop_path_rate`` the local drop-path probability (``drop_path``)."""
+
+    first_conv = "blocks.0.conv.0"
 
     def __init__(self, columns: int = 3, widths: tuple[int, ...] = (64, 128, 256, 512, 512),
                  drop_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4), drop_path: float = 0.15,
-                 num_classes: int = 10, in_channels: int = 3, pool: str = "columns"):
+                 num_classes: int = 10, in_channels: int = 3, pool: str = "columns", drop_rate: float = 0.0,
+                 drop_path_rate: float | None = None):
         super().__init__()
+        drop_path = drop_path if drop_path_rate is None else drop_path_rate
+        self.head_drop_rate = drop_rate
         blocks, channels = [], in_channels
         for w, d in zip(widths, drop_rates):
             blocks.append(FractalBlock(columns, channels, w, d, drop_path, pool))
             channels = w
+        self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 1), module=f"blocks.{i}") for i, w in enumerate(widths)]
         self.blocks = nn.Sequential(*blocks)
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = self.classifier_head(channels, num_classes)
@@ -114,11 +138,22 @@ class FractalNet(ClassifierMixin, nn.Module):
                 caffe_xavier_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps = []
+        for block in self.blocks:
+            x = self.run_blocks([block], x)
+            taps.append(x)
+        return taps
 
-    def reset_classifier(self, num_classes: int) -> None:
-        super().reset_classifier(num_classes)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage_outputs(x)[-1]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning rates (timm): each fractal block."""
+        return dict(blocks=r"^blocks\.(\d+)")
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
         if num_classes > 0:
             caffe_xavier_(self.classifier.weight)
 

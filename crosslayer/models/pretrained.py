@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.models._contract import adapt_input_conv, per_channel
 
 # name -> torchvision weight enum (torchvision.models.<enum>.IMAGENET1K_V1): its url, categories, transform
 PUBLISHED = {
@@ -115,7 +116,8 @@ def read_state_dict(path: str) -> dict:
 
 def load_pretrained(model: nn.Module, name: str, pretrained, num_classes: int | None = None) -> nn.Module:
     """Load ``pretrained`` weights into ``model`` (built with the weights' class count), then, like
-    timm, replace the classifier when ``num_classes`` differs (0 = pooled features).
+    timm, replace the classifier when ``num_classes`` differs (0 = pooled features). A model built
+    for other than 3 input channels gets the RGB stem adapted (:func:`~crosslayer.models._contract.adapt_input_conv`).
 
     ``pretrained``: True (the published weights of ``name``), an ``http(s)://`` URL (through the hub
     cache and its hash check), or a state_dict file: a path or a ``file://`` URL, read in place."""
@@ -132,6 +134,9 @@ def load_pretrained(model: nn.Module, name: str, pretrained, num_classes: int | 
     else:
         raise PretrainedError(f"pretrained={pretrained!r}: give True, a file path or an http(s)/file:// URL")
     sd = unwrap_state_dict(sd)
+    stem = model.first_conv + ".weight"
+    if stem in sd and sd[stem].shape[1] != model.in_chans:  # e.g. RGB weights for grey images
+        sd[stem] = adapt_input_conv(model.in_chans, sd[stem])
     try:
         if isinstance(model, DenseNet):
             load_torchvision_state_dict(model, sd)
@@ -140,7 +145,10 @@ def load_pretrained(model: nn.Module, name: str, pretrained, num_classes: int | 
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0][:200]
         raise PretrainedError(f"{source}: weights do not fit {name} ({first})") from None
-    model.pretrained_cfg = pretrained_cfg(name, source)
+    cfg = pretrained_cfg(name, source)
+    c = model.in_chans
+    cfg.update(input_size=(c, *cfg["input_size"][1:]), mean=per_channel(cfg["mean"], c), std=per_channel(cfg["std"], c))
+    model.pretrained_cfg = {**(model.pretrained_cfg or {}), **cfg}
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
         model.pretrained_cfg["classes"] = None  # a new, untrained classifier

@@ -9,6 +9,7 @@ ResNet, and the ResNet with stochastic depth.
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -20,12 +21,14 @@ PREACT = "He et al., Identity Mappings in Deep Residual Networks, ECCV 2016"
 SD = "Huang et al., Deep Networks with Stochastic Depth, ECCV 2016"
 
 
-def zero_pad_shortcut(x: torch.Tensor, out_channels: int, stride: int, pool: str = "subsample") -> torch.Tensor:
+def zero_pad_shortcut(x: torch.Tensor, in_channels: int, out_channels: int, stride: int,
+                      pool: str = "subsample") -> torch.Tensor:
     """Parameter-free shortcut (He et al. option A): spatial subsampling (or 2x2 average pooling,
-    as in the stochastic-depth code) and zero-padding of the new channels."""
+    as in the stochastic-depth code) and zero-padding of the new channels. The channel counts are
+    the block's (not read off ``x``), so FX can trace it."""
     if stride > 1:
         x = x[:, :, ::stride, ::stride] if pool == "subsample" else F.avg_pool2d(x, stride)
-    pad = out_channels - x.shape[1]
+    pad = out_channels - in_channels
     return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad > 0 else x
 
 
@@ -43,15 +46,22 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=conv_bias)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.out_channels, self.stride = out_channels, stride
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.survival_prob, self.shortcut_pool = survival_prob, shortcut_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = zero_pad_shortcut(x, self.out_channels, self.stride, self.shortcut_pool)
-        if self.training and self.survival_prob < 1 and torch.rand(()) >= self.survival_prob:
-            return F.relu(shortcut)  # branch dropped for this mini-batch
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        if not self.training and self.survival_prob < 1:
+        shortcut = zero_pad_shortcut(x, self.in_channels, self.out_channels, self.stride, self.shortcut_pool)
+        branch = lambda: self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # noqa: E731
+        if self.training and self.survival_prob < 1:  # one draw per mini-batch
+            if isinstance(x, torch.fx.Proxy):  # a graph cannot branch on the draw: it multiplies by it
+                keep = torch.rand_like(x[:1, :1, :1, :1]) < self.survival_prob
+                return F.relu(shortcut + branch() * keep.to(x.dtype))
+            if torch.rand(()) >= self.survival_prob:  # branch dropped: not computed, its parameters get a
+                # zero gradient, so weight decay and momentum still reach them (as in the authors' Torch
+                # optimiser, which updates the flattened parameters of every block)
+                return F.relu(shortcut + sum(p.sum() for p in self.parameters()) * 0)
+        out = branch()
+        if self.survival_prob < 1:
             out = out * self.survival_prob
         return F.relu(shortcut + out)
 
@@ -72,7 +82,7 @@ class PreActBlock(nn.Module):
         if shortcut not in ("projection", "zero_pad"):
             raise ValueError(f"shortcut must be 'projection' or 'zero_pad', got {shortcut!r}")
         changes = stride != 1 or in_channels != out_channels
-        self.drop_rate, self.out_channels, self.stride = drop_rate, out_channels, stride
+        self.drop_rate, self.in_channels, self.out_channels, self.stride = drop_rate, in_channels, out_channels, stride
         self.preact_shortcut = changes if preact_shortcut is None else preact_shortcut
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
@@ -87,7 +97,7 @@ class PreActBlock(nn.Module):
         if self.shortcut is not None:
             shortcut = self.shortcut(shortcut)
         else:
-            shortcut = zero_pad_shortcut(shortcut, self.out_channels, self.stride)
+            shortcut = zero_pad_shortcut(shortcut, self.in_channels, self.out_channels, self.stride)
         out = F.relu(self.bn2(self.conv1(pre)))
         if self.drop_rate > 0:
             out = F.dropout(out, self.drop_rate, self.training)
@@ -133,17 +143,27 @@ class CifarResNet(ClassifierMixin, nn.Module):
     ``preresnet.lua``, the first unit of each stage shares its BN-ReLU with the shortcut.
     ``stem="cifar-s2"`` (ours, not in the paper) gives the 3x3 stem conv stride 2, as DenseNet's
     ``"cifar-s2"``: the stages run at half the input resolution.
+    timm's keywords: ``drop_rate`` = dropout before the classifier; ``drop_path_rate`` = ``death_rate``
+    (basic units only).
     """
+
+    first_conv = "stem"
 
     def __init__(self, blocks_per_stage: int, unit: str = "basic", widths: tuple[int, int, int] = (16, 32, 64),
                  num_classes: int = 10, in_channels: int = 3, conv_bias: bool = False, death_rate: float = 0.0,
-                 shortcut_pool: str = "subsample", shortcut_type: str = "A", stem: str = "cifar"):
+                 shortcut_pool: str = "subsample", shortcut_type: str = "A", stem: str = "cifar",
+                 drop_rate: float = 0.0, drop_path_rate: float | None = None):
         super().__init__()
         if shortcut_type not in ("A", "B"):
             raise ValueError(f"shortcut_type must be 'A' (zero-padding) or 'B' (projection), got {shortcut_type!r}")
         if stem not in ("cifar", "cifar-s2"):
             raise ValueError(f"stem must be 'cifar' or 'cifar-s2', got {stem!r}")
         preact = unit.startswith("preact")
+        if drop_path_rate is not None:
+            if preact and drop_path_rate:
+                raise ValueError(f"drop_path_rate={drop_path_rate}: stochastic depth is built for basic units only")
+            death_rate = drop_path_rate
+        self.head_drop_rate = drop_rate
         self.stem = nn.Conv2d(in_channels, 16, 3, 2 if stem == "cifar-s2" else 1, 1, bias=conv_bias)
         self.stem_bn = None if preact else nn.BatchNorm2d(16)
         total, layers, channels, idx = 3 * blocks_per_stage, [], 16, 0
@@ -166,14 +186,32 @@ class CifarResNet(ClassifierMixin, nn.Module):
         self.final_bn = nn.BatchNorm2d(channels) if preact else None
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = self.classifier_head(channels, num_classes)
+        self.stage_ends = [blocks_per_stage * (s + 1) for s in range(len(widths))]  # the stage taps
+        self.feature_info = [dict(num_chs=w, reduction=2 ** s, module=f"layers.{end - 1}")
+                             for s, (w, end) in enumerate(zip(widths, self.stage_ends))]
+        if preact:
+            self.feature_info[-1]["module"] = "final_bn"
         init_he_fan_out(self)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         if self.stem_bn is not None:
             x = F.relu(self.stem_bn(x))
-        x = self.layers(x)
-        return F.relu(self.final_bn(x)) if self.final_bn is not None else x
+        taps, start = [], 0
+        for end in self.stage_ends:
+            x = self.run_blocks(self.layers[start:end], x)
+            taps.append(x)
+            start = end
+        if self.final_bn is not None:
+            taps[-1] = F.relu(self.final_bn(x))
+        return taps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage_outputs(x)[-1]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning rates (timm): the stem, each unit, the final norm."""
+        return dict(stem=r"^stem", blocks=[(r"^layers\.(\d+)", None), (r"^final_bn", (99999,))])
 
 
 def _depth_blocks(depth: int, per_block: int, family: str) -> int:

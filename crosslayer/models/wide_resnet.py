@@ -25,23 +25,30 @@ PAPER = "Zagoruyko & Komodakis, Wide Residual Networks, BMVC 2016"
 
 
 class WideResNet(ClassifierMixin, nn.Module):
-    """WRN-depth-width for 32x32 inputs (Table 1 of the paper)."""
+    """WRN-depth-width for 32x32 inputs (Table 1 of the paper). ``conv_drop_rate``: the paper's dropout
+    between the two convolutions of every block; ``drop_rate`` (timm's): dropout before the classifier."""
 
-    def __init__(self, depth: int = 28, width: int = 10, drop_rate: float = 0.0, num_classes: int = 10,
-                 in_channels: int = 3, init: str = "official"):
+    first_conv = "stem"
+
+    def __init__(self, depth: int = 28, width: int = 10, conv_drop_rate: float = 0.0, num_classes: int = 10,
+                 in_channels: int = 3, init: str = "official", drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
         if init not in ("official", "fan_out"):
             raise ValueError(f"init must be 'official' or 'fan_out', got {init!r}")
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth {depth} needs (depth-4) divisible by 6")
+        if drop_path_rate:
+            raise ValueError(f"drop_path_rate={drop_path_rate}: a Wide ResNet has no drop-path (stochastic depth)")
         n = (depth - 4) // 6
-        self.depth, self.width = depth, width
+        self.depth, self.width, self.conv_drop_rate, self.head_drop_rate = depth, width, conv_drop_rate, drop_rate
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        blocks, channels = [], 16
+        blocks, channels, self.feature_info = [], 16, []
         for s, w in enumerate((16 * width, 32 * width, 64 * width)):
             for b in range(n):
-                blocks.append(PreActBlock(channels, w, 2 if s > 0 and b == 0 else 1, drop_rate))
+                blocks.append(PreActBlock(channels, w, 2 if s > 0 and b == 0 else 1, conv_drop_rate))
                 channels = w
+            self.feature_info.append(dict(num_chs=w, reduction=2 ** s, module=f"blocks.{len(blocks) - 1}"))
+        self.feature_info[-1]["module"] = "final_bn"
         self.blocks = nn.Sequential(*blocks)
         self.final_bn = nn.BatchNorm2d(channels)
         self.num_features, self.num_classes = channels, num_classes
@@ -51,8 +58,20 @@ class WideResNet(ClassifierMixin, nn.Module):
         else:
             init_he_fan_out(self)
 
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, taps, n = self.stem(x), [], len(self.blocks) // 3
+        for s in range(3):
+            x = self.run_blocks(self.blocks[s * n:(s + 1) * n], x)
+            taps.append(x)
+        taps[-1] = F.relu(self.final_bn(x))
+        return taps
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.final_bn(self.blocks(self.stem(x))))
+        return self.stage_outputs(x)[-1]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning rates (timm): the stem, each block, the final norm."""
+        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^final_bn", (99999,))])
 
 
 def init_wrn_official(model: nn.Module) -> None:
@@ -70,9 +89,9 @@ def init_wrn_official(model: nn.Module) -> None:
 
 
 def wide_resnet(depth: int, width: int, dropout: float = 0.0, **kwargs) -> WideResNet:
-    """Generic WRN-depth-width with dropout probability ``dropout`` (0 by default as the released
-    ``train.lua``; 0.3 on CIFAR and 0.4 on SVHN for the "-dropout" variants)."""
-    kwargs.setdefault("drop_rate", dropout)
+    """Generic WRN-depth-width with the paper's in-block dropout probability ``dropout`` (0 by default
+    as the released ``train.lua``; 0.3 on CIFAR and 0.4 on SVHN for the "-dropout" variants)."""
+    kwargs.setdefault("conv_drop_rate", dropout)
     return WideResNet(depth, width, **kwargs)
 
 

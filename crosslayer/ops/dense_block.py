@@ -121,7 +121,13 @@ def fused_parameters(block: nn.Module, tail: nn.Module) -> list[nn.Parameter]:
 def run_features(features: nn.Sequential, x: torch.Tensor, recompute: bool) -> torch.Tensor:
     """relu(features(x)) for a DenseNet's ``features`` for which :func:`fusable_features` holds:
     every dense block with the module after it as one fused node, other modules called."""
-    modules = list(features.children())
+    return run_stages(features, x, recompute)[-1]
+
+
+def run_stages(features: nn.Sequential, x: torch.Tensor, recompute: bool) -> list[torch.Tensor]:
+    """:func:`run_features` returning the output of every fused node (each transition's output, and
+    last relu(norm5(...)) = relu(features(x)))."""
+    modules, outputs = list(features.children()), []
     i = 0
     while i < len(modules):
         if isinstance(modules[i], _block_type()):
@@ -129,11 +135,12 @@ def run_features(features: nn.Sequential, x: torch.Tensor, recompute: bool) -> t
             params = fused_parameters(block, tail)
             backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
             x = DenseBlockFunction.apply(x, block, tail, recompute, backward, *params)
+            outputs.append(x)
             i += 2
         else:
             x = modules[i](x)
             i += 1
-    return x
+    return outputs
 
 
 # ------------------------------------------------------------------------------- the feature buffer

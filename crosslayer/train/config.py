@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from crosslayer.errors import CrosslayerError
 from crosslayer.train.presets import preset_for
 
+# 2: model_kwargs name the papers' per-convolution dropout conv_drop_rate (1: drop_rate)
+MODEL_KWARGS_FORMAT = 2
+
 
 class ConfigError(CrosslayerError):
     """A training option has a value that is not allowed (the message names the flag)."""
@@ -376,10 +379,15 @@ RECORD = ("command", "resume_commands")
 def saved_fields(d: dict) -> dict:
     """The TrainConfig fields of a saved config dict (config.json or a checkpoint's ``config``).
 
+    Records before ``model_kwargs_format`` 2 name the papers' dropout ``drop_rate`` (now timm's
+    classifier dropout; the papers' is ``conv_drop_rate``): renamed here.
     Configs written before TrainConfig existed stored resolved values under the same names: the
     milestones in epochs/steps (the given ones in ``milestones_spec``) and the warm-up in steps
     including ``warmup_epochs``; they are mapped back to what was given."""
     out = {k: d[k] for k in FIELDS if k in d}
+    if d.get("model_kwargs_format", 1) < 2 and "drop_rate" in (d.get("model_kwargs") or {}):
+        # written when the model's drop_rate was the papers' dropout after the convolutions
+        out["model_kwargs"] = {("conv_drop_rate" if k == "drop_rate" else k): v for k, v in d["model_kwargs"].items()}
     if "milestones_spec" in d:  # the format before TrainConfig
         out["milestones"] = list(d["milestones_spec"])
         spe = int(d.get("steps_per_epoch") or 0)
@@ -401,7 +409,7 @@ def differs(saved: dict, cfg: TrainConfig) -> tuple[str, str] | None:
         mine, theirs = getattr(cfg, name), have[name]
         if name == "model_kwargs":
             theirs = theirs or {}
-            keys = (set(mine) | set(theirs)) - {"drop_rate", "memory_efficient"}
+            keys = (set(mine) | set(theirs)) - {"conv_drop_rate", "memory_efficient"}
             for k in sorted(k for k in keys if _norm(mine.get(k)) != _norm(theirs.get(k))):
                 return f"--model-arg {k}={mine.get(k)!r}", f"{k}={theirs.get(k)!r}"
         elif name in ("drop_rate", "drop_rate_no_aug") and theirs is None:

@@ -32,7 +32,15 @@ from crosslayer.ops.defaults import unset_training_defaults
 from crosslayer.train import checkpoint as ck
 from crosslayer.train import distributed as D
 from crosslayer.train import transfer
-from crosslayer.train.config import TrainConfig, check_model, differs, model_parameters, starts_from_weights, takes_argument
+from crosslayer.train.config import (
+    MODEL_KWARGS_FORMAT,
+    TrainConfig,
+    check_model,
+    differs,
+    model_parameters,
+    starts_from_weights,
+    takes_argument,
+)
 from crosslayer.train.evaluate import evaluate
 from crosslayer.train.metrics import StepMetrics
 from crosslayer.train.outputs import METRIC_COLUMNS, results, write_metrics
@@ -306,15 +314,16 @@ class Trainer:
             raise TrainingError(f"data {bundle.name}: no training batches (batch {bs} per process)")
 
     def model_kwargs(self) -> dict:
-        """The model constructor's arguments: ``--model-arg`` values, the dropout (the preset's
-        no-augmentation dropout when the data has no augmentation) and ``--memory-efficient``."""
+        """The model constructor's arguments: ``--model-arg`` values, the dropout ``--drop-rate`` as
+        ``conv_drop_rate`` (the preset's no-augmentation dropout when the data has no augmentation)
+        and ``--memory-efficient``."""
         cfg = self.cfg
         kwargs = {k: v for k, v in cfg.model_kwargs.items() if k != "memory_efficient"}
         drop = cfg.drop_rate
         if drop is None and not self.bundle.augment:
             drop = cfg.drop_rate_no_aug
-        if drop is not None and takes_argument(model_parameters(cfg), "drop_rate"):
-            kwargs["drop_rate"] = drop
+        if drop is not None and takes_argument(model_parameters(cfg), "conv_drop_rate"):
+            kwargs["conv_drop_rate"] = drop  # the papers' dropout after the convolutions
         elif drop is not None:
             self.log(f"note: {cfg.model} has no dropout option; dropout {drop:g} is not applied")
         if cfg.memory_efficient:
@@ -657,7 +666,8 @@ class Trainer:
     def record(self) -> dict:
         """config.json (and every checkpoint's ``config``): the config, the model's actual
         constructor arguments and what the run measured."""
-        rec = {**self.cfg.to_dict(), **self.facts, "model_kwargs": dict(self.kwargs), "init": self.init}
+        rec = {**self.cfg.to_dict(), **self.facts, "model_kwargs": dict(self.kwargs),
+               "model_kwargs_format": MODEL_KWARGS_FORMAT, "init": self.init}
         rec["epochs"] = self.epochs  # for a run counted in iterations: the epochs they take
         return rec
 
