@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
+# torch and torchvision of the GPU machines the project is measured on, put in front of the
+# environment's own (PYTHONPATH) for `make test-torch211`; everything else comes from $(VENV)
+TORCH211 := .venv-torch211
 
-.PHONY: demo test fashion-mnist
+.PHONY: demo test test-torch211 fashion-mnist
 
 $(BIN)/crosslayer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +30,13 @@ demo: $(BIN)/crosslayer fashion-mnist
 test: $(BIN)/crosslayer fashion-mnist
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The suite again on torch 2.11 / torchvision 0.26 (CI runs it after `make test`).
+$(TORCH211)/torch/__init__.py: $(BIN)/crosslayer
+	$(BIN)/python -m pip install -q --no-deps --no-compile --target $(TORCH211) torch==2.11.0 torchvision==0.26.0
+	touch $@
+
+test-torch211: $(TORCH211)/torch/__init__.py fashion-mnist
+	PYTHONPATH=$(TORCH211) $(BIN)/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
+	PYTHONPATH=$(TORCH211) $(BIN)/python -m crosslayer.ops.cpu_kernels
+	PYTHONPATH=$(TORCH211) $(BIN)/python -m pytest

@@ -179,27 +179,52 @@ def prepare(config: Config, opts: Options):
     return model, x, train_step, infer_step
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters): what a failed step records."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, warmup: int, device: str,
-                     first: dict[str, float] | None = None) -> dict[str, list[float]]:
+                     first: dict[str, float] | None = None,
+                     failed: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Median-ready step times, round-robin; ``first`` receives each configuration's first warm-up
-    step time (the compile time of a torch.compile'd configuration)."""
-    for k, fn in steps.items():
-        for i in range(warmup):
+    step time (the compile time of a torch.compile'd configuration). With ``failed``, a
+    configuration whose step raises (out of memory, a compiler error) leaves the rounds with its
+    error recorded there and the others are still timed; without it, the error propagates."""
+    steps = dict(steps)
+
+    def timed(k: str) -> float | None:
+        try:
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            steps[k]()
             _sync(device)
+            return time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - recorded per configuration when asked to
+            if failed is None:
+                raise
+            failed[k] = error_line(e)
+            del steps[k]
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()  # what the failed step held goes back before the next one
+            return None
+
+    for k in list(steps):
+        for i in range(warmup):
+            t = timed(k)
+            if t is None:
+                break
             if i == 0 and first is not None:
-                first[k] = time.perf_counter() - t0
+                first[k] = t
     times = {k: [] for k in steps}
     for _ in range(reps):
-        for k, fn in steps.items():  # A B C A B C ...: load changes hit every configuration alike
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
+        for k in list(steps):  # A B C A B C ...: load changes hit every configuration alike
+            t = timed(k)
+            if t is not None:
+                times[k].append(t)
+    return {k: times[k] for k in steps}
 
 
 def _rss_kb(field: str = "VmRSS:") -> int:

@@ -1,29 +1,39 @@
-"""Everything a GPU should tell us, in one command and at most five minutes (GitHub issue #12):
+"""Everything a GPU should tell us, in one command that fits one call of a lent GPU machine:
 
-    python -m benchmarks.gpu                       # on a machine with one CUDA GPU
-    python -m benchmarks.gpu --device cpu --quick  # smoke run of the same code (the test suite runs it)
+    python -m benchmarks.gpu --budget-s 540         # on a machine with one CUDA GPU
+    python -m benchmarks.gpu --device cpu --quick   # smoke run of the same code (the test suite runs it)
+    python -m benchmarks.gpu --device cpu --quick --simulate-failures   # dry run of the failure handling
 
 In order, each step only if the time budget (``--budget-s``, default 300 s) still has room for it;
 a step that does not fit is skipped and listed as such in the output:
 
-1. the ``cuda``-marked tests (``pytest -m cuda tests/test_cuda.py``, in a subprocess);
-2. training and inference throughput and the peak memory of one training step
+1. training and inference throughput and the peak memory of one training step
    (``torch.cuda.max_memory_allocated`` minus what was allocated before it) of DenseNet-BC-100 at
    batch 64 and 256 and DelugeNet-146 at batch 64: ours (fused, plain, memory-efficient, plain with
    the CUDA training defaults channels_last + bf16) and torchvision's DenseNet built to the same
    architecture (default, ``memory_efficient=True``, channels_last + bf16 autocast), all configurations of
    one suite built in one process and timed round-robin with CUDA synchronisation around every
    step (``benchmarks.core``);
-3. the seconds of one CIFAR-sized training epoch (50,000 synthetic 32x32 images resident on the
+2. the seconds of one CIFAR-sized training epoch (50,000 synthetic 32x32 images resident on the
    device, augmentation on the device, SGD step included) of DenseNet-BC-100 at the paper's
    batch 64 and at batch 256, with the device's training defaults (``crosslayer.ops.defaults``);
-4. one real Fashion-MNIST epoch through ``crosslayer train`` (the demo's model and preset);
-5. ``torch.compile`` (ours plain and torchvision, each beside its eager twin), last because
-   compiling takes minutes; a compilation already started is not interrupted.
+3. one real Fashion-MNIST epoch through ``crosslayer train`` (the demo's model and preset;
+   ``--data-dir`` names the folder of its IDX files);
+4. the ``cuda``-marked tests (``pytest -m cuda tests/test_cuda.py -rfEs --tb=short``, with
+   ``CROSSLAYER_CPU_KERNELS=0`` so that their CPU references build no C++ kernels); the whole
+   output goes to ``OUT/cuda-tests.log`` and its tail into ``gpu.json``;
+5. with ``--compile`` only: ``torch.compile`` (ours plain and torchvision, each beside its eager
+   twin), last because compiling takes minutes.
 
-Writes ``OUT/gpu.json`` (raw times and every number) and ``OUT/gpu.md`` (tables with the GPU name,
-driver, CUDA, torch version and date); ``--write-docs docs/benchmarks.md`` also replaces that
-file's ``bench:gpu`` section.
+Every step but the tests runs in a child process of its own (``--step``) under a time limit
+(:data:`TIMEOUT_S`, never past the budget): a step that fails, crashes or hangs is recorded with
+its error (a hang is killed) and the next step runs. Inside a suite a configuration that fails (out
+of memory, say) is marked not run with its error and the others are timed. ``OUT/gpu.json`` and
+``OUT/gpu.md`` (tables with the GPU name, driver, CUDA, torch version and date) are rewritten after
+every step, so a run cut short leaves everything measured so far. ``OUT`` is ``--out``, else the
+environment's ``$OUT``, else ``runs/gpu-benchmark``. ``--write-docs docs/benchmarks.md`` also
+replaces that file's ``bench:gpu`` section; ``--from-json gpu.json`` rebuilds the tables from a
+returned file without measuring.
 """
 
 from __future__ import annotations
@@ -36,11 +46,13 @@ import io
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +60,6 @@ import torch.nn.functional as F
 import crosslayer
 from benchmarks import core, delugenet, densenet
 from crosslayer.counting import SavedBytes
-from crosslayer.errors import CrosslayerError
 from crosslayer.ops.defaults import training_defaults, use_fused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +67,12 @@ DEFAULT_BUDGET_S = 300.0
 # rough seconds each step takes on an H100/H200-class GPU (full run) and on 2 CPU cores (--quick):
 # a step starts only when the budget has at least this much left
 ESTIMATE_S = {"tests": (120, 30), "suite": (25, 10), "epoch64": (40, 5), "epoch256": (25, 5),
-              "fashion-mnist": (30, 15), "compile": (150, 60)}
+              "fashion-mnist": (30, 15), "compile": (150, 60), "hang": (1, 1)}
+# the most seconds a step may run (full run, --quick) before it is killed, never past the budget:
+# a hang costs one step, not the call
+TIMEOUT_S = {"tests": (240, 600), "suite": (150, 600), "epoch64": (120, 300), "epoch256": (90, 300),
+             "fashion-mnist": (150, 600), "compile": (300, 600), "hang": (3, 3)}
+TAIL_CHARS = 6000  # of the tests' output kept in gpu.json
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -209,29 +225,48 @@ def _timing(times: list[float], batch: int) -> dict:
             "img_s": batch / med}
 
 
-def run_suite(configs: dict, opts: core.Options, log=print) -> dict:
+def _simulated_oom():
+    raise torch.OutOfMemoryError("CUDA out of memory (simulated by --simulate-failures)")
+
+
+def run_suite(configs: dict, opts: core.Options, log=print, fail: str | None = None) -> dict:
     """Build every configuration in this process, time training and inference steps round-robin
-    (``core.time_interleaved``: synchronised around every step), then one step's memory each."""
+    (``core.time_interleaved``: synchronised around every step), then one step's memory each. A
+    configuration that fails to build or to run is marked ``not_run`` with its error; the others
+    are timed. ``fail``: a configuration whose training step runs out of memory (a dry run)."""
     prepared, out = {}, {}
     for k, (config, changes) in configs.items():
         try:
             prepared[k] = core.prepare(config, dataclasses.replace(opts, **changes))
-        except CrosslayerError as e:  # e.g. a model without that option in this version
-            out[k] = {"label": config.label, "not_run": str(e)}
+        except Exception as e:  # noqa: BLE001 - e.g. a model without that option, out of memory
+            out[k] = {"label": config.label, "not_run": core.error_line(e)}
+    if fail in prepared:
+        model, x, _, infer_step = prepared[fail]
+        prepared[fail] = (model, x, _simulated_oom, infer_step)
     log(f"[gpu] {len(prepared)} configurations, batch {opts.batch_size}: {opts.reps} interleaved rounds")
-    t_train = core.time_interleaved({k: p[2] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device)
-    t_infer = core.time_interleaved({k: p[3] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device)
+    failed: dict[str, str] = {}
+    t_train = core.time_interleaved({k: p[2] for k, p in prepared.items()}, opts.reps, opts.warmup, opts.device,
+                                    failed=failed)
+    t_infer = core.time_interleaved({k: p[3] for k, p in prepared.items() if k in t_train}, opts.reps,
+                                    opts.warmup, opts.device, failed=failed)
     for k, (model, _, train_step, _) in prepared.items():
         config, changes = configs[k]
+        if k in failed:
+            out[k] = {"label": config.label, "options": changes, "not_run": failed[k]}
+            log(f"[gpu] {k}: not run ({failed[k]})")
+            continue
         r = {"label": config.label, "options": changes, "params": sum(p.numel() for p in model.parameters()),
              "train": _timing(t_train[k], opts.batch_size), "infer": _timing(t_infer[k], opts.batch_size)}
-        r.update(step_memory(model, train_step, opts.device, bool(changes.get("compile"))))
+        try:
+            r.update(step_memory(model, train_step, opts.device, bool(changes.get("compile"))))
+        except Exception as e:  # noqa: BLE001 - the times stand without the memory
+            r["memory_error"] = core.error_line(e)
         out[k] = r
     del prepared
     gc.collect()
     if opts.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return out
+    return {k: out[k] for k in configs}  # in the configurations' order
 
 
 def cifar_epoch(device: str, batch_size: int, n_images: int, image_size: int = 32, log=print) -> dict:
@@ -305,85 +340,203 @@ def fashion_mnist_epoch(device: str, data_dir: str | None, quick: bool, log=prin
             "amp": run_cfg["amp"], "channels_last": run_cfg["channels_last"]}
 
 
-def run_cuda_tests(budget: Budget, log=print) -> dict:
-    """``pytest -m cuda tests/test_cuda.py`` in a subprocess (skipped tests say why)."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"]
-    timeout = max(10.0, min(240.0, budget.left() - 30))
-    t0 = time.perf_counter()
+SIMULATED_TESTS = """
+def test_passes():
+    pass
+
+
+def test_fails():
+    assert 1 + 1 == 3, "a CUDA test failure simulated by --simulate-failures"
+"""
+
+
+def _run(cmd: list[str], timeout: float, **popen) -> int | None:
+    """Run ``cmd`` in a process group of its own; its return code, or None when it outlived
+    ``timeout`` seconds (the whole group, compile workers included, is killed)."""
+    p = subprocess.Popen(cmd, start_new_session=True, **popen)
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"command": "pytest -m cuda tests/test_cuda.py", "summary": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
-    res = {"command": "pytest -m cuda tests/test_cuda.py", "returncode": p.returncode,
-           "summary": lines[-1].strip("= ") if lines else p.stderr.strip()[-200:],
+        return p.wait(timeout=timeout)
+    except BaseException as e:  # the timeout, or this process interrupted: leave nothing running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            return None
+        raise
+
+
+def run_cuda_tests(args, timeout: float, log=print) -> dict:
+    """``pytest -m cuda tests/test_cuda.py`` in a subprocess (failures with short tracebacks, skips
+    with their reasons), its output in ``OUT/cuda-tests.log`` and its tail in the result.
+    ``--simulate-failures`` runs a file with one passing and one failing test instead."""
+    flags = ["-v", "-o", "addopts=", "-rfEs", "--tb=short", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=60"]
+    with tempfile.TemporaryDirectory(prefix="crosslayer-gpu-tests-") as tmp:
+        if args.simulate_failures:
+            target = os.path.join(tmp, "test_simulated.py")
+            with open(target, "w") as f:
+                f.write(SIMULATED_TESTS)
+            cmd = [sys.executable, "-m", "pytest", *flags, "--rootdir", tmp, target]
+        else:
+            cmd = [sys.executable, "-m", "pytest", "-m", "cuda", *flags, "tests/test_cuda.py"]
+        path = os.path.join(args.out, "cuda-tests.log")
+        env = dict(os.environ, CROSSLAYER_CPU_KERNELS="0", PYTHONUNBUFFERED="1")
+        t0 = time.perf_counter()
+        with open(path, "w") as f:
+            rc = _run(cmd, timeout, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        seconds = time.perf_counter() - t0
+    text = open(path, errors="replace").read()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    summary = lines[-1].strip("= ") if lines else "no output"
+    if rc is None:
+        summary = f"timed out after {timeout:.0f} s (killed); last line: {summary}"
+    res = {"command": "CROSSLAYER_CPU_KERNELS=0 python " + " ".join(shlex.quote(a) for a in cmd[1:]),
+           "returncode": rc, "summary": summary,
            "failed": [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))],
-           "seconds": time.perf_counter() - t0}
-    log(f"[gpu] cuda tests: {res['summary']}")
+           "seconds": round(seconds, 1), "log": path, "output_tail": text[-TAIL_CHARS:]}
+    log(f"[gpu] cuda tests: {summary}")
     return res
 
 
 # ---------------------------------------------------------------------------------- the run
 
-def _steps(args, opts: core.Options, log) -> list:
-    """(section, name, budget kind, thunk) in the order they run: what the issue's goals rest on first."""
+@dataclass
+class Step:
+    """One step of the run: its result goes to ``res[section][name]`` (the tests: ``res["tests"]``)."""
+
+    section: str
+    name: str
+    kind: str  # the key of ESTIMATE_S and TIMEOUT_S
+    thunk: object  # () -> dict, run in a child process
+
+    @property
+    def title(self) -> str:
+        return "cuda tests" if self.section == "tests" else f"{self.section} {self.name}"
+
+
+def _options(args) -> core.Options:
+    # --quick: 8x8 images (the models' per-layer work is what the smoke run exercises, not their speed)
+    return core.Options(device=args.device, reps=args.reps or (1 if args.quick else 10),
+                        warmup=1 if args.quick else 3, memory=False, image_size=8 if args.quick else 32)
+
+
+def _hang():
+    time.sleep(3600)
+
+
+def _steps(args, log=print) -> list[Step]:
+    """The steps in the order they run: the measurements first, then the CUDA tests, compilation
+    last. ``--simulate-failures``: a short run whose DenseNet suite has a configuration that runs
+    out of memory, with a step that hangs past its time limit and a failing test."""
+    opts = _options(args)
     small, large = (2, None) if args.quick else (64, 256)
     n_images = 4 if args.quick else 50_000
 
-    def suite(configs, batch):
-        return lambda: run_suite(configs(), dataclasses.replace(opts, batch_size=batch), log)
+    def suite(configs, batch, fail=None):
+        return lambda: run_suite(configs(), dataclasses.replace(opts, batch_size=batch), log, fail)
 
     def epoch(batch):
         return lambda: cifar_epoch(args.device, batch, n_images, opts.image_size, log)
 
-    steps = [("suites", f"densenet_bc100_b{small}", "suite", suite(densenet_configs, small)),
-             ("epochs", f"b{small}", "epoch64", epoch(small))]
+    if args.simulate_failures:
+        some = lambda: {k: v for k, v in densenet_configs().items() if k in ("tv", "fused", "plain")}  # noqa: E731
+        return [Step("suites", f"densenet_bc100_b{small}", "suite", suite(some, small, fail="fused")),
+                Step("simulated", "hang", "hang", _hang),
+                Step("epochs", f"b{small}", "epoch64", epoch(small)),
+                Step("tests", "cuda", "tests", None)]
+    steps = [Step("suites", f"densenet_bc100_b{small}", "suite", suite(densenet_configs, small)),
+             Step("epochs", f"b{small}", "epoch64", epoch(small))]
     if not args.quick:  # the same code at another batch size: not needed in a smoke run
-        steps += [("suites", f"densenet_bc100_b{large}", "suite", suite(densenet_configs, large)),
-                  ("epochs", f"b{large}", "epoch256", epoch(large))]
-    steps += [("suites", f"delugenet146_b{small}", "suite", suite(delugenet_configs, small)),
-              ("fashion_mnist", "epoch", "fashion-mnist",
-               lambda: fashion_mnist_epoch(args.device, args.data_dir, args.quick, log))]
-    if not (args.quick or args.no_compile):
-        steps += [("compiled", f"densenet_bc100_b{small}", "compile",
-                   suite(lambda: compile_configs("densenet"), small)),
-                  ("compiled", f"delugenet146_b{small}", "compile",
-                   suite(lambda: compile_configs("delugenet"), small))]
+        steps += [Step("suites", f"densenet_bc100_b{large}", "suite", suite(densenet_configs, large)),
+                  Step("epochs", f"b{large}", "epoch256", epoch(large))]
+    steps += [Step("suites", f"delugenet146_b{small}", "suite", suite(delugenet_configs, small)),
+              Step("fashion_mnist", "epoch", "fashion-mnist",
+                   lambda: fashion_mnist_epoch(args.device, args.data_dir, args.quick, log))]
+    if not args.skip_tests:
+        steps.append(Step("tests", "cuda", "tests", None))
+    if args.compile and not args.quick:
+        steps += [Step("compiled", f"densenet_bc100_b{small}", "compile",
+                       suite(lambda: compile_configs("densenet"), small)),
+                  Step("compiled", f"delugenet146_b{small}", "compile",
+                       suite(lambda: compile_configs("delugenet"), small))]
     return steps
+
+
+def run_step(args) -> int:
+    """The child process of one step (``--step TITLE``): its result, or its error, as JSON in
+    ``--step-out``."""
+    log = _log
+    step = {s.title: s for s in _steps(args, log)}[args.step]
+    try:
+        out = {"result": step.thunk()}
+    except Exception as e:  # noqa: BLE001 - the parent records it and goes on
+        import traceback
+
+        traceback.print_exc()
+        out = {"error": core.error_line(e)}
+    with open(args.step_out, "w") as f:
+        json.dump(out, f, default=str)
+    return 0
+
+
+def run_in_child(args, step: Step, timeout: float) -> dict:
+    """``{"result": ...}`` or ``{"error": ...}`` of ``step`` run by a child process (its output
+    goes to this one's), killed after ``timeout`` seconds."""
+    with tempfile.TemporaryDirectory(prefix="crosslayer-gpu-step-") as tmp:
+        path = os.path.join(tmp, "step.json")
+        cmd = [sys.executable, "-m", "benchmarks.gpu", *args.argv, "--step", step.title, "--step-out", path]
+        sys.stdout.flush()
+        path_env = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+        rc = _run(cmd, timeout, env=dict(os.environ, PYTHONPATH=path_env, PYTHONUNBUFFERED="1"))
+        if rc is None:
+            return {"error": f"timed out after {timeout:.0f} s (killed)"}
+        if not os.path.exists(path):
+            return {"error": f"its process exited with code {rc} and no result (a crash: see the log above)"}
+        with open(path) as f:
+            return json.load(f)
+
+
+def write_outputs(res: dict, out: str) -> None:
+    """gpu.json and gpu.md in ``out``, each replaced whole (a reader never sees half a file)."""
+    os.makedirs(out, exist_ok=True)
+    for name, text in (("gpu.json", json.dumps(res, indent=1, default=str)), ("gpu.md", markdown(res))):
+        path = os.path.join(out, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
 
 def run(args, log=print) -> dict:
     budget = Budget(args.budget_s, args.quick, log)
     res = {"machine": gpu_info(args.device), "command": args.command, "quick": args.quick,
            "budget_s": args.budget_s, "suites": {}, "epochs": {}, "compiled": {}, "fashion_mnist": {},
-           "tests": None, "errors": {}, "step_seconds": {}}
+           "tests": None, "errors": {}, "step_seconds": {}, "skipped": budget.skipped, "seconds": 0.0, "goals": {}}
     if args.skip_tests:
         budget.skipped.append("cuda tests: skipped (--skip-tests)")
-    elif budget.allows("cuda tests", "tests"):
-        res["tests"] = run_cuda_tests(budget, log)
-        res["step_seconds"]["cuda tests"] = round(res["tests"].get("seconds", 0.0), 1)
-    reps = args.reps or (1 if args.quick else 10)
-    # --quick: 8x8 images (the models' per-layer work is what the smoke run exercises, not their speed)
-    opts = core.Options(device=args.device, reps=reps, warmup=1 if args.quick else 3, memory=False,
-                        image_size=8 if args.quick else 32)
     if args.quick:
         budget.skipped.append("DenseNet-BC-100 at the second batch size (256): not run (--quick)")
-    if args.quick or args.no_compile:
-        budget.skipped.append(f"torch.compile: not run ({'--quick' if args.quick else '--no-compile'})")
-    for section, name, kind, thunk in _steps(args, opts, log):
-        if not budget.allows(f"{section} {name}", kind):
+    if args.quick or not args.compile:
+        budget.skipped.append(f"torch.compile: not run ({'--quick' if args.quick else 'no --compile'})")
+    write_outputs(res, args.out)
+    for step in _steps(args, log):
+        if not budget.allows(step.title, step.kind):
             continue
+        timeout = min(TIMEOUT_S[step.kind][1 if args.quick else 0], max(budget.left(), 1.0))
+        log(f"[gpu] {step.title} (at most {timeout:.0f} s)")
         t0 = time.perf_counter()
-        try:
-            res[section][name] = thunk()
-        except Exception as e:  # noqa: BLE001 - one failed step (out of memory, a compiler error) must not lose the rest
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            res["errors"][f"{section} {name}"] = f"{type(e).__name__}: {first}"
-            log(f"[gpu] {section} {name} failed: {first}")
-        res["step_seconds"][f"{section} {name}"] = round(time.perf_counter() - t0, 1)
-    res["skipped"] = budget.skipped
+        if step.section == "tests":
+            res["tests"] = run_cuda_tests(args, timeout, log)
+        else:
+            got = run_in_child(args, step, timeout)
+            if "error" in got:
+                res["errors"][step.title] = got["error"]
+                log(f"[gpu] {step.title} failed: {got['error']}")
+            else:
+                res.setdefault(step.section, {})[step.name] = got["result"]
+        res["step_seconds"][step.title] = round(time.perf_counter() - t0, 1)
+        res["seconds"], res["goals"] = budget.used(), goals(res)
+        write_outputs(res, args.out)
     res["seconds"] = budget.used()
-    res["goals"] = goals(res)
+    write_outputs(res, args.out)
     return res
 
 
@@ -400,7 +553,7 @@ def _ratio(suite: dict, a: str, b: str, key: tuple) -> float | None:
 
 
 def goals(res: dict) -> dict:
-    """The issue's goals, where this run measured what they need."""
+    """The goals for an H100/H200-class GPU (docs/benchmarks.md), where this run measured what they need."""
     g = {}
     s = res["suites"].get("densenet_bc100_b64") or {}
     for ours in ("fused", "plain"):
@@ -454,6 +607,7 @@ def _header(res: dict) -> list[str]:
         out.append(f"\n**Smoke run on {m['device']}: no GPU was measured; these numbers say nothing about a GPU.**")
     t = res.get("tests")
     out.append(f"\nCUDA tests (`{t['command']}`): {t['summary']}" if t else "\nCUDA tests: not run")
+    out += [f"- {line}" for line in (t or {}).get("failed", [])]
     return out
 
 
@@ -487,7 +641,7 @@ def markdown(res: dict) -> str:
                    f"channels_last {f['channels_last']}): {f['epoch_time_s']:.1f} s with evaluation, "
                    f"{f['images_per_s']:.0f} img/s in training, test error {f['test_err']:.2f}%")
     if res["goals"]:
-        out.append("\nGoals (issue #12): " + "; ".join(f"{k} {v:.2f}" for k, v in res["goals"].items()))
+        out.append("\nGoals: " + "; ".join(f"{k} {v:.2f}" for k, v in res["goals"].items()))
     for title, items in (("Skipped", res["skipped"]), ("Failed", [f"{k}: {v}" for k, v in res["errors"].items()])):
         if items:
             out.append(f"\n{title}:\n" + "\n".join(f"- {s}" for s in items))
@@ -495,6 +649,10 @@ def markdown(res: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- command line
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)  # a piped log is block-buffered: a killed run would lose its last lines
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
@@ -504,20 +662,31 @@ def parse_args(argv=None):
                                                         "epochs, 64 Fashion-MNIST images, no torch.compile")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock budget in seconds "
                    "(default 300); steps that would not fit are skipped and listed")
-    p.add_argument("--out", default=os.path.join("runs", "gpu-benchmark"), help="folder for gpu.json and gpu.md")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join("runs", "gpu-benchmark"),
+                   help="folder for gpu.json, gpu.md and cuda-tests.log (default: $OUT if set, else runs/gpu-benchmark)")
     p.add_argument("--write-docs", metavar="MD", help="also replace the bench:gpu section of this markdown file")
+    p.add_argument("--from-json", metavar="GPU_JSON", help="measure nothing: print the tables of this gpu.json "
+                   "(with --write-docs: put them in the docs)")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: the standard places)")
     p.add_argument("--reps", type=int, help="interleaved timing rounds (default 10; --quick 1)")
-    p.add_argument("--skip-tests", action="store_true", help="do not run the cuda tests first")
-    p.add_argument("--no-compile", action="store_true", help="do not run the torch.compile configurations")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the cuda tests")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile, last (minutes of compiling)")
+    p.add_argument("--simulate-failures", action="store_true",
+                   help="dry run of the failure handling (implies --quick): a configuration that runs out of "
+                        "memory, a step that hangs past its time limit, a failing test")
+    p.add_argument("--step", help=argparse.SUPPRESS)  # the child process of one step
+    p.add_argument("--step-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.command = "python -m benchmarks.gpu " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                                                     else argv))
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.quick = args.quick or args.simulate_failures
+    args.command = "python -m benchmarks.gpu " + " ".join(shlex.quote(a) for a in args.argv)
     return args
 
 
 def check_args(args) -> str | None:
     """One line naming the flag and what is allowed, or None."""
+    if args.from_json:
+        return None if os.path.isfile(args.from_json) else f"--from-json {args.from_json}: no such file"
     try:
         dev = torch.device(args.device)
     except (RuntimeError, ValueError):
@@ -532,7 +701,23 @@ def check_args(args) -> str | None:
         return f"--budget-s {args.budget_s:g}: must be 0 or more seconds"
     if args.reps is not None and args.reps < 1:
         return f"--reps {args.reps}: must be at least 1"
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        return f"--data-dir {args.data_dir}: not a folder (it should hold the Fashion-MNIST IDX files)"
     return None
+
+
+def from_json(args) -> int:
+    try:
+        with open(args.from_json) as f:
+            text = markdown(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"benchmarks.gpu: --from-json {args.from_json}: not a gpu.json this can read ({core.error_line(e)})",
+              file=sys.stderr)
+        return 2
+    if args.write_docs:
+        core.update_markdown_section(args.write_docs, "bench:gpu", text)
+    print(text)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -541,19 +726,18 @@ def main(argv=None) -> int:
     if problem:
         print(f"benchmarks.gpu: {problem}", file=sys.stderr)
         return 2
+    if args.from_json:
+        return from_json(args)
     if torch.device(args.device).index is not None:
         torch.cuda.set_device(torch.device(args.device))
-    res = run(args)
+    if args.step:
+        return run_step(args)
+    res = run(args, _log)
     text = markdown(res)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    with open(os.path.join(args.out, "gpu.md"), "w") as f:
-        f.write(text)
     if args.write_docs:
         core.update_markdown_section(args.write_docs, "bench:gpu", text)
     print(text)
-    print(f"[gpu] wrote {os.path.join(args.out, 'gpu.json')} and gpu.md in {res['seconds']:.0f} s")
+    _log(f"[gpu] wrote {os.path.join(args.out, 'gpu.json')} and gpu.md in {res['seconds']:.0f} s")
     return 0
 
 

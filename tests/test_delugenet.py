@@ -84,3 +84,30 @@ def test_cross_layer_conv_inventory_matches_spec():
     assert [L for s, k, L in by_kind if s == 1 and k == "composite"] == list(range(2, 8))
     assert (1, "transition", 8) in by_kind and (2, "transition", 17) in by_kind and (3, "head", 25) in by_kind
     assert [L for s, k, L in by_kind if s == 3 and k == "composite"] == list(range(2, 25))
+
+
+def test_fused_backward_passes_saved_statistics_cuda_requires():
+    """CUDA's batch-norm backward asserts that save_mean and save_invstd are defined tensors (CPU
+    accepts None): every ``native_batch_norm_backward`` of a fused DelugeNet training step, on the
+    operator path the GPU takes, passes both."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from crosslayer.models.delugenet import delugenet_cifar
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.native_batch_norm_backward.default:
+                calls.append(args[5:7])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = delugenet_cifar(1, 0.25, num_classes=5)
+    net.cpu_channels_last = False  # NCHW: the operator path, not the compiled CPU kernels
+    out = net(torch.randn(4, 3, 32, 32))
+    with Record():
+        out.sum().backward()
+    assert calls
+    for save_mean, save_invstd in calls:
+        assert isinstance(save_mean, torch.Tensor) and isinstance(save_invstd, torch.Tensor)

@@ -1,6 +1,8 @@
-"""``python -m benchmarks.gpu`` (GitHub issue #12) cannot rot: its CPU smoke run (``--device cpu
---quick``) runs here in a subprocess and must write the JSON and markdown a GPU run writes; the time
-budget guard skips and says so; bad flags are one line and exit code 2 with nothing written."""
+"""``python -m benchmarks.gpu`` cannot rot: its CPU smoke run (``--device cpu --quick``) runs here in
+a subprocess and must write the JSON and markdown a GPU run writes; its dry run of the failure
+handling (``--simulate-failures``) keeps everything measured around a failing configuration, a
+hanging step and a failing test; a run cut short leaves gpu.json with every finished step; the
+time budget guard skips and says so; bad flags are one line and exit code 2 with nothing written."""
 
 from __future__ import annotations
 
@@ -50,6 +52,61 @@ def test_quick_cpu_run_writes_json_and_markdown(tmp_path):
     assert "torchvision DenseNet (memory_efficient=True)" in md and "Skipped:" in md
 
 
+def test_dry_run_keeps_everything_around_a_failing_config_a_hang_and_a_failing_test(tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("OUT", None)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--simulate-failures",
+                        "--budget-s", "900", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((out / "gpu.json").read_text())
+    suite = res["suites"]["densenet_bc100_b2"]  # the configuration out of memory, the others timed
+    assert "OutOfMemoryError" in suite["fused"]["not_run"] and "train" not in suite["fused"]
+    assert suite["tv"]["train"]["img_s"] > 0 and suite["plain"]["infer"]["img_s"] > 0
+    assert "timed out after 3 s" in res["errors"]["simulated hang"]
+    assert res["epochs"]["b2"]["steps"] == 2  # the step after the hang ran
+    t = res["tests"]  # the failing test's line and short traceback are kept
+    assert t["returncode"] == 1 and len(t["failed"]) == 1 and "test_fails" in t["failed"][0]
+    assert "simulated by --simulate-failures" in t["output_tail"] and "1 failed, 1 passed" in t["summary"]
+    assert "test_fails" in (out / "cuda-tests.log").read_text()
+    assert set(res["step_seconds"]) == {"suites densenet_bc100_b2", "simulated hang", "epochs b2", "cuda tests"}
+    md = (out / "gpu.md").read_text()
+    assert "not run: OutOfMemoryError" in md and "simulated hang: timed out" in md and "FAILED" in md
+
+
+def test_gpu_json_holds_every_finished_step_when_the_run_is_cut_short(tmp_path, monkeypatch):
+    """The run is killed (here: interrupted) during its second step: gpu.json and gpu.md on disk
+    already hold the first."""
+    first = {"tv": {"label": "torchvision DenseNet", "not_run": "a stand-in result"}}
+    titles = []
+
+    def child(args, step, timeout):
+        titles.append(step.title)
+        if len(titles) > 1:
+            raise KeyboardInterrupt
+        return {"result": first}
+
+    monkeypatch.setattr(gpu, "run_in_child", child)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(["--device", "cpu", "--quick", "--skip-tests", "--out", str(out)])
+    res = json.loads((out / "gpu.json").read_text())
+    assert res["suites"] == {titles[0].split()[1]: first} and list(res["step_seconds"]) == titles[:1]
+    assert "a stand-in result" in (out / "gpu.md").read_text()
+
+
+def test_tables_rebuild_from_a_returned_gpu_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert gpu.main(["--device", "cpu", "--quick", "--budget-s", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n")
+    assert gpu.main(["--from-json", str(out / "gpu.json"), "--write-docs", str(docs)]) == 0
+    assert capsys.readouterr().out.strip() == (out / "gpu.md").read_text().strip()
+    assert (out / "gpu.md").read_text().strip() in docs.read_text()
+
+
 def test_budget_guard_skips_every_step_and_says_so(tmp_path, capsys):
     out = tmp_path / "bench"
     docs = tmp_path / "benchmarks.md"
@@ -72,6 +129,8 @@ def test_budget_guard_skips_every_step_and_says_so(tmp_path, capsys):
     (["--device", "nonsense:x"], "--device"),
     (["--device", "cpu", "--budget-s", "-1"], "--budget-s"),
     (["--device", "cpu", "--reps", "0"], "--reps"),
+    (["--device", "cpu", "--data-dir", "/nonexistent"], "--data-dir"),
+    (["--from-json", "/nonexistent/gpu.json"], "--from-json"),
     pytest.param(["--device", "cuda"], "--device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])

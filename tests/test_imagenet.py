@@ -149,7 +149,8 @@ def test_imagenet_train_and_eval_end_to_end(tmp_path, capsys):
 def test_imagenet_two_process_torchrun_on_cpu(tmp_path):
     root = make_jpeg_folder(tmp_path / "inet", n_train=8, n_val=4)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep a torch put in front
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crosslayer",
            "train", "--model", "resnet20", "--data", f"imagenet:{root}", "--preset", "imagenet", "--crop-size", "32",
            "--batch-size", "8", "--epochs", "1", "--limit", "16", "--num-workers", "1", "--device", "cpu",

@@ -538,10 +538,17 @@ def test_sigterm_sigint_save_a_checkpoint_then_resume(tmp_path, sig, code):
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
 
 
-def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                           check_every):
     """A NaN loss at step 5 (epoch 2, batch 1; a poisoned batch simulated by patching the loss):
-    exit 2, one line naming epoch, step and batch; last.pt is the step-4 checkpoint, finite."""
+    exit 2, one line naming epoch, step and batch; last.pt is the step-4 checkpoint, finite. The
+    same when the loss is checked every 3 steps (the CUDA form, with no synchronisation per step):
+    the check before the step-5 checkpoint finds it."""
     import torch.nn.functional as F
+
+    from crosslayer.train import loop
+    monkeypatch.setattr(loop, "check_interval", lambda device: check_every)
     real_ce = F.cross_entropy
     calls = {"train": 0}
 
@@ -555,7 +562,7 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tmp_p
     monkeypatch.setattr(F, "cross_entropy", poisoned)
     out = tmp_path / "run"
     rc, stdout, err = _cli(capsys, "train", "--model", "densenet_bc40_k12", *TINY, "--limit", "48",
-                           "--epochs", "3", "--checkpoint-every", "2", "--out", out)
+                           "--epochs", "3", "--checkpoint-every", "1", "--out", out)
     line = _assert_one_line_error(rc, err, "non-finite loss", "epoch 2, step 5, batch 1", str(out))
     assert line.startswith("crosslayer train: error: ")
     st = load_checkpoint(out / "last.pt")

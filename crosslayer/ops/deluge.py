@@ -175,8 +175,9 @@ class WeightedSum(torch.autograd.Function):
         for i, x in enumerate(xs):
             ctx.bank.add(len(xs) - 1 - i, grad, w[:, i])
             # sum over N, H, W of grad * x_i without a temporary: the weight gradient of an eval-mode
-            # batch norm with mean 0, variance 1, eps 0
+            # batch norm with mean 0, variance 1, eps 0. The saved statistics repeat them: CUDA
+            # asserts they are defined (and reads them), CPU reads the running ones
             grad_weight[:, i] = torch.ops.aten.native_batch_norm_backward(
-                grad, x, one, zero, one, None, None, False, 0.0, [False, True, False])[1]
+                grad, x, one, zero, one, zero, one, False, 0.0, [False, True, False])[1]
         grad_bias = grad.sum((0, 2, 3), dtype=weight.dtype)[:, None].expand_as(weight).clone()
         return (grad_weight, grad_bias, None, *([None] * len(xs)))  # the inputs' gradients went to the bank

@@ -50,6 +50,16 @@ from crosslayer.train.schedule import lr_lambda, resolve_schedule
 
 CONFIG_FORMAT = 2  # config.json: TrainConfig fields + what the run measured (1: the older flat dict)
 
+# Steps between two checks of the loss on a device that runs ahead of the host (CUDA): a check
+# waits for the device, so a per-step check would stall every step (a DenseNet step on a GPU is
+# launch-bound). The CPU checks every step: it has nothing to wait for.
+ASYNC_CHECK_EVERY = 25
+
+
+def check_interval(device: torch.device) -> int:
+    """Steps between two loss checks (and, with several processes, two stop-signal exchanges)."""
+    return 1 if device.type == "cpu" else ASYNC_CHECK_EVERY
+
 
 class TrainingError(CrosslayerError):
     """Training cannot go on (non-finite loss, out of memory, model/data mismatch)."""
@@ -228,6 +238,8 @@ class Trainer:
         self.history: list[dict] = []
         self.best_test_err = self.best_sel = None
         self.wall_before, self.epoch_stats = 0.0, None
+        # the losses of the steps since the last check, on the device, each with (epoch, step, batch)
+        self.check_every, self.unchecked = check_interval(self.device), []
         if state is not None:
             self._restore(state)
         self.step_metrics = StepMetrics(self.out_dir, self.spe, start_step=self.step, enabled=self.info.is_main)
@@ -534,7 +546,7 @@ class Trainer:
         done, stopped, lr = b0, None, self.optimizer.param_groups[0]["lr"]
         for batch, (x, y) in enumerate(self.train_loader, start=b0):
             lr = self.optimizer.param_groups[0]["lr"]
-            loss, out, signalled = self._step(x, y, stop, epoch, batch)
+            loss, out, signalled = self._step(x, y, stop, (epoch, self.step + 1, batch))
             meter.add(loss, out, y)
             self.step_metrics.update(self.step, lr, loss, out, y)  # metrics_steps.csv
             done = batch + 1
@@ -551,19 +563,22 @@ class Trainer:
             if stopped:
                 break
         bar.close()
+        if self.unchecked:  # before this epoch's weights are evaluated and saved
+            self.check_losses(stop)
         return done, stopped, lr, meter
 
-    def _step(self, x, y, stop: _StopFlag, epoch: int, batch: int):
-        """One optimizer step: (loss, logits, whether any rank got a stop signal)."""
-        dev = self.device
+    def _step(self, x, y, stop: _StopFlag, where: tuple[int, int, int]):
+        """One optimizer step (``where``: its epoch, step and batch): (loss, logits, whether any rank
+        got a stop signal). Every ``check_every`` steps, and at once on a signal in a single process,
+        the unchecked losses are checked before this step's update is applied."""
         try:
-            with amp_context(self.cfg.amp, dev):
+            with amp_context(self.cfg.amp, self.device):
                 out = self.net(x)
                 loss = self.criterion(out.float(), y)
-            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop.signum else 0.0], device=dev)
-            D.all_reduce_sum(flags, self.info)
-            if flags[0].item() > 0:
-                raise self._non_finite(loss, epoch, batch)
+            self.unchecked.append((loss.detach(), where))
+            signalled = False
+            if len(self.unchecked) >= self.check_every or (stop.signum and not self.info.enabled):
+                signalled = self.check_losses(stop)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -578,12 +593,27 @@ class Trainer:
             raise
         self.scheduler.step()
         self.step += 1
-        return loss, out, flags[1].item() > 0
+        return loss, out, signalled
 
-    def _non_finite(self, loss, epoch: int, batch: int) -> TrainingError:
+    def check_losses(self, stop: _StopFlag | None = None) -> bool:
+        """Check the unchecked losses on every rank together (one host-device synchronisation) and
+        raise at the first non-finite one; returns whether any rank got a stop signal. Called by all
+        ranks at the same steps, and before every checkpoint, so none holds weights after a
+        non-finite loss."""
+        signal = torch.tensor([1.0 if stop and stop.signum else 0.0], device=self.device)
+        losses = [loss for loss, _ in self.unchecked]
+        bad = (~torch.isfinite(torch.stack(losses))).float() if losses else signal[:0]
+        flags = D.all_reduce_sum(torch.cat([bad, signal]), self.info).tolist()
+        unchecked, self.unchecked = self.unchecked, []
+        for (loss, where), flag in zip(unchecked, flags):
+            if flag > 0:
+                raise self._non_finite(loss, *where)
+        return flags[-1] > 0
+
+    def _non_finite(self, loss, epoch: int, step: int, batch: int) -> TrainingError:
         kept = (f"the last good checkpoint in {self.out_dir} is kept"
                 if os.path.exists(os.path.join(self.out_dir, "last.pt")) else "no checkpoint had been written yet")
-        return TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {self.step + 1}, "
+        return TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}, "
                              f"batch {batch}; stopped without saving ({kept}); try a lower --lr")
 
     def _oom(self, where: str) -> TrainingError:
@@ -682,6 +712,8 @@ class Trainer:
                 "epoch_stats": epoch_stats, "wall_time_s": self.wall_time()}
 
     def save(self, name: str, epoch: int, batch_in_epoch: int, epoch_stats: dict | None = None) -> None:
+        if self.unchecked:  # never a checkpoint of weights updated by a non-finite loss
+            self.check_losses()
         # every rank's RNG (dropout, stochastic depth draw from it), so that each resumes its own stream
         rngs = D.gather_objects(ck.capture_rng_state(), self.info)
         D.barrier(self.info)
