@@ -7,15 +7,28 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # environment's own (PYTHONPATH) for `make test-torch211`; everything else comes from $(VENV)
 TORCH211 := .venv-torch211
 
-.PHONY: demo test test-torch211 fashion-mnist
+.PHONY: demo test test-torch211 fashion-mnist venv-package
 
-$(BIN)/crosslayer: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# `python3 -m venv` needs ensurepip, which Debian and Ubuntu ship apart (package python3.X-venv):
+# when it fails, that package is installed as the data set is, else one line says what to install.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) 2>/dev/null || { $(MAKE) --no-print-directory venv-package && $(PYTHON) -m venv --clear $(VENV); }
+
+$(BIN)/crosslayer: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m crosslayer.ops.cpu_kernels  # compile the optional CPU kernels now, not in the first run
 	$(BIN)/python tests/timm_sources.py  # timm's own model tests (its sdist) into $(VENV)/timm-src
 	touch $@
+
+venv-package:
+	@PKG=$$($(PYTHON) -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])') || exit 1; \
+	echo "$(PYTHON) -m venv failed: installing $$PKG"; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	{ command -v apt-get >/dev/null && $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$PKG >/dev/null; } || { \
+	  echo "error: $(PYTHON) -m venv needs the package $$PKG (apt-get install $$PKG), or run make PYTHON=<a python whose venv works>" >&2; \
+	  exit 1; }
 
 # Fashion-MNIST comes from Debian's package dataset-fashion-mnist (IDX files under $(FMNIST)).
 fashion-mnist:
