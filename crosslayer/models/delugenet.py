@@ -173,8 +173,8 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         if drop_path_rate:
             raise ValueError(f"drop_path_rate={drop_path_rate}: a DelugeNet has no drop-path (stochastic depth)")
         self.composites, self.widths, self.head_drop_rate = tuple(composites), tuple(widths), drop_rate
-        self.first_conv = "stem" if stem == "cifar" else "stem.0"
-        first = 1 if stem == "cifar" else 4  # the stem's reduction; each later stage halves the resolution
+        self.first_conv = "stem.0" if stem == "imagenet" else "stem"
+        first = {"cifar": 1, "cifar-s2": 2}.get(stem, 4)  # the stem's reduction; each later stage halves the resolution
         self.feature_info = [dict(num_chs=w, reduction=first * 2 ** s, module=f"stages.{s}") for s, w in enumerate(widths)]
         self.feature_info[-1]["module"] = "head_norm"  # the last tap is the final features
         me = memory_efficient

@@ -187,7 +187,7 @@ class CifarResNet(ClassifierMixin, nn.Module):
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = self.classifier_head(channels, num_classes)
         self.stage_ends = [blocks_per_stage * (s + 1) for s in range(len(widths))]  # the stage taps
-        self.feature_info = [dict(num_chs=w, reduction=2 ** s, module=f"layers.{end - 1}")
+        self.feature_info = [dict(num_chs=w, reduction=(2 if stem == "cifar-s2" else 1) * 2 ** s, module=f"layers.{end - 1}")
                              for s, (w, end) in enumerate(zip(widths, self.stage_ends))]
         if preact:
             self.feature_info[-1]["module"] = "final_bn"
