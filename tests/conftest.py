@@ -1,17 +1,16 @@
 """Shared test fixtures."""
 
 import pytest
-import torch
+
+from tests.helpers import torch_threads
 
 
 @pytest.fixture
 def one_thread():
     """In-process training runs share 2 CPU cores with other jobs: with one thread they avoid
     OpenMP oversubscription stalls (several times faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture
