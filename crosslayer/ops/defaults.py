@@ -63,3 +63,12 @@ def unset_training_defaults(settings, device_type: str, bf16_supported: bool | N
     defaults = training_defaults(device_type, bf16_supported)
     get = settings.get if isinstance(settings, Mapping) else lambda k: getattr(settings, k, None)
     return {k: v for k, v in defaults.items() if get(k) is None}
+
+
+def refuse_double_backward(node: str) -> None:
+    """Called first in a fused node's backward: raise one line when autograd records that backward
+    for a second derivative (``create_graph=True`` runs backward with grad mode on). The fused nodes
+    write gradients in place, which autograd cannot differentiate; the plain modules can."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{node}: double backward (create_graph=True) is not supported by the fused path; "
+                           f"build the model with fused=False or call model.set_speed(fused=False)")
