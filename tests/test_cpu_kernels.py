@@ -191,6 +191,22 @@ def test_switched_off_means_not_built(monkeypatch, tmp_path):
     assert cpu_kernels.get() is None and not any(tmp_path.iterdir())
 
 
+def test_cache_key_changes_with_the_cpu_flags_and_the_torch_version(monkeypatch):
+    """The library is built with -march=native against one torch's ABI: a cache shared between
+    machines or environments must not hand it to another CPU or another torch. Each of them
+    changes the name the library is cached and loaded under; nothing else changing keeps it."""
+    base = cpu_kernels.library_name()
+    assert cpu_kernels.library_name() == base
+    names = set()
+    for flags in ("flags\t\t: fpu sse2 avx2", "flags\t\t: fpu sse2 avx2 avx512f"):
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda flags=flags: flags)
+        names.add(cpu_kernels.library_name())
+    assert len(names | {base}) == 3
+    this_torch = cpu_kernels.library_name()
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    assert cpu_kernels.library_name() != this_torch
+
+
 @needs_compiler
 def test_a_second_process_loads_the_cached_library_without_compiling(kernels):
     """The library built once is where the next process looks, under a name for this source, torch
