@@ -303,7 +303,9 @@ class Trainer:
                                                                                  b.image_size],
             classes=list(map(str, b.classes)), data_source=b.source, augment=bool(b.augment),
             # the normalisation the images got: `predict` applies it to new images without the data
-            mean=[float(m) for m in b.mean] if b.mean is not None else None,
+            # (a per-pixel mean image, C x H x W, for the stochastic-depth protocol's normalisation)
+            mean=(b.mean.tolist() if isinstance(b.mean, torch.Tensor) else [float(m) for m in b.mean])
+            if b.mean is not None else None,
             std=[float(s) for s in b.std] if b.std is not None else None,
             train_images=len(b.train), test_images=len(b.test), val_images=len(b.val) if b.val is not None else 0,
             world_size=info.world_size, per_rank_batch_size=self.per_rank_batch,
