@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test fashion-mnist
+.PHONY: demo test audit fashion-mnist
 
 $(BIN)/crosslayer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ demo: $(BIN)/crosslayer fashion-mnist
 test: $(BIN)/crosslayer fashion-mnist
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Break one behaviour at a time in a scratch copy and run the tests that claim it (tests/mutation_audit.py)
+audit: $(BIN)/crosslayer fashion-mnist
+	$(BIN)/python tests/mutation_audit.py
