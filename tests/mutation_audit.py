@@ -64,6 +64,9 @@ BREAKS = [
           (RECIPE, "-k", "augmentation")),
     Break("fast-path-no-flip", "the device-resident loader never mirrors", "crosslayer/data/transforms.py",
           "cols = torch.where(flip[:, None], (wp - 1) - cols, cols)", "cols = cols", (RECIPE, "-k", "augmentation")),
+    Break("wrn-pad-mode-ignored", "the WRN preset's reflection padding never reaches the data", "crosslayer/data/registry.py",
+          "classes, mean, std, with_padding(v.aug, pad_mode), source,", "classes, mean, std, v.aug, source,",
+          (RECIPE, "-k", "wrn")),
     # data loaders
     Break("epoch-order-fixed", "every epoch visits the images in the same order", "crosslayer/data/loaders.py",
           "g.manual_seed(seed + epoch)", "g.manual_seed(seed)", ("tests/test_data.py",)),
