@@ -88,6 +88,10 @@ def test_kernel_matches_autograd(kernels, rows):
 
 @needs_compiler
 def test_kernel_backward_does_not_depend_on_the_thread_count(kernels):
+    """The kernel's own reductions (dL/dx into ghat, the per-channel dL/dw and dL/db summed over
+    fixed row chunks in chunk order) are bit-identical with 1 and 2 threads. dL/dWt is torch's
+    GEMM (``addmm_``), whose summation order may follow the thread count (MKL on an Intel Xeon
+    does): equal to float32 rounding."""
     g = torch.Generator().manual_seed(1)
     p, c, m = 5000, 24, 8
     buf, gout = torch.randn(p, c, generator=g), torch.randn(p, m, generator=g)
@@ -102,7 +106,9 @@ def test_kernel_backward_does_not_depend_on_the_thread_count(kernels):
             results.append([*kernels.consume_conv1x1_backward(gout, buf, c, w, b, wt, ghat, 4096), ghat])
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    (gwt1, *exact1), (gwt2, *exact2) = results
+    assert all(torch.equal(a, b) for a, b in zip(exact1, exact2))
+    assert torch.allclose(gwt1, gwt2, rtol=1e-5, atol=1e-4)
 
 
 def _densenet(model="densenet_bc40_k12"):
