@@ -37,7 +37,8 @@ TINY_FRACTALNET = ["--model", "fractalnet20", "--model-arg", "widths=(8, 8, 8, 8
 
 # (momentum, nesterov, weight decay) of the optimiser each preset's source ran: the Lua recipes on
 # fb.resnet.torch, WRN's and stochastic depth's train.lua use optim.sgd with nesterov = true,
-# dampening 0; He et al.'s papers and FractalNet's Caffe solver plain momentum.
+# dampening 0; He et al.'s papers and FractalNet's Caffe solver plain momentum; the demo recipe
+# (docs/benchmarks.md) Nesterov with weight decay 5e-4.
 RELEASED = {
     "densenet": (0.9, True, 1e-4), "delugenet": (0.9, True, 1e-4), "resnet": (0.9, False, 1e-4),
     "resnet-fb": (0.9, True, 1e-4), "preact": (0.9, False, 1e-4), "preact-1k": (0.9, True, 1e-4),
@@ -93,7 +94,7 @@ def test_weight_decay_and_nesterov_flags_reach_the_optimizer(tmp_path):
     assert {(g["weight_decay"], g["nesterov"], g["momentum"]) for g in t.optimizer.param_groups} == {(3e-4, False, 0.8)}
 
 
-@pytest.mark.parametrize("argv, smoothing", [(["--preset", "demo"], PRESETS["demo"].label_smoothing),
+@pytest.mark.parametrize("argv, smoothing", [(["--preset", "demo"], 0.1),  # the demo recipe's
                                              (["--preset", "densenet"], 0.0),
                                              (["--preset", "densenet", "--label-smoothing", "0.2"], 0.2)])
 def test_the_loss_of_a_training_step_has_the_presets_label_smoothing(argv, smoothing, tmp_path, monkeypatch):
@@ -108,7 +109,6 @@ def test_the_loss_of_a_training_step_has_the_presets_label_smoothing(argv, smoot
 
     monkeypatch.setattr(StepMetrics, "update", spy)
     t = _trainer(tmp_path, *TINY, *argv, "--max-steps", "1", setup=False)
-    assert smoothing > 0 or argv == ["--preset", "densenet"]
     assert t.run() == 0 and len(seen) == 1
     loss, logits, y = seen[0]
     assert loss == pytest.approx(F.cross_entropy(logits, y, label_smoothing=smoothing).item(), rel=1e-6)
