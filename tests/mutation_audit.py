@@ -71,7 +71,8 @@ BREAKS = [
     Break("epoch-order-fixed", "every epoch visits the images in the same order", "crosslayer/data/loaders.py",
           "g.manual_seed(seed + epoch)", "g.manual_seed(seed)", ("tests/test_data.py",)),
     Break("eval-augmented", "evaluation batches get the training augmentation", "crosslayer/data/loaders.py",
-          "self.aug = aug if train else None", "self.aug = aug", ("tests/test_data.py", RECIPE, "-k", "augment")),
+          'want_aug = bool(train and split == "train" and bundle.augment)', "want_aug = bool(bundle.augment)",
+          (RECIPE, "-k", "evaluation")),
     # compiled-kernel cache
     Break("cache-key-cpu-flags", "the kernel cache name ignores the CPU flags", "crosslayer/ops/cpu_kernels.py",
           " + _cpu_flags().encode()", "", ("tests/test_cpu_kernels.py", "-k", "cache_key")),
