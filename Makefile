@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # environment's own (PYTHONPATH) for `make test-torch211`; everything else comes from $(VENV)
 TORCH211 := .venv-torch211
 
-.PHONY: demo test test-torch211 fashion-mnist venv-package
+.PHONY: demo test test-torch211 audit fashion-mnist venv-package
 
 # `python3 -m venv` needs ensurepip, which Debian and Ubuntu ship apart (package python3.X-venv):
 # when it fails, that package is installed as the data set is, else one line says what to install.
@@ -53,3 +53,6 @@ test-torch211: $(TORCH211)/torch/__init__.py fashion-mnist
 	PYTHONPATH=$(TORCH211) $(BIN)/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
 	PYTHONPATH=$(TORCH211) $(BIN)/python -m crosslayer.ops.cpu_kernels
 	PYTHONPATH=$(TORCH211) $(BIN)/python -m pytest
+# Break one behaviour at a time in a scratch copy and run the tests that claim it (tests/mutation_audit.py)
+audit: $(BIN)/crosslayer fashion-mnist
+	$(BIN)/python tests/mutation_audit.py

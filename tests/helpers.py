@@ -1,4 +1,20 @@
-"""Assertions shared by the test files."""
+"""Assertions and context managers shared by the test files."""
+
+import contextlib
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` intra-op threads and restore the previous count after it, so a
+    fixture's setting never leaks into the tests that run after it."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def assert_one_line_error(rc, err, *needles, out=""):

@@ -88,6 +88,10 @@ def test_kernel_matches_autograd(kernels, rows):
 
 @needs_compiler
 def test_kernel_backward_does_not_depend_on_the_thread_count(kernels):
+    """The kernel's own reductions (dL/dx into ghat, the per-channel dL/dw and dL/db summed over
+    fixed row chunks in chunk order) are bit-identical with 1 and 2 threads. dL/dWt is torch's
+    GEMM (``addmm_``), whose summation order may follow the thread count (MKL on an Intel Xeon
+    does): equal to float32 rounding."""
     g = torch.Generator().manual_seed(1)
     p, c, m = 5000, 24, 8
     buf, gout = torch.randn(p, c, generator=g), torch.randn(p, m, generator=g)
@@ -193,6 +197,22 @@ def test_switched_off_means_not_built(monkeypatch, tmp_path):
     monkeypatch.setenv("CROSSLAYER_CACHE", str(tmp_path))
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     assert cpu_kernels.get() is None and not any(tmp_path.iterdir())
+
+
+def test_cache_key_changes_with_the_cpu_flags_and_the_torch_version(monkeypatch):
+    """The library is built with -march=native against one torch's ABI: a cache shared between
+    machines or environments must not hand it to another CPU or another torch. Each of them
+    changes the name the library is cached and loaded under; nothing else changing keeps it."""
+    base = cpu_kernels.library_name()
+    assert cpu_kernels.library_name() == base
+    names = set()
+    for flags in ("flags\t\t: fpu sse2 avx2", "flags\t\t: fpu sse2 avx2 avx512f"):
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda flags=flags: flags)
+        names.add(cpu_kernels.library_name())
+    assert len(names | {base}) == 3
+    this_torch = cpu_kernels.library_name()
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    assert cpu_kernels.library_name() != this_torch
 
 
 @needs_compiler

@@ -111,3 +111,29 @@ def test_fused_backward_passes_saved_statistics_cuda_requires():
     assert calls
     for save_mean, save_invstd in calls:
         assert isinstance(save_mean, torch.Tensor) and isinstance(save_invstd, torch.Tensor)
+def test_shared_norm_adds_a_direct_gradient_to_the_banked_one():
+    """A normalised stage output read both by a CLDC (its gradient goes through the bank) and
+    directly (an ordinary gradient): the input gradient is the sum of both, as plain autograd
+    through the module gives."""
+    import torch.nn as nn
+
+    from crosslayer.ops.deluge import GradBank, SharedBatchNorm, WeightedSum
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g)
+    weight, bias = torch.randn(3, 1, dtype=torch.float64, generator=g), torch.zeros(3, 1, dtype=torch.float64)
+    probe = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g)
+    grads = []
+    for fused in (False, True):
+        bn = nn.BatchNorm2d(3, affine=False).double()
+        xi = x.clone().requires_grad_()
+        if fused:
+            bank = GradBank()
+            z = SharedBatchNorm.apply(xi, bn, bank, 0)
+            y = WeightedSum.apply(weight, bias, bank, z)
+        else:
+            z = bn(xi)
+            y = z * weight[:, 0, None, None]
+        ((y + 3 * z) * probe).sum().backward()
+        grads.append(xi.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)

@@ -201,3 +201,24 @@ def test_torch_jit_trace_records_the_plain_path(name):
     with torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)
         assert torch.allclose(traced(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [_densenet, _deluge], ids=["densenet", "delugenet"])
+def test_double_backward_fails_on_the_fused_path_and_names_the_way_out(build):
+    """A second derivative (``create_graph=True``) needs the plain modules: the fused nodes write
+    their gradients in place, which autograd cannot differentiate (DelugeNet's bank gave wrong
+    numbers, the dense block torch's ``out=`` error). Fused, the first backward refuses in one line
+    naming double backward and ``fused=False``; plain, both derivatives come out finite."""
+    net = build().train()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    net.set_speed(fused=False)
+    g, = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+    gg, = torch.autograd.grad(g.square().sum(), x)
+    assert torch.isfinite(gg).all() and gg.abs().sum() > 0
+    net.set_speed(fused=True)
+    with pytest.raises(RuntimeError) as e:
+        torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "double backward (create_graph=True)" in msg and "fused=False" in msg, msg
+    g1, = torch.autograd.grad(net(x).square().sum(), x)  # one derivative: the fused path as before
+    assert torch.allclose(g1, g.detach(), rtol=1e-9, atol=1e-11)

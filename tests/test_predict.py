@@ -15,6 +15,7 @@ from crosslayer.cli import main as cli
 from crosslayer.data import load_dataset
 from crosslayer.predict import eval_transform, predict_images
 from crosslayer.train.checkpoint import load_model_from_checkpoint
+from tests.helpers import torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,9 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained(tmp_path_factory):
     """A tiny DenseNet trained for 2 steps on `synthetic` (normalised by its own training statistics)."""
     out = tmp_path_factory.mktemp("run") / "run"
-    torch.set_num_threads(1)
-    rc = cli(["train", "--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", "synthetic",
-              "--epochs", "1", "--batch-size", "32", "--limit", "64", "--out", str(out), "--no-progress", "--quiet"])
+    with torch_threads(1):
+        rc = cli(["train", "--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", "synthetic",
+                  "--epochs", "1", "--batch-size", "32", "--limit", "64", "--out", str(out), "--no-progress", "--quiet"])
     assert rc == 0
     return out / "last.pt"
 

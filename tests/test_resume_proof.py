@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from crosslayer.cli import main as cli
+from tests.helpers import torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,11 +79,14 @@ def _train(*argv) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An uninterrupted run and one stopped mid-epoch at step 4 (a checkpoint every 2 steps)."""
+    """An uninterrupted run and one stopped mid-epoch at step 4 (a checkpoint every 2 steps), with
+    one thread like the resumed runs of the tests (a module fixture runs before ``one_thread``, and
+    the thread count changes the float results a bit-exact comparison sees)."""
     root = tmp_path_factory.mktemp("resume")
     whole, part = str(root / "whole"), str(root / "part")
-    n_whole = _train(*COMMON, "--out", whole)
-    n_part = _train(*COMMON, "--out", part, "--max-steps", "4", "--checkpoint-every", "2")
+    with torch_threads(1):
+        n_whole = _train(*COMMON, "--out", whole)
+        n_part = _train(*COMMON, "--out", part, "--max-steps", "4", "--checkpoint-every", "2")
     return {"root": root, "whole": whole, "part": part, "n_whole": n_whole, "n_part": n_part}
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from crosslayer.cli import main as cli
-from tests.helpers import assert_one_line_error, tree_snapshot
+from tests.helpers import assert_one_line_error, torch_threads, tree_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,12 +39,8 @@ def _one_line_error(capsys, argv, *needles):
 def finished_run(tmp_path_factory):
     """A complete one-epoch tiny run (2 steps), shared by the resume cases."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         assert cli(["train", *TINY, "--epochs", "1", "--quiet", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(n)
     return out
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from crosslayer.cli import main as cli
 from crosslayer.train.evaluate import evaluate, tta_logits
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,10 +68,10 @@ def test_evaluate_with_flip_changes_the_predictions():
 def flip_run(tmp_path_factory):
     """A tiny DenseNet trained for 2 steps on `synthetic`, evaluated with --tta flip."""
     out = tmp_path_factory.mktemp("tta") / "run"
-    torch.set_num_threads(1)
-    assert cli(["train", "--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", "synthetic",
-                "--epochs", "1", "--batch-size", "32", "--limit", "64", "--tta", "flip", "--out", str(out),
-                "--no-progress", "--quiet"]) == 0
+    with torch_threads(1):
+        assert cli(["train", "--model", "densenet_bc40_k12", "--model-arg", "growth_rate=4", "--data", "synthetic",
+                    "--epochs", "1", "--batch-size", "32", "--limit", "64", "--tta", "flip", "--out", str(out),
+                    "--no-progress", "--quiet"]) == 0
     return out
 
 

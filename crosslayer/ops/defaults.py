@@ -75,3 +75,10 @@ def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+def refuse_double_backward(node: str) -> None:
+    """Called first in a fused node's backward: raise one line when autograd records that backward
+    for a second derivative (``create_graph=True`` runs backward with grad mode on). The fused nodes
+    write gradients in place, which autograd cannot differentiate; the plain modules can."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{node}: double backward (create_graph=True) is not supported by the fused path; "
+                           f"build the model with fused=False or call model.set_speed(fused=False)")

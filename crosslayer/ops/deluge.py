@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from crosslayer.ops import cpu_kernels
 from crosslayer.ops.batchnorm import count_batch
-from crosslayer.ops.defaults import use_fused
+from crosslayer.ops.defaults import refuse_double_backward, use_fused
 from crosslayer.ops.dispatch import has_hooks, is_tracing, plain_batch_norm
 
 
@@ -100,6 +100,7 @@ class SharedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_double_backward("DelugeNet shared batch norm")
         x, mean, invstd = ctx.saved_tensors
         banked = ctx.bank.pop(ctx.j)
         grad = banked if grad is None else grad if banked is None else grad + banked
@@ -160,6 +161,7 @@ class WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_double_backward("DelugeNet cross-layer depthwise convolution")
         weight, *xs = ctx.saved_tensors
         slots = None
         if ctx.kernels is not None and _same_layout(grad, xs[0]):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from crosslayer.ops import cpu_kernels
 from crosslayer.ops.batchnorm import bn_relu, update_running_stats
+from crosslayer.ops.defaults import refuse_double_backward
 from crosslayer.ops.dispatch import children_are, plain_batch_norm, plain_conv
 
 
@@ -302,6 +303,7 @@ class DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_double_backward("fused dense block")
         buf, *saved = ctx.saved_tensors
         feats, block, tail, recompute, dtype = ctx.feats, ctx.block, ctx.tail, ctx.recompute, ctx.dtype
         feats.buf = buf
