@@ -1,2 +1,2 @@
-"""Benchmarks (GitHub issue #5): ``python -m benchmarks.run`` (both), ``python -m benchmarks.densenet``,
+"""Benchmarks: ``python -m benchmarks.run`` (both), ``python -m benchmarks.densenet``,
 ``python -m benchmarks.delugenet``. See docs/benchmarks.md for the protocol and the latest numbers."""

@@ -1,4 +1,4 @@
-"""`crosslayer train --amp bf16` really trains under bf16 autocast, and without it does not (issue #17).
+"""`crosslayer train --amp bf16` really trains under bf16 autocast, and without it does not.
 
 A global forward hook sees every module call of the in-process run (and, being a hook, makes the
 fused DenseNet blocks step aside, so the convolutions run as modules). It records whether autocast

@@ -1,5 +1,5 @@
 """crosslayer.analysis: Figure-5 reuse matrices, DelugeNet weight maps, `crosslayer reuse` and
-`crosslayer report` (issue #4). All CPU, tiny models, a few seconds in total."""
+`crosslayer report`. All CPU, tiny models, a few seconds in total."""
 
 from __future__ import annotations
 
@@ -303,7 +303,7 @@ def test_report_reads_metrics_jsonl_and_results_only(tmp_path):
     assert row["model"] == "densenet40_k12" and float(row["paper_err"]) == 1.79 and row["epochs_done"] == "3"
 
 
-# ---------------------------------------------------------------- curves within an epoch, report of subsets (issue 15)
+# ---------------------------------------------------------------- curves within an epoch, report of subsets
 
 def _write_steps(run, spe=4, epochs=3):
     """metrics_steps.csv with a row every step: loss 2/epoch, error 40/epoch plus a zig-zag."""

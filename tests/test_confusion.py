@@ -1,4 +1,4 @@
-"""The confusion matrix, cell by cell, on a hand-made prediction set (issue #17): rows = true class,
+"""The confusion matrix, cell by cell, on a hand-made prediction set: rows = true class,
 columns = predicted class, in the training loop's ``evaluate``, in ``crosslayer eval``'s eval.json
 and confusion.csv, and in the confusion plot (whose axes say so).
 

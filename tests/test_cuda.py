@@ -1,4 +1,4 @@
-"""The CUDA side (GitHub issue #12): device-aware defaults, and checks that need a GPU.
+"""The CUDA side: device-aware defaults, and checks that need a GPU.
 
 Every check is one function of the device. It runs as a ``cuda``-marked test when CUDA is
 available (skipped with the reason otherwise; ``pytest -m cuda`` selects them, and

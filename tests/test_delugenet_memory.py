@@ -1,4 +1,4 @@
-"""DelugeNet's memory-efficient mode keeps less for backward than the fast mode (issue #17), measured
+"""DelugeNet's memory-efficient mode keeps less for backward than the fast mode, measured
 like DenseNet's in tests/test_memory_efficient.py: the bytes of the distinct tensors autograd saves
 for backward (saved-tensor hooks), parameters excluded.
 

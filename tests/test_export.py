@@ -1,5 +1,5 @@
 """Deployment: torch.export, torch.jit.trace and `crosslayer export` (onnx, safetensors, torchscript,
-exported-program), each output checked against the eager model (issue 15)."""
+exported-program), each output checked against the eager model."""
 
 import os
 import warnings

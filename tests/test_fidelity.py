@@ -245,7 +245,7 @@ def test_every_paper_preset_says_which_error_it_reports():
     assert results(record, hist, best_test_err=8.0, wall_time_s=0.0, step=3, status="complete")["reported_test_err"] == 8.5
 
 
-# --- registry and citations (issue 10 item 5) --------------------------------------------------
+# --- registry and citations --------------------------------------------------
 
 def test_every_model_is_registered_explicitly():
     import crosslayer.models as models_pkg

@@ -1,4 +1,4 @@
-"""Fast and memory-efficient training paths (GitHub issue #5).
+"""Fast and memory-efficient training paths.
 
 DenseNet's fused blocks (the default) keep one feature buffer per block, normalise every feature
 map once and share it among its consumers; the memory-efficient mode recomputes each consumer's

@@ -1,4 +1,4 @@
-"""The plots draw the right data (issue #17): the values of the drawn lines and images, read back
+"""The plots draw the right data: the values of the drawn lines and images, read back
 from the matplotlib figures as they are saved, not the size of the PNG.
 
 * training curves: the error panel draws the error columns (not the learning rate), the loss panel

@@ -1,4 +1,4 @@
-"""`crosslayer predict CHECKPOINT IMAGE...` (issue 15): PIL reads the files, the run's evaluation
+"""`crosslayer predict CHECKPOINT IMAGE...`: PIL reads the files, the run's evaluation
 transform (channels, size, the training mean/std) is applied, class names and probabilities come out."""
 
 from __future__ import annotations

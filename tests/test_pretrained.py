@@ -1,4 +1,4 @@
-"""What torchvision and timm users expect (issue 15): ``pretrained=`` weights through torch.hub's
+"""What torchvision and timm users expect: ``pretrained=`` weights through torch.hub's
 cache, ``hubconf.py``, ``num_classes=0`` features. No network: the download path is exercised with
 ``file://`` URLs and a pre-filled hub cache (TORCH_HOME in a temporary folder)."""
 

@@ -1,4 +1,4 @@
-"""Resume tests that prove the checkpoint was used and only the remaining work ran (issue #17).
+"""Resume tests that prove the checkpoint was used and only the remaining work ran.
 
 A run that ignored its checkpoint and retrained from step 0 would, with --deterministic, end with
 the same weights as a true resume; bit-exact comparisons alone cannot tell the two apart. So beside

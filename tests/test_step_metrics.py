@@ -1,4 +1,4 @@
-"""Training metrics within an epoch (issue 15): ``metrics_steps.csv`` written by
+"""Training metrics within an epoch: ``metrics_steps.csv`` written by
 :class:`crosslayer.train.metrics.StepMetrics` from the Trainer, rewritten on ``--resume``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training side (issue #3): presets, the train CLI and its run directory, exact mid-epoch resume,
+"""Training side: presets, the train CLI and its run directory, exact mid-epoch resume,
 bf16 + channels_last, non-finite loss, signals, eval, and a short real Fashion-MNIST run.
 
 All runs use the synthetic data set (3x32x32, 10 classes) and tiny models, so each test takes a
@@ -69,8 +69,8 @@ def test_presets_match_the_papers():
     assert resolve_milestones(dl.milestones, dl.milestone_shift, 300) == [149, 224]
     w = get_preset("wrn")
     assert (w.epochs, w.batch_size, w.lr, w.gamma, w.weight_decay, w.nesterov, w.drop_rate) == \
-        (200, 128, 0.1, 0.2, 5e-4, True, 0.0)  # issue 13: the tables' rows are the no-dropout runs
-    # issue 13: train.lua drops the LR at the start of 1-indexed epochs 60/120/160 = 0-indexed 59/119/159
+        (200, 128, 0.1, 0.2, 5e-4, True, 0.0)  # the tables' rows are the no-dropout runs
+    # train.lua drops the LR at the start of 1-indexed epochs 60/120/160 = 0-indexed 59/119/159
     assert resolve_milestones(w.milestones, w.milestone_shift, 200) == [59, 119, 159]
     assert w.for_dataset("svhn").drop_rate == 0.4
     pa = get_preset("preact")
@@ -79,7 +79,7 @@ def test_presets_match_the_papers():
     assert pa.schedule_unit == "step" and resolve_milestones(pa.milestones, 0, 64000) == [32000, 48000]
     sd = get_preset("stochastic-depth")
     assert (sd.epochs, sd.batch_size, sd.nesterov, sd.weight_decay, sd.val_size) == (500, 128, True, 1e-4, 5000)
-    assert resolve_milestones(sd.milestones, sd.milestone_shift, 500) == [249, 374]  # issue 13: 1-indexed code
+    assert resolve_milestones(sd.milestones, sd.milestone_shift, 500) == [249, 374]  # 1-indexed code
     fr = get_preset("fractalnet")
     assert (fr.epochs, fr.batch_size, fr.lr, fr.momentum, fr.nesterov) == (400, 100, 0.02, 0.9, False)
     assert resolve_milestones(fr.milestones, fr.milestone_shift, 400) == [200, 300, 350, 375]

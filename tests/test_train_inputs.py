@@ -1,5 +1,5 @@
 """Bad input to ``crosslayer train`` / ``crosslayer demo``, run-directory ownership and resume semantics
-(issue 11 for train; issue 10's typed TrainConfig).
+(the train command and the typed TrainConfig).
 
 Every bad input ends with exit code 2, exactly one line on stderr naming the flag (or file) and what
 is allowed, no traceback, and nothing created or changed on disk. A run directory has one owner (an
