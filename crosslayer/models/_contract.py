@@ -39,14 +39,17 @@ def default_cfg(name: str, input_size: tuple[int, int, int], model: nn.Module) -
     data set, evaluation crop (ImageNet: resize 256, centre crop 224; CIFAR: the whole image), the
     feature map size before pooling, the stem and classifier names."""
     data = native_data(input_size)
-    c, h, w = model.in_chans, input_size[1], input_size[2]
-    r = model.feature_info[-1]["reduction"]
+    # a model registered from outside the package may lack the contract's attributes: what it has is used
+    c, h, w = getattr(model, "in_chans", input_size[0]), input_size[1], input_size[2]
+    info = getattr(model, "feature_info", None)
+    r = info[-1]["reduction"] if info else None
     stats = DATA_STATS[data]
-    return dict(architecture=name, tag="", url="", hf_hub_id=None, num_classes=model.num_classes,
-                input_size=(c, h, w), pool_size=(h // r, w // r), crop_pct=0.875 if data == "imagenet" else 1.0,
+    return dict(architecture=name, tag="", url="", hf_hub_id=None, num_classes=getattr(model, "num_classes", None),
+                input_size=(c, h, w), pool_size=(h // r, w // r) if r else None,
+                crop_pct=0.875 if data == "imagenet" else 1.0,
                 crop_mode="center", interpolation="bilinear", fixed_input_size=False,
                 mean=per_channel(stats["mean"], c), std=per_channel(stats["std"], c), data=data,
-                first_conv=model.first_conv, classifier="classifier")
+                first_conv=getattr(model, "first_conv", None), classifier="classifier")
 
 
 def set_global_pool(model: nn.Module, pool_type: str) -> None:
