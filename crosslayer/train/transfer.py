@@ -27,7 +27,7 @@ from crosslayer.errors import CrosslayerError
 from crosslayer.train import checkpoint as ck
 
 # config.json / checkpoint-config keys (and model arguments) that do not change the weights' shapes
-_SHAPE_FREE_KWARGS = ("drop_rate", "memory_efficient")
+_SHAPE_FREE_KWARGS = ("drop_rate", "conv_drop_rate", "drop_path_rate", "memory_efficient")  # change no tensor shape
 
 
 class StartWeightsError(CrosslayerError):
