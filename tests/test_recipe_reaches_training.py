@@ -38,12 +38,14 @@ TINY_FRACTALNET = ["--model", "fractalnet20", "--model-arg", "widths=(8, 8, 8, 8
 # (momentum, nesterov, weight decay) of the optimiser each preset's source ran: the Lua recipes on
 # fb.resnet.torch, WRN's and stochastic depth's train.lua use optim.sgd with nesterov = true,
 # dampening 0; He et al.'s papers and FractalNet's Caffe solver plain momentum; the demo recipe
-# (docs/benchmarks.md) Nesterov with weight decay 5e-4.
+# (docs/benchmarks.md) Nesterov with weight decay 5e-4; the finetune recipe Caffe's fine-tuning example's
+# momentum and decay with Nesterov (docs/protocols.md; without starting weights no head is new).
 RELEASED = {
     "densenet": (0.9, True, 1e-4), "delugenet": (0.9, True, 1e-4), "resnet": (0.9, False, 1e-4),
     "resnet-fb": (0.9, True, 1e-4), "preact": (0.9, False, 1e-4), "preact-1k": (0.9, True, 1e-4),
     "wrn": (0.9, True, 5e-4), "stochastic-depth": (0.9, True, 1e-4), "fractalnet": (0.9, False, 0.0),
     "imagenet": (0.9, True, 1e-4), "imagenet-delugenet": (0.9, True, 1e-4), "demo": (0.9, True, 5e-4),
+    "finetune": (0.9, True, 5e-4),
 }
 
 
