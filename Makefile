@@ -44,7 +44,7 @@ test: $(BIN)/crosslayer fashion-mnist
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# The suite again on torch 2.11 / torchvision 0.26 (CI runs it after `make test`).
+# The suite again on torch 2.11 / torchvision 0.26, the GPU machines' versions.
 $(TORCH211)/torch/__init__.py: $(BIN)/crosslayer
 	$(BIN)/python -m pip install -q --no-deps --no-compile --target $(TORCH211) torch==2.11.0 torchvision==0.26.0
 	touch $@
