@@ -88,6 +88,10 @@ class ClassifierMixin:
     def default_cfg(self, cfg: dict | None) -> None:
         self.pretrained_cfg = cfg
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The activated final feature map: the last of :meth:`stage_outputs`."""
+        return self.stage_outputs(x)[-1]
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = global_pool2d(x, self.global_pool)
         if self.head_drop_rate > 0:

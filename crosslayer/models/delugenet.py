@@ -218,9 +218,6 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         taps[-1] = F.relu(self.head_norm(self.head_cldc(x.normalized, x.bank)))
         return taps
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage_outputs(x)[-1]
-
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): the stem, each stage, the head's CLDC and norm."""
         return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^head_(?:cldc|norm)", (99999,))])

@@ -200,9 +200,6 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
         x = _cpu_layout(x, self.cpu_channels_last)
         return _run_stages(self.features, x, self._use_fused(x), self.memory_efficient)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage_outputs(x)[-1]
-
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): the stem, each block with its transition, the final norm."""
         return dict(stem=r"^features\.(?:conv0|norm0)",

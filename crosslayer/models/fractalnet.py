@@ -145,9 +145,6 @@ class FractalNet(ClassifierMixin, nn.Module):
             taps.append(x)
         return taps
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage_outputs(x)[-1]
-
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): each fractal block."""
         return dict(blocks=r"^blocks\.(\d+)")

@@ -66,9 +66,6 @@ class WideResNet(ClassifierMixin, nn.Module):
         taps[-1] = F.relu(self.final_bn(x))
         return taps
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage_outputs(x)[-1]
-
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): the stem, each block, the final norm."""
         return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^final_bn", (99999,))])
