@@ -102,3 +102,38 @@ def test_old_run_records_name_the_papers_dropout_drop_rate():
     assert old["model_kwargs"] == {"conv_drop_rate": 0.3}
     new = saved_fields({"model": "wrn16_4", "model_kwargs": {"drop_rate": 0.3}, "model_kwargs_format": 2})
     assert new["model_kwargs"] == {"drop_rate": 0.3}
+
+
+@pytest.mark.parametrize("name", ["densenet_bc16_k8", "delugenet20", "resnet20", "preact_resnet20", "wrn16_4",
+                                  "fractalnet20"])
+def test_pruned_model_ends_at_the_tap_with_its_width(name):
+    model = create_model(name, num_classes=5).eval()
+    x = torch.randn(2, model.in_chans, 32, 32)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        assert model.prune_intermediate_layers([0], prune_head=False) == [0]
+        assert len(model.feature_info) == 1 and model.num_features == taps[0].shape[1]
+        assert torch.equal(model.forward_features(x), taps[0])
+        assert model(x).shape == (2, 5)  # the classifier was rebuilt for the tap's width
+
+
+def test_pruned_densenet_still_runs_its_fused_blocks_with_the_plain_modules_numbers():
+    """Pruned to end at a transition, the features are still what the fused node implements."""
+    from crosslayer.ops import dense_block
+
+    torch.manual_seed(0)
+    fused = create_model("densenet_bc16_k8", fused=True)
+    fused.prune_intermediate_layers([1])
+    assert dense_block.fusable_features(fused.features)
+    plain = create_model("densenet_bc16_k8", fused=False)
+    plain.prune_intermediate_layers([1])
+    plain.load_state_dict(fused.state_dict())
+    fused.double(), plain.double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    outs = [net.train().forward_features(x) for net in (fused, plain)]
+    for out in outs:
+        out.square().sum().backward()
+    assert not torch.equal(outs[0], outs[1])  # two paths, not one
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for (n, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=n)

@@ -60,3 +60,7 @@ test_model_forward_intermediates = _ours("test_model_forward_intermediates", mod
 test_model_forward_fx = _ours("test_model_forward_fx", model_name=FAMILIES, batch_size=[1])
 test_model_backward_fx = _ours("test_model_backward_fx", model_name=FAMILIES, batch_size=[2])
 test_reset_classifier_keeps_pool = _ours("test_reset_classifier_keeps_pool", model_name=RGB)
+test_head_hidden_size = _ours("test_head_hidden_size", model_name=RGB, model_kwargs=[{}])
+test_prune_intermediate_layers_params_used = _ours("test_prune_intermediate_layers_params_used", model_name=RGB)
+test_prune_intermediate_layers_contract = _ours("test_prune_intermediate_layers_contract", model_name=RGB)
+test_forward_after_prune_intermediate_layers = _ours("test_forward_after_prune_intermediate_layers", model_name=RGB)

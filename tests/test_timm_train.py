@@ -77,6 +77,63 @@ def test_timm_data_optimizer_and_scheduler_train_a_registered_model(image_folder
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.numel() > 1)
 
 
+def test_timm_task_ema_evaluator_and_checkpoint_train_and_resume_a_registered_model(image_folder, tmp_path, one_thread):
+    """The pieces timm's ``train.py`` composes (timm.task): the classification task with label
+    smoothing, an EMA of the weights, the evaluator on the validation split, the checkpoint saver,
+    and ``resume_task_checkpoint`` restoring model, EMA and optimizer into a fresh task."""
+    from timm.data import create_dataset, create_loader, resolve_data_config
+    from timm.optim import create_optimizer_v2
+    from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
+    from timm.utils import CheckpointSaver
+
+    timm_compat.register_with_timm()
+    torch.manual_seed(0)
+
+    def task_and_optimizer():
+        model = timm.create_model(MODEL, num_classes=2)
+        task = ClassificationTask(model, criterion_kwargs=dict(smoothing=0.1), device=torch.device("cpu"), verbose=False)
+        task.setup_ema(decay=0.9)
+        return task, create_optimizer_v2(task.get_trainable_module(), "sgd", lr=0.05, momentum=0.9)
+
+    task, opt = task_and_optimizer()
+    data = resolve_data_config({}, model=task.get_trainable_module())
+
+    def loader(split):
+        dataset = create_dataset("", root=str(image_folder), split=split, is_training=split == "train")
+        return create_loader(dataset, input_size=data["input_size"], batch_size=4, is_training=split == "train",
+                             mean=data["mean"], std=data["std"], num_workers=0, device=torch.device("cpu"))
+
+    before = [p.detach().clone() for p in task.get_trainable_module().parameters()]
+    task.train()
+    for x, y in loader("train"):
+        loss = task(x, y)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        task.update_ema()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(a, b) for a, b in zip(before, task.get_trainable_module().parameters()) if a.numel() > 1)
+    for ema in (False, True):
+        evaluator, model = task.create_evaluator(), task.get_eval_model(ema=ema).eval()
+        with torch.no_grad():
+            for x, y in loader("validation"):
+                evaluator.update(model(x), y)
+        metrics = evaluator.compute()
+        assert evaluator.num_samples == 8 and 0 <= metrics["top1"] <= 100 and metrics["loss"] > 0
+
+    saver = CheckpointSaver(task.get_trainable_module(), opt, model_ema=task.get_trainable_module(ema=True),
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), task=task)
+    saver.save_checkpoint(0, metric=metrics["top1"])
+    resumed, resumed_opt = task_and_optimizer()
+    path = str(tmp_path / "last.pth.tar")
+    assert resume_task_checkpoint(resumed, path, optimizer=resumed_opt, log_info=False) == 1  # the next epoch
+    load_task_ema_checkpoint(resumed, path)
+    for ema in (False, True):
+        a, b = task.get_eval_model(ema=ema).state_dict(), resumed.get_eval_model(ema=ema).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
 @pytest.mark.skipif(not os.environ.get("CROSSLAYER_TIMM_TRAIN_PY"),
                     reason="set CROSSLAYER_TIMM_TRAIN_PY to timm's train.py (pytorch-image-models at the installed "
                            "release) to run it; its source distribution does not ship it")

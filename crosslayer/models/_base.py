@@ -140,6 +140,32 @@ class ClassifierMixin:
         """The output of every stage tap of :attr:`feature_info`; the last is ``forward_features(x)``."""
         raise NotImplementedError
 
+    def truncate_stages(self, keep: int) -> None:
+        """Remove every stage after the first ``keep`` (their modules and the final normalisation),
+        so that :meth:`stage_outputs` returns the first ``keep`` taps, the last of them unchanged."""
+        raise NotImplementedError
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """timm's backbone pruning: keep the stages up to the last tap in ``indices`` (same meaning
+        as in :meth:`forward_intermediates`) and remove the rest, so no parameter goes unused (DDP).
+        ``forward_features`` then returns the last kept tap and ``num_features`` is its width. The
+        final normalisation is part of the last tap here (the final features are normalised and
+        activated), so it goes with the last stage; ``prune_norm`` is accepted for timm's signature.
+        ``prune_head`` replaces the classifier by none (``reset_classifier(0, "")``); otherwise a
+        classifier that read a removed stage is rebuilt for the new width. Returns the tap indices."""
+        take = take_indices(len(self.feature_info), indices)
+        keep = max(take) + 1
+        truncated = keep < len(self.feature_info)
+        if truncated:
+            self.truncate_stages(keep)
+            self.feature_info = [dict(info) for info in self.feature_info[:keep]]
+            self.num_features = self.feature_info[-1]["num_chs"]
+        if prune_head:
+            self.reset_classifier(0, "")
+        elif truncated:
+            self.reset_classifier(self.num_classes)
+        return take
+
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
         """timm's ``forward_intermediates``: ``(forward_features(x), [stage outputs at indices])``, or only

@@ -215,8 +215,13 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         for stage in self.stages:
             x = stage(x, self.fused)
             taps.append(x.normalized[0])
-        taps[-1] = F.relu(self.head_norm(self.head_cldc(x.normalized, x.bank)))
+        if self.head_cldc is not None:  # None once pruned to an earlier stage
+            taps[-1] = F.relu(self.head_norm(self.head_cldc(x.normalized, x.bank)))
         return taps
+
+    def truncate_stages(self, keep: int) -> None:
+        self.stages = self.stages[:keep]
+        self.head_cldc = self.head_norm = None
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): the stem, each stage, the head's CLDC and norm."""
@@ -235,8 +240,9 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
                 if layer.cldc is not None:
                     out.append(dict(stage=s, kind="composite", index=j, name=f"stages.{s - 1}.layers.{j - 1}.cldc",
                                     module=layer.cldc))
-        out.append(dict(stage=len(self.stages), kind="head", index=len(self.stages[-1].layers) + 1,
-                        name="head_cldc", module=self.head_cldc))
+        if self.head_cldc is not None:
+            out.append(dict(stage=len(self.stages), kind="head", index=len(self.stages[-1].layers) + 1,
+                            name="head_cldc", module=self.head_cldc))
         return out
 
 

@@ -191,6 +191,11 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     def _use_fused(self, x: torch.Tensor) -> bool:
         return _use_fused(self.features, x, self.fused, self.conv_drop_rate)
 
+    def truncate_stages(self, keep: int) -> None:
+        end = list(self.features._modules).index(f"transition{keep}")
+        self.features = self.features[:end + 1]
+        self.block_config = self.block_config[:keep]
+
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if isinstance(x, torch.fx.Proxy) and use_fused(self.fused, next(self.parameters()).device.type):
             # the fast paths may apply: one call in the graph, which takes eager's path when it runs
@@ -224,7 +229,8 @@ def _cpu_layout(x: torch.Tensor, cpu_channels_last: bool) -> torch.Tensor:
 
 
 def _run_stages(features: nn.Sequential, x: torch.Tensor, fused: bool, recompute: bool) -> list[torch.Tensor]:
-    """Each transition's output, then relu(features(x)): fused, or through the modules."""
+    """Each transition's output, then relu(features(x)) (unless ``features`` was pruned to end at a
+    transition): fused, or through the modules."""
     if fused:
         return dense_block.run_stages(features, x, recompute)
     taps = []
@@ -232,7 +238,7 @@ def _run_stages(features: nn.Sequential, x: torch.Tensor, fused: bool, recompute
         x = module(x)
         if isinstance(module, Transition):
             taps.append(x)
-    return taps + [F.relu(x)]
+    return taps if isinstance(module, Transition) else taps + [F.relu(x)]  # pruned after a transition
 
 
 def _traced_stage_outputs(features: nn.Sequential, x: torch.Tensor, fused: bool | None, recompute: bool,

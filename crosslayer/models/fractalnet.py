@@ -145,6 +145,9 @@ class FractalNet(ClassifierMixin, nn.Module):
             taps.append(x)
         return taps
 
+    def truncate_stages(self, keep: int) -> None:
+        self.blocks = self.blocks[:keep]
+
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): each fractal block."""
         return dict(blocks=r"^blocks\.(\d+)")

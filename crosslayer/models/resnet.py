@@ -206,6 +206,11 @@ class CifarResNet(ClassifierMixin, nn.Module):
             taps[-1] = F.relu(self.final_bn(x))
         return taps
 
+    def truncate_stages(self, keep: int) -> None:
+        self.stage_ends = self.stage_ends[:keep]
+        self.layers = self.layers[:self.stage_ends[-1]]
+        self.final_bn = None
+
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): the stem, each unit, the final norm."""
         return dict(stem=r"^stem", blocks=[(r"^layers\.(\d+)", None), (r"^final_bn", (99999,))])

@@ -50,6 +50,7 @@ class WideResNet(ClassifierMixin, nn.Module):
             self.feature_info.append(dict(num_chs=w, reduction=2 ** s, module=f"blocks.{len(blocks) - 1}"))
         self.feature_info[-1]["module"] = "final_bn"
         self.blocks = nn.Sequential(*blocks)
+        self.stage_ends = [n, 2 * n, 3 * n]  # the stage taps
         self.final_bn = nn.BatchNorm2d(channels)
         self.num_features, self.num_classes = channels, num_classes
         self.classifier = self.classifier_head(channels, num_classes)
@@ -59,12 +60,19 @@ class WideResNet(ClassifierMixin, nn.Module):
             init_he_fan_out(self)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x, taps, n = self.stem(x), [], len(self.blocks) // 3
-        for s in range(3):
-            x = self.run_blocks(self.blocks[s * n:(s + 1) * n], x)
+        x, taps, start = self.stem(x), [], 0
+        for end in self.stage_ends:
+            x = self.run_blocks(self.blocks[start:end], x)
             taps.append(x)
-        taps[-1] = F.relu(self.final_bn(x))
+            start = end
+        if self.final_bn is not None:  # None once pruned to an earlier stage
+            taps[-1] = F.relu(self.final_bn(x))
         return taps
+
+    def truncate_stages(self, keep: int) -> None:
+        self.stage_ends = self.stage_ends[:keep]
+        self.blocks = self.blocks[:self.stage_ends[-1]]
+        self.final_bn = None
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): the stem, each block, the final norm."""

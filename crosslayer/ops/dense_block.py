@@ -96,14 +96,17 @@ def _block_type() -> type:
 
 def fusable_features(features: nn.Sequential) -> bool:
     """Whether every dense block of a DenseNet's ``features`` can run fused: each is followed by a
-    Transition or by the final BatchNorm2d, which ends ``features`` (its ReLU is fused in)."""
+    Transition or by the final BatchNorm2d (its ReLU fused in), and the last of them ends ``features``
+    (a DenseNet pruned by ``prune_intermediate_layers`` ends at a transition)."""
     if type(features) is not nn.Sequential:
         return False
     modules = list(features.children())
     blocks = [i for i, m in enumerate(modules) if isinstance(m, _block_type())]
-    if not blocks or not isinstance(modules[-1], nn.BatchNorm2d) or blocks[-1] != len(modules) - 2:
+    if not blocks or blocks[-1] != len(modules) - 2:
         return False
-    return all(i + 1 < len(modules) and fusable(modules[i], modules[i + 1]) for i in blocks)
+    last = len(modules) - 1  # the final BatchNorm2d only ends features
+    return all(fusable(modules[i], modules[i + 1]) and (i + 1 == last or not isinstance(modules[i + 1], nn.BatchNorm2d))
+               for i in blocks)
 
 
 def fused_parameters(block: nn.Module, tail: nn.Module) -> list[nn.Parameter]:
