@@ -1,8 +1,9 @@
 """timm's own generic model tests (``tests/test_models.py`` of the installed timm release, fetched as a
 test dependency by :mod:`tests.timm_sources`), run unchanged over one small model of every family with
 ``create_model`` / ``list_models`` pointed at crosslayer: forward, backward, pretrained_cfg and
-head/pooling contract, features_only, forward_intermediates, FX forward and backward,
-reset_classifier keeping the pooling. TorchScript is left out (timm leaves DenseNets out of it too)."""
+head/pooling contract, features_only (also with grad checkpointing), forward_intermediates,
+prune_intermediate_layers and head_hidden_size, FX forward and backward, reset_classifier keeping
+the pooling. TorchScript is left out (timm leaves DenseNets out of it too)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,5 @@ test_head_hidden_size = _ours("test_head_hidden_size", model_name=RGB, model_kwa
 test_prune_intermediate_layers_params_used = _ours("test_prune_intermediate_layers_params_used", model_name=RGB)
 test_prune_intermediate_layers_contract = _ours("test_prune_intermediate_layers_contract", model_name=RGB)
 test_forward_after_prune_intermediate_layers = _ours("test_forward_after_prune_intermediate_layers", model_name=RGB)
+test_features_only_grad_checkpointing_backward = _ours("test_features_only_grad_checkpointing_backward",
+                                                    model_name=RGB)
