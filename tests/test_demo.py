@@ -50,7 +50,7 @@ def test_demo_chooses_bf16_only_on_cpus_with_native_bf16(monkeypatch):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     for native in (False, True):
-        monkeypatch.setattr(demo, "cpu_has_bf16", lambda native=native: native)
+        monkeypatch.setattr(demo, "cpu_bf16_native", lambda native=native: native)
         assert demo.demo_config(parser.parse_args([])).amp == ("bf16" if native else "none")
         assert demo.demo_config(parser.parse_args(["--amp", "none"])).amp == "none"
         assert demo.demo_config(parser.parse_args(["--amp", "bf16"])).amp == "bf16"

@@ -30,6 +30,7 @@ import sys
 import time
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.ops.defaults import cpu_bf16_native
 from crosslayer.train.config import TrainConfig, differs, read_saved_config
 from crosslayer.train.rundir import check_out_path
 
@@ -61,21 +62,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
-
-
 def demo_config(args) -> TrainConfig:
     """The demo's TrainConfig: the ``demo`` preset with the demo's defaults and the given flags."""
     base = QUICK if args.quick else DEFAULTS
     amp = args.amp
     if amp == "auto":
-        native = (args.device in ("cpu", "auto") and cpu_has_bf16()) or args.device.startswith("cuda")
+        native = (args.device in ("cpu", "auto") and cpu_bf16_native()) or args.device.startswith("cuda")
         amp = "bf16" if native else "none"
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]
     argv = " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "demo"

@@ -13,6 +13,7 @@ import argparse
 
 from crosslayer.cli._args import MAX_IMAGE_SIZE, add_device, count
 from crosslayer.errors import CrosslayerError
+from crosslayer.train.config import AMP_CHOICES
 
 
 def add_arguments(parser) -> None:
@@ -35,7 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=count(1), default=256, metavar="N", help="images per batch (default 256)")
     parser.add_argument("--limit", type=count(1), default=None, metavar="N", help="only the first N images")
     add_device(parser)
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="none")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--tta", choices=("none", "flip"), default=None,
                         help="test-time augmentation (default: the one the run evaluated with; flip = mean logits of "

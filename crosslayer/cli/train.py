@@ -20,7 +20,7 @@ import shlex
 import sys
 
 from crosslayer.cli._args import SEED_MAX, count
-from crosslayer.train.config import ConfigError, TrainConfig, resume_config
+from crosslayer.train.config import AMP_CHOICES, ConfigError, TrainConfig, resume_config
 from crosslayer.train.presets import PRESETS, format_presets
 
 # flags that are not TrainConfig fields
@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     r = parser.add_argument_group("execution")
     r.add_argument("--device", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
-    r.add_argument("--amp", choices=("none", "bf16", "fp16"),
+    r.add_argument("--amp", choices=AMP_CHOICES,
                    help="autocast: bf16 (CPU and CUDA) or fp16 with GradScaler (CUDA); default: bf16 on CUDA "
                         "(GPUs with native bf16), none elsewhere (docs/benchmarks.md, 'Defaults per device')")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

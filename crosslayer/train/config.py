@@ -183,13 +183,14 @@ _START_RANGES = {
     "freeze_epochs": (int, 0, None, True, True, False),
 }
 _NORMALIZE = ("mean_std", "pixel_mean_global_std", "zca")  # None: the starting weights' statistics, else the data set's
+AMP_CHOICES = ("none", "bf16", "fp16")  # autocast precision; None in a config = the device kind's default
 _CHOICES = {
     "schedule": ("step", "cosine", "linear", "onecycle", "constant"),
     "schedule_unit": ("epoch", "step"),
     "select_on": ("final", "best_val", "best_test"),
     "pad_mode": ("zero", "reflect"),
     "tta": ("none", "flip"),
-    "amp": ("none", "bf16", "fp16"),
+    "amp": AMP_CHOICES,
 }
 _UNSET_OK = ("amp", "channels_last", "pad_mode")  # None: the device kind's default, decided when the device is known
 _BOOLS = ("download", "nesterov", "channels_last", "compile", "memory_efficient", "deterministic", "sync_bn",
