@@ -137,3 +137,38 @@ def test_pruned_densenet_still_runs_its_fused_blocks_with_the_plain_modules_numb
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
     for (n, a), b in zip(fused.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=n)
+
+
+def _stock_densenet():
+    return create_model("densenet_bc16_k8", fused=True)
+
+
+@pytest.mark.parametrize("change", ["none", "dropout", "hook", "sync_bn", "swapped"])
+def test_fast_path_off_says_why_exactly_when_the_fused_blocks_step_aside(change):
+    model = _stock_densenet() if change != "dropout" else create_model("densenet_bc16_k8", fused=True, conv_drop_rate=0.2)
+    if change == "hook":
+        model.features.denseblock1.denselayer1.conv1.register_forward_hook(lambda *a: None)
+    elif change == "sync_bn":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif change == "swapped":
+        model.features.transition1.pool = torch.nn.MaxPool2d(2)
+    x = torch.randn(2, 3, 32, 32)
+    runs_fused = model.train()._use_fused(x)
+    why = model.fast_path_off("cpu")
+    assert runs_fused == (why is None), why
+    assert runs_fused == (change == "none")
+    if change == "dropout":
+        assert "conv_drop_rate=0.2" in why
+    assert create_model("densenet_bc16_k8", fused=False, conv_drop_rate=0.2).fast_path_off("cpu") is None  # chosen off
+
+
+@pytest.mark.parametrize("change", ["none", "sync_bn"])
+def test_delugenet_fast_path_off_matches_its_gradient_bank(change):
+    from crosslayer.ops.deluge import bank_applies
+
+    model = create_model("delugenet20", fused=True)
+    if change == "sync_bn":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    x = torch.randn(2, 16, 32, 32)
+    banks = [bank_applies(stage.norms, x, model.fused) for stage in model.train().stages]
+    assert all(banks) == (model.fast_path_off("cpu") is None) == (change == "none")

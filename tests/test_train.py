@@ -299,3 +299,16 @@ def test_memory_efficient_flag(tmp_path, capsys):
                 "--out", str(tmp_path / "x"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no memory-efficient mode" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("drop", ["0.2", "0"])
+def test_a_run_says_once_when_its_model_steps_off_the_fast_path(tmp_path, capsys, drop):
+    """The papers' dropout after every convolution is not in the fused dense blocks: the run says so
+    once at its start; without dropout it says nothing."""
+    rc = cli(["train", *TINY, "--drop-rate", drop, "--epochs", "2", "--batch-size", "32", "--limit", "64",
+              "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "trains on its plain modules" in line]
+    assert len(notes) == (1 if drop != "0" else 0), notes
+    if notes:
+        assert "conv_drop_rate=0.2" in notes[0]

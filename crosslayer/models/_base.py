@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from crosslayer.ops.dispatch import is_tracing
+from crosslayer.ops.defaults import use_fused
+from crosslayer.ops.dispatch import has_hooks, is_tracing
 
 POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")  # timm's names; "" = no pooling
 
@@ -229,6 +230,19 @@ class SpeedSwitches:
         for name, value in switches.items():
             setattr(self, name, value)
         return self
+
+    def fast_path_off(self, device_type: str) -> str | None:
+        """Why this model's fast paths, switched on (``fused``, or the device kind's default), would
+        step aside in training on ``device_type``: one line for a run to print once, or None (they
+        run, or they are switched off). The family's :meth:`fast_path_blocker` says what it checks."""
+        if not use_fused(self.fused, device_type):
+            return None
+        if has_hooks(self):
+            return "hooks are registered on its modules (the fused nodes would not call them)"
+        return self.fast_path_blocker()
+
+    def fast_path_blocker(self) -> str | None:
+        return None
 
     def set_memory_efficient(self, enabled: bool = True) -> None:
         """Switch the memory-efficient mode on or off; weights are unchanged."""

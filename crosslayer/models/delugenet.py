@@ -26,7 +26,7 @@ from crosslayer.models._base import ClassifierMixin, SpeedSwitches, init_he_fan_
 from crosslayer.models._registry import register_model
 from crosslayer.ops.batchnorm import batch_norm
 from crosslayer.ops.deluge import GradBank, StageOutputs, WeightedSum, bank_applies, normalize, weighted_sum
-from crosslayer.ops.dispatch import is_tracing
+from crosslayer.ops.dispatch import is_tracing, plain_batch_norm
 
 PAPER = "Kuen et al., DelugeNets: Deep Networks with Massive and Flexible Cross-layer Information Inflows, 2016"
 
@@ -218,6 +218,12 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         if self.head_cldc is not None:  # None once pruned to an earlier stage
             taps[-1] = F.relu(self.head_norm(self.head_cldc(x.normalized, x.bank)))
         return taps
+
+    def fast_path_blocker(self) -> str | None:
+        norms = [n for stage in self.stages for n in stage.norms]
+        if not all(plain_batch_norm(n, affine=False) for n in norms):
+            return "its shared normalisations are not plain affine-free BatchNorm2d (e.g. SyncBatchNorm)"
+        return None
 
     def truncate_stages(self, keep: int) -> None:
         self.stages = self.stages[:keep]

@@ -191,6 +191,17 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     def _use_fused(self, x: torch.Tensor) -> bool:
         return _use_fused(self.features, x, self.fused, self.conv_drop_rate)
 
+    def fast_path_blocker(self) -> str | None:
+        if self.conv_drop_rate > 0:
+            return (f"dropout after every convolution (conv_drop_rate={self.conv_drop_rate:g}) is not in the fused "
+                    f"dense blocks")
+        was = self.training
+        fusable = dense_block.fusable_features(self.features.train())
+        self.train(was)
+        if not fusable:
+            return "its features are not exactly the stock modules the fused dense blocks implement"
+        return None
+
     def truncate_stages(self, keep: int) -> None:
         end = list(self.features._modules).index(f"transition{keep}")
         self.features = self.features[:end + 1]

@@ -533,6 +533,17 @@ class Trainer:
         self.log(f"{self.epochs} epochs x {self.spe} steps, {batch}, lr {cfg.lr:g} {cfg.schedule} {s['milestones']} "
                  f"x{cfg.gamma:g} ({cfg.schedule_unit}), wd {cfg.weight_decay:g}, "
                  f"{'nesterov' if cfg.nesterov else 'momentum'} {cfg.momentum:g}, {self.device}, amp {cfg.amp}")
+        why = self.fast_path_off()
+        if why:
+            self.log(f"note: {cfg.model} trains on its plain modules (slower, same function): {why}")
+
+    def fast_path_off(self) -> str | None:
+        """Why the model's fast paths (:mod:`crosslayer.ops`) will not run in this run's training, or
+        None (also for a model without fast paths)."""
+        why = getattr(self.model, "fast_path_off", lambda device_type: None)(self.device.type)
+        if why is None and self.cfg.compile and hasattr(self.model, "fast_path_off"):
+            why = "--compile traces the plain modules"
+        return why
 
     def train_epoch(self, epoch: int, stop: _StopFlag):
         """Train from the saved batch position to the end of ``epoch`` (or a stop): returns
