@@ -42,6 +42,7 @@ demo: $(BIN)/crosslayer fashion-mnist
 
 test: $(BIN)/crosslayer fashion-mnist
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports  # the layers and no-cycles contracts in .importlinter
 	$(BIN)/python -m pytest
 
 # The suite again on torch 2.11 / torchvision 0.26, the GPU machines' versions.

@@ -14,7 +14,7 @@ _REGISTRY_NAMES = ("create_model", "list_models", "model_info", "register_model"
 
 def __getattr__(name: str):
     if name in _REGISTRY_NAMES:
-        return getattr(importlib.import_module("crosslayer.models._registry"), name)
+        return getattr(importlib.import_module("crosslayer.models"), name)
     try:
         return importlib.import_module(f"crosslayer.{name}")  # crosslayer.models, crosslayer.data, ...
     except ModuleNotFoundError:

@@ -19,27 +19,7 @@ import numpy as np
 import torch
 
 from crosslayer.errors import CrosslayerError
-
-
-class _Fit:
-    """PIL image -> ``mode`` ("L" or "RGB"), shorter side resized to ``resize_size`` and centre-cropped
-    to ``size`` x ``size``; an image already ``size`` x ``size`` is left as it is (no resampling)."""
-
-    def __init__(self, mode: str, size: int, resize_size: int | None = None):
-        self.mode, self.size, self.resize_size = mode, int(size), int(resize_size or size)
-
-    def __call__(self, img):
-        from torchvision.transforms import v2 as T
-
-        img = img.convert(self.mode)
-        if img.size == (self.size, self.size):
-            return img
-        img = T.functional.resize(img, self.resize_size, antialias=True)
-        return T.functional.center_crop(img, self.size)
-
-    def __repr__(self) -> str:
-        return f"_Fit(mode={self.mode!r}, size={self.size}, resize_size={self.resize_size})"
-
+from crosslayer.models.pretrained import eval_transform
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillows decode a 16-bit PNG
 
@@ -80,20 +60,12 @@ def check_size(img, size: int, path: str = "image") -> None:
                               f"{size}x{size} images and needs at least {smallest} pixels on each side")
 
 
-def eval_transform(channels: int, size: int, mean, std, resize_size: int | None = None):
-    """The evaluation transform of a model taking ``channels`` x ``size`` x ``size`` images
-    normalised with ``mean``/``std``: PIL image -> float tensor (C, size, size)."""
-    from torchvision.transforms import v2 as T
-
-    return T.Compose([_Fit("L" if channels == 1 else "RGB", size, resize_size), T.PILToTensor(),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
-
-
 def run_normalisation(cfg: dict) -> tuple[tuple, tuple]:
     """The mean/std a run normalised its images with: from its config when recorded, else the data
     set's fixed statistics, else (data sets normalised by their own training images: synthetic)
     recomputed from the same images (same ``limit``)."""
-    from crosslayer.data.registry import FOLDER_PREFIXES, IMAGENET, VARIANTS
+    from crosslayer.data.bundle import IMAGENET
+    from crosslayer.data.registry import FOLDER_PREFIXES, VARIANTS
 
     if cfg.get("mean") and cfg.get("std"):
         return tuple(cfg["mean"]), tuple(cfg["std"])

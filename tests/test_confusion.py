@@ -84,7 +84,6 @@ def oracle_checkpoint(tmp_path, monkeypatch):
     from crosslayer.models import _registry
     from crosslayer.train.checkpoint import save_checkpoint
 
-    _registry._import_all()
     monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))  # registration undone afterwards
 
     def confusion_oracle(num_classes=N, in_channels=1):

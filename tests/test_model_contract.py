@@ -63,7 +63,8 @@ def test_drop_rate_is_classifier_dropout_conv_drop_rate_the_papers():
 
 
 def test_pretrained_cfg_describes_the_native_data():
-    from crosslayer.data.registry import IMAGENET, VARIANTS
+    from crosslayer.data.bundle import IMAGENET
+    from crosslayer.data.registry import VARIANTS
 
     fmnist = create_model("densenet_bc16_k8", in_chans=1).pretrained_cfg  # a Fashion-MNIST study model
     assert fmnist["input_size"] == (1, 28, 28) and fmnist["mean"] == pytest.approx(VARIANTS["fashion-mnist"].mean)

@@ -8,7 +8,7 @@ import torch
 
 from crosslayer.cli._args import count
 from crosslayer.counting import count_macs, count_params
-from crosslayer.models._registry import create_model, list_models, model_info
+from crosslayer.models import create_model, list_models, model_info
 
 # Known errors in the papers' tables, printed as footnotes (docs/architecture.md, "Errata").
 CORRECTIONS = [

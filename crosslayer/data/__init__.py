@@ -39,7 +39,8 @@ Files are read in their official formats (CIFAR python pickles or their .tar.gz,
 [.gz], ImageFolder); see :mod:`crosslayer.data.files` for where they are looked for.
 """
 
+from crosslayer.data.bundle import DatasetBundle
 from crosslayer.data.loaders import build_loader
-from crosslayer.data.registry import DATASETS, DatasetBundle, bundle_from_tensors, load_dataset
+from crosslayer.data.registry import DATASETS, bundle_from_tensors, load_dataset
 
 __all__ = ["load_dataset", "build_loader", "DATASETS", "DatasetBundle", "bundle_from_tensors"]

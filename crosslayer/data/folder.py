@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2 as T
 
+from crosslayer.data.bundle import IMAGENET, DatasetBundle
+from crosslayer.data.transforms import Augment, sample_transform
 from crosslayer.errors import DataError
 
 
@@ -57,8 +59,6 @@ def _rgb_loader(path, size: int | None = None):
 
 def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_size=None, *, mean=None, std=None,
                      resize_size=None):
-    from crosslayer.data.registry import IMAGENET, DatasetBundle
-    from crosslayer.data.transforms import Augment, sample_transform
 
     if not root:
         raise DataError(f"{name}: give the root folder as imagefolder:/path/to/root")

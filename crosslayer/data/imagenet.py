@@ -28,6 +28,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from crosslayer.data.bundle import DatasetBundle
+from crosslayer.data.folder import _folder
 from crosslayer.errors import DataError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -157,11 +159,9 @@ def _pick(n: int, k: int | None) -> list[int]:
 
 def load_imagenet(name: str, root, val_size: int = 0, seed: int = 0, limit: int | None = None, crop: int = 224,
                   ten_crop: bool = False):
-    """A :class:`~crosslayer.data.registry.DatasetBundle` over ROOT/train and ROOT/val (no tensors:
+    """A :class:`~crosslayer.data.bundle.DatasetBundle` over ROOT/train and ROOT/val (no tensors:
     the DataLoader path). ``val_size`` holds out a seeded subset of train (evaluation transform).
     ``ten_crop``: the test split yields the ten crops of each image, (10, C, crop, crop)."""
-    from crosslayer.data.folder import _folder
-    from crosslayer.data.registry import DatasetBundle
 
     if not root:
         raise DataError(f"{name}: give the root folder as imagenet:/path/to/ILSVRC2012")

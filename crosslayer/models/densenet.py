@@ -118,6 +118,9 @@ class Transition(nn.Sequential):
         self.add_module("pool", nn.AvgPool2d(2, 2))
 
 
+dense_block.implements(DenseBlock=DenseBlock, DenseLayer=DenseLayer, Transition=Transition)  # what the fused nodes run
+
+
 class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     """DenseNet(-B)(-C) for CIFAR/SVHN (``stem="cifar"``: one 3x3 conv, three blocks) or ImageNet
     (``stem="imagenet"``: 7x7/2 conv-BN-ReLU-3x3/2 max-pool, four blocks). Our own stems, not in

@@ -11,6 +11,7 @@ torchvision's ``Weights.meta`` / ``Weights.transforms``.
 
 from __future__ import annotations
 
+import collections
 import os
 import urllib.error
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from crosslayer.errors import CrosslayerError
 from crosslayer.models._contract import adapt_input_conv, per_channel
+from crosslayer.models.densenet import DenseNet, load_torchvision_state_dict
 
 # name -> torchvision weight enum (torchvision.models.<enum>.IMAGENET1K_V1): its url, categories, transform
 PUBLISHED = {
@@ -47,11 +49,49 @@ def published_weights(name: str):
     return getattr(tvm, PUBLISHED[name]).IMAGENET1K_V1
 
 
+def unwrap_state_dict(sd: dict) -> dict:
+    """Strip the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    out = collections.OrderedDict()
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k.replace("._orig_mod.", ".")] = v
+    return out
+
+
+class _Fit:
+    """PIL image -> ``mode`` ("L" or "RGB"), shorter side resized to ``resize_size`` and centre-cropped
+    to ``size`` x ``size``; an image already ``size`` x ``size`` is left as it is (no resampling)."""
+
+    def __init__(self, mode: str, size: int, resize_size: int | None = None):
+        self.mode, self.size, self.resize_size = mode, int(size), int(resize_size or size)
+
+    def __call__(self, img):
+        from torchvision.transforms import v2 as T
+
+        img = img.convert(self.mode)
+        if img.size == (self.size, self.size):
+            return img
+        img = T.functional.resize(img, self.resize_size, antialias=True)
+        return T.functional.center_crop(img, self.size)
+
+    def __repr__(self) -> str:
+        return f"_Fit(mode={self.mode!r}, size={self.size}, resize_size={self.resize_size})"
+
+
+def eval_transform(channels: int, size: int, mean, std, resize_size: int | None = None):
+    """The evaluation transform of a model taking ``channels`` x ``size`` x ``size`` images
+    normalised with ``mean``/``std``: PIL image -> float tensor (C, size, size)."""
+    from torchvision.transforms import v2 as T
+
+    return T.Compose([_Fit("L" if channels == 1 else "RGB", size, resize_size), T.PILToTensor(),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
+
+
 def pretrained_cfg(name: str, source: str) -> dict:
     """What travels with a pretrained model: where the weights came from, the class names and the
     evaluation transform (``transforms``: a callable on PIL images, and its settings)."""
-    from crosslayer.predict import eval_transform
-
     cfg = {"source": source, "input_size": (3, IMAGENET_EVAL["crop_size"], IMAGENET_EVAL["crop_size"]),
            "classes": None, **IMAGENET_EVAL}
     if name in PUBLISHED:
@@ -121,9 +161,6 @@ def load_pretrained(model: nn.Module, name: str, pretrained, num_classes: int | 
 
     ``pretrained``: True (the published weights of ``name``), an ``http(s)://`` URL (through the hub
     cache and its hash check), or a state_dict file: a path or a ``file://`` URL, read in place."""
-    from crosslayer.models.densenet import DenseNet, load_torchvision_state_dict
-    from crosslayer.train.checkpoint import unwrap_state_dict
-
     if pretrained is True:
         source = published_weights(name).url
         sd = fetch_state_dict(source)

@@ -69,13 +69,25 @@ def tail_norm(tail: nn.Module) -> nn.BatchNorm2d:
     return tail if isinstance(tail, nn.BatchNorm2d) else tail.norm
 
 
+# The stock DenseNet modules these nodes implement (DenseBlock, DenseLayer, Transition), registered
+# by crosslayer.models.densenet when it defines them: ops sits below models and never imports it.
+STOCK: dict[str, type] = {}
+
+
+def implements(**stock: type) -> None:
+    """Register the stock module classes the fused nodes implement (``DenseBlock``, ``DenseLayer``,
+    ``Transition``); an exact type match is required, so a subclass steps aside."""
+    STOCK.update(stock)
+
+
 def fusable(block: nn.Module, tail: nn.Module) -> bool:
     """Whether ``block`` + ``tail`` (a Transition, or the final BatchNorm2d) are exactly the modules
     :class:`DenseBlockFunction` implements, in a state it implements: one BatchNorm mode for all
     (with autograd only training mode: the fused backward is the batch-statistics one) and one eps
     for every consumer of the shared normalisation."""
-    from crosslayer.models.densenet import DenseBlock, DenseLayer, Transition  # the modules implemented here
-
+    if not STOCK:
+        return False
+    DenseBlock, DenseLayer, Transition = STOCK["DenseBlock"], STOCK["DenseLayer"], STOCK["Transition"]
     if type(block) is not DenseBlock or not all(_layer_fusable(m, DenseLayer) for m in block.children()):
         return False
     if not (plain_batch_norm(tail) if isinstance(tail, nn.BatchNorm2d) else _transition_fusable(tail, Transition)):
@@ -89,9 +101,7 @@ def fusable(block: nn.Module, tail: nn.Module) -> bool:
 
 
 def _block_type() -> type:
-    from crosslayer.models.densenet import DenseBlock
-
-    return DenseBlock
+    return STOCK.get("DenseBlock", type(None))
 
 
 def fusable_features(features: nn.Sequential) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 
@@ -10,18 +9,8 @@ import torch
 
 from crosslayer.errors import CheckpointError, CrosslayerError
 from crosslayer.io import atomic_write, first_line
+from crosslayer.models.pretrained import unwrap_state_dict
 from crosslayer.train.checkpoint.load import load_checkpoint
-
-
-def unwrap_state_dict(sd: dict) -> dict:
-    """Strip the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
-    out = collections.OrderedDict()
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k.replace("._orig_mod.", ".")] = v
-    return out
 
 
 def check_checkpoint_fits(ckpt: dict, path: str, *, num_classes: int | None = None,
