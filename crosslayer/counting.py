@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from crosslayer.models import create_model, model_info
+
 
 def count_params(model: nn.Module) -> int:
     """Trainable parameters (weights and biases, BN gamma/beta, CLDC weights): what the papers count."""
@@ -34,7 +36,6 @@ def count_macs(name: str, num_classes: int | None = None, in_channels: int | Non
                image_size: int | None = None, **model_kwargs) -> int:
     """Architecture multiply-adds of one forward pass of registered model ``name`` at its native
     input size (or ``in_channels`` x ``image_size``^2), counted on the meta device."""
-    from crosslayer.models import create_model, model_info
 
     info = model_info(name)
     c = in_channels or info.input_size[0]

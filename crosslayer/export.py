@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from crosslayer.errors import CrosslayerError, check_output_dir
 from crosslayer.io import os_error_in, refuse_overwrite
+from crosslayer.models import create_model
+from crosslayer.train.checkpoint import export_safetensors, input_shape, load_model_from_checkpoint, resolve_checkpoint
 
 NOTES = {"torchscript": "TorchScript is deprecated in PyTorch; --format exported-program is its successor"}
 
@@ -54,7 +56,6 @@ def _run_onnx(path: str, cfg: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def _write_safetensors(model: nn.Module, x: torch.Tensor, path: str, cfg: dict) -> None:
-    from crosslayer.train.checkpoint import export_safetensors
 
     export_safetensors(model, path, metadata={"config": cfg})
 
@@ -62,7 +63,6 @@ def _write_safetensors(model: nn.Module, x: torch.Tensor, path: str, cfg: dict) 
 def _run_safetensors(path: str, cfg: dict, x: torch.Tensor) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    from crosslayer.models import create_model
 
     model = create_model(cfg["model"], num_classes=int(cfg["num_classes"]), in_channels=int(cfg.get("in_channels", 3)),
                          **(cfg.get("model_kwargs") or {}))
@@ -128,7 +128,6 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str | None = None, atol: f
     (a different batch size) of the input shape the checkpoint was trained on; the largest absolute
     difference to the eager model must be below ``atol``. Returns ``{"path", "format",
     "max_abs_diff", "bytes", "note"}``."""
-    from crosslayer.train.checkpoint import input_shape, load_model_from_checkpoint, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint)
     if fmt not in FORMATS:

@@ -18,8 +18,14 @@ import os
 import numpy as np
 import torch
 
+from crosslayer.data import load_dataset
+from crosslayer.data.bundle import IMAGENET
+from crosslayer.data.registry import FOLDER_PREFIXES, VARIANTS
 from crosslayer.errors import CrosslayerError
 from crosslayer.models.pretrained import eval_transform
+from crosslayer.train.checkpoint import input_shape, load_model_from_checkpoint, resolve_checkpoint
+from crosslayer.train.distributed import pick_device
+from crosslayer.train.evaluate import tta_logits
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillows decode a 16-bit PNG
 
@@ -64,8 +70,6 @@ def run_normalisation(cfg: dict) -> tuple[tuple, tuple]:
     """The mean/std a run normalised its images with: from its config when recorded, else the data
     set's fixed statistics, else (data sets normalised by their own training images: synthetic)
     recomputed from the same images (same ``limit``)."""
-    from crosslayer.data.bundle import IMAGENET
-    from crosslayer.data.registry import FOLDER_PREFIXES, VARIANTS
 
     if cfg.get("mean") and cfg.get("std"):
         return tuple(cfg["mean"]), tuple(cfg["std"])
@@ -75,7 +79,6 @@ def run_normalisation(cfg: dict) -> tuple[tuple, tuple]:
     v = VARIANTS.get(data)
     if v is not None and v.mean:
         return v.mean, v.std
-    from crosslayer.data import load_dataset
 
     bundle = load_dataset(data, data_dir=cfg.get("data_dir"), limit=cfg.get("limit"))
     return bundle.mean, bundle.std
@@ -102,9 +105,6 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
     """Top-``topk`` classes of each image: ``[{"image", "top": [{"class", "index", "prob"}, ...]}]``,
     probabilities from the softmax of the model's logits (with the test-time augmentation the run
     evaluated with), highest first."""
-    from crosslayer.train.checkpoint import input_shape, load_model_from_checkpoint, resolve_checkpoint
-    from crosslayer.train.distributed import pick_device
-    from crosslayer.train.evaluate import tta_logits
 
     if topk < 1:
         raise CrosslayerError(f"--topk must be >= 1, got {topk}")

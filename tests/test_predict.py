@@ -69,7 +69,7 @@ def test_the_run_records_its_normalisation_and_predict_needs_no_data(trained, tm
     def no_data(*a, **k):
         raise AssertionError("predict loaded the training data to recompute its statistics")
 
-    monkeypatch.setattr("crosslayer.data.load_dataset", no_data)
+    monkeypatch.setattr("crosslayer.predict.load_dataset", no_data)  # the name predict calls
     assert predict_images(str(trained), paths, topk=2) == expected
 
 

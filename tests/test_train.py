@@ -198,9 +198,10 @@ def test_non_finite_loss_stops_with_one_line(tmp_path, capsys):
         assert _load(out / "last.pt")["step"] < int(err.split("step ")[1].split(",")[0])
 
 
-def test_model_data_mismatch_is_one_line(tmp_path, capsys):
+def test_model_data_mismatch_is_one_line(tmp_path, capsys, monkeypatch):
     # FractalNet's five 2x2 pools cannot take 16x16 images; tested through a tiny in-memory bundle
     from crosslayer.data import bundle_from_tensors
+    from crosslayer.train import loop
     from crosslayer.train.loop import Trainer, TrainingError
 
     g = torch.Generator().manual_seed(0)
@@ -208,15 +209,9 @@ def test_model_data_mismatch_is_one_line(tmp_path, capsys):
     y = torch.arange(32) % 4
     bundle = bundle_from_tensors("tiny16", (x, y), (x, y), [str(i) for i in range(4)])
     cfg = _cfg("--model", "fractalnet20", "--data", "synthetic", "--epochs", "1", "--batch-size", "8", "--quiet")
-    import crosslayer.data as data
-
-    orig = data.load_dataset
-    data.load_dataset = lambda *a, **k: bundle
-    try:
-        with pytest.raises(TrainingError) as e:
-            Trainer(cfg, str(tmp_path / "r")).run()
-    finally:
-        data.load_dataset = orig
+    monkeypatch.setattr(loop, "load_dataset", lambda *a, **k: bundle)  # the name the trainer calls
+    with pytest.raises(TrainingError) as e:
+        Trainer(cfg, str(tmp_path / "r")).run()
     msg = str(e.value)
     assert "does not fit data tiny16" in msg and "\n" not in msg
 

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+from crosslayer.analysis.tables import format_markdown, is_run_dir, read_run, reference_series, run_row, write_results_csv
 from crosslayer.errors import CrosslayerError
 
 
@@ -23,7 +24,6 @@ def write_report(run_dirs, out_dir: str, plots: bool = True, warn=_warn_stderr) 
     name ``crosslayer demo`` uses too), ``curves_RUN.png`` per run when there are several, and
     ``error_vs_params_DATA.png`` per data variant. Folders without metrics (not runs) are skipped
     with a one-line ``warn``. Returns the written paths (results.md first)."""
-    from crosslayer.analysis.tables import format_markdown, is_run_dir, read_run, run_row, write_results_csv
 
     run_dirs = [os.fspath(d) for d in run_dirs]
     if not run_dirs:
@@ -51,7 +51,6 @@ def write_report(run_dirs, out_dir: str, plots: bool = True, warn=_warn_stderr) 
 
 def _figures(runs: list[dict], rows: list[dict], out_dir: str) -> list[str]:
     from crosslayer.analysis.plots import plot_error_vs_params, plot_training_curves
-    from crosslayer.analysis.tables import reference_series
 
     figures = [plot_training_curves([r["dir"] for r in runs], os.path.join(out_dir, "curves.png"))["path"]]
     if len(runs) > 1:

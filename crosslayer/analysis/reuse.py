@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.models import create_model, list_models
+from crosslayer.train.checkpoint import load_model_from_checkpoint
 
 _BLOCK = re.compile(r"^denseblock(\d+)$")
 
@@ -200,14 +202,11 @@ def load_for_analysis(source) -> tuple[nn.Module, str]:
         return source.eval(), desc or getattr(source, "model_name", type(source).__name__)
     path = os.fspath(source)
     if not os.path.exists(path):
-        from crosslayer.models import list_models
 
         if path in list_models():
-            from crosslayer.models import create_model
 
             torch.manual_seed(0)
             return create_model(path).eval(), f"{path} (random init)"
-    from crosslayer.train.checkpoint import load_model_from_checkpoint
 
     model, ckpt = load_model_from_checkpoint(path)
     cfg = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}

@@ -34,9 +34,17 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from crosslayer.analysis import claims
 from crosslayer.analysis.claims import last_third_change
+from crosslayer.analysis.reuse import deluge_weight_maps, densenet_reuse, load_for_analysis
+from crosslayer.analysis.tables import read_metrics, read_run
+from crosslayer.data import load_dataset
 from crosslayer.errors import CrosslayerError
+from crosslayer.models import create_model, model_info
+from crosslayer.ops.defaults import cpu_bf16_native
 from crosslayer.train.config import TrainConfig
+from crosslayer.train.loop import Trainer, write_json
+from crosslayer.train.runtime import amp_context
 
 FAMILIES = {  # family label -> registered models, smallest first
     "DenseNet-BC": ("densenet_bc16_k8", "densenet_bc28_k12", "densenet_bc40_k12"),
@@ -91,7 +99,6 @@ def family_of(model: str) -> str:
     for label, models in FAMILIES.items():
         if model in models:
             return label
-    from crosslayer.models import model_info
 
     return model_info(model).family
 
@@ -124,7 +131,6 @@ def converged_grid(spec: dict = CONVERGED) -> list[Run]:
 def converged_recipe(spec: dict = CONVERGED, bf16: bool | None = None) -> dict:
     """The converged study's recipe with its precision: bf16 autocast where the CPU computes bf16
     natively (``bf16`` None: ask this CPU), float32 elsewhere."""
-    from crosslayer.ops.defaults import cpu_bf16_native
 
     native = cpu_bf16_native() if bf16 is None else bf16
     return dict(spec["recipe"], amp="bf16" if native else "none")
@@ -141,8 +147,6 @@ def measure_costs(models, image_shape=(1, 28, 28), num_classes: int = 10, batch_
     import torch
     import torch.nn.functional as F
 
-    from crosslayer.models import create_model
-    from crosslayer.train.runtime import amp_context
 
     costs = {}
     cpu = torch.device("cpu")
@@ -327,7 +331,6 @@ class _Deadline:
 
 
 def _train_one(run: Run, plan: dict, run_dir: str, data_dir, resume: bool) -> int:
-    from crosslayer.train.loop import Trainer
 
     return Trainer(run_config(run, plan, run_dir, data_dir), run_dir, resume=resume).run()
 
@@ -372,7 +375,6 @@ def aggregate(run_dirs) -> list[dict]:
     """One row per model from finished run directories: family, params, multiply-adds, the final
     test (and validation) error of every seed, their mean and sample standard deviation (NaN for
     one seed), sorted by family then parameters."""
-    from crosslayer.analysis.tables import read_run
 
     by_model: dict[str, list[dict]] = {}
     for d in run_dirs:
@@ -489,7 +491,6 @@ def plot_convergence(run_dirs: dict[str, str], out_png: str) -> dict:
     """Test error after every epoch, one panel per family, one line per run, the last third of the
     epochs shaded (where "stopped moving" is judged). Returns {family: {run: [errors]}}."""
     from crosslayer.analysis.plots import _figure, _save
-    from crosslayer.analysis.tables import read_metrics
 
     curves: dict[str, dict[str, list[float]]] = {}
     for name, d in run_dirs.items():
@@ -515,9 +516,6 @@ def plot_convergence(run_dirs: dict[str, str], out_png: str) -> dict:
 def write_verdicts(rows: list[dict], run_dirs: dict[str, str], out: str, log=print) -> list[str]:
     """``verdicts.md`` / ``verdicts.json``: every claim's verdict computed from the finished runs
     (rules: :mod:`crosslayer.analysis.claims`); the reuse statistics use every seed's final weights."""
-    from crosslayer.analysis import claims
-    from crosslayer.analysis.reuse import deluge_weight_maps, densenet_reuse, load_for_analysis
-    from crosslayer.train.loop import write_json
 
     efficiency = efficiency_verdicts(rows)
     dense, deluge = {}, {}
@@ -551,7 +549,6 @@ EFFICIENCY_PAIRS = (("DenseNet-BC", "pre-act ResNet"), ("DelugeNet", "pre-act Re
 def efficiency_verdicts(rows: list[dict]) -> list[tuple[str, dict]]:
     """(claim text, :func:`claims.compare_families` result) for every pair of families, per
     parameters and per multiply-adds."""
-    from crosslayer.analysis import claims
 
     return [(f"{a} reaches an error with fewer {what} than {b}", claims.compare_families(rows, a, b, key))
             for a, b in EFFICIENCY_PAIRS for key, what in (("params", "parameters"), ("macs", "multiply-adds"))]
@@ -629,7 +626,6 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
     measured now. Loads the data set first: a bad --data-dir fails before anything is written.
     ``converged``: the converged study's spec (a fixed number of epochs), else the short study's
     plan fitted to the budget. A saved plan of the other kind is an error (one line)."""
-    from crosslayer.data import load_dataset
 
     path = os.path.join(out, "study.json")
     kind = "converged" if converged else "short"
@@ -658,7 +654,6 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
                              shape, recipe=recipe)
     add_estimates(plan, runs)  # e.g. more --seeds than the saved plan had
     os.makedirs(out, exist_ok=True)
-    from crosslayer.train.loop import write_json
 
     write_json(path, plan)
     return plan

@@ -17,7 +17,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from crosslayer.counting import count_macs, count_params
 from crosslayer.errors import CrosslayerError
+from crosslayer.models import create_model
 
 PAPER_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_tables.csv")
 
@@ -307,8 +309,6 @@ def _count_params(run: dict) -> float | None:
     try:
         import torch
 
-        from crosslayer.counting import count_params
-        from crosslayer.models import create_model
 
         cfg = run["config"]
         with torch.device("meta"):
@@ -324,7 +324,6 @@ def _count_macs(run: dict) -> float | None:
         if src.get("macs") is not None:
             return float(src["macs"])
     try:
-        from crosslayer.counting import count_macs
 
         cfg = run["config"]
         return float(count_macs(run["model"], cfg.get("num_classes"), cfg.get("in_channels"), cfg.get("image_size"),

@@ -16,10 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crosslayer.data import build_loader, load_dataset
+from crosslayer.data.registry import FOLDER_PREFIXES
 from crosslayer.errors import CrosslayerError, check_output_dir
 from crosslayer.io import write_csv, write_json
 from crosslayer.train import distributed as D
+from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
 from crosslayer.train.checkpoint.load import resolve_checkpoint
+from crosslayer.train.distributed import pick_device
 from crosslayer.train.runtime import amp_context, is_out_of_memory
 
 
@@ -100,9 +104,6 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     ``ten_crop`` (``imagenet:`` data): fb.resnet.torch's 10-crop evaluation, ``batch_size`` // 10 images of
     10 crops per batch as its ``dataloader.lua``; None: the run's ``ten_crop`` (the ImageNet presets set it).
     The output folder and device are checked before any work."""
-    from crosslayer.data import build_loader
-    from crosslayer.train.checkpoint import load_checkpoint, load_model_from_checkpoint
-    from crosslayer.train.distributed import pick_device
 
     if batch_size < 1:
         raise CrosslayerError(f"--batch-size {batch_size}: must be at least 1")
@@ -144,8 +145,6 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
 
 def _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size, ten_crop=False):
     """The data set to evaluate on: ``data`` or the one the checkpoint was trained on (with its split seed)."""
-    from crosslayer.data import load_dataset
-    from crosslayer.data.registry import FOLDER_PREFIXES
 
     data = data or ckpt_cfg.get("data")
     if not data:

@@ -26,8 +26,12 @@ import time
 import torch
 import torch.nn as nn
 
+from crosslayer.counting import count_macs, count_params
+from crosslayer.data import build_loader, load_dataset
+from crosslayer.data.registry import FOLDER_PREFIXES
 from crosslayer.errors import CheckpointError, CrosslayerError
 from crosslayer.io import write_json
+from crosslayer.models import create_model
 from crosslayer.ops.defaults import unset_training_defaults
 from crosslayer.train import checkpoint as ck
 from crosslayer.train import distributed as D
@@ -192,7 +196,6 @@ class Trainer:
     def ten_crop(self) -> None:
         """fb.resnet.torch's ``-testOnly -tenCrop`` on its best model: the 10-crop test error of
         best.pt, on the main process, added to results.json (``ten_crop_test_err``, ``..._top5_err``)."""
-        from crosslayer.data import build_loader, load_dataset
 
         cfg = self.cfg
         D.barrier(self.info)
@@ -287,7 +290,6 @@ class Trainer:
         """load_dataset's image size and normalisation: the starting weights' evaluation transform
         (image folders: their input size and resize; every data set but imagenet:ROOT: their mean/std)
         unless --image-size / --normalize are given."""
-        from crosslayer.data.registry import FOLDER_PREFIXES
 
         cfg, t = self.cfg, self.start_transform
         opts = dict(image_size=cfg.image_size, resize_size=None, mean=None, std=None,
@@ -299,7 +301,6 @@ class Trainer:
         return opts
 
     def _load_data(self) -> None:
-        from crosslayer.data import build_loader, load_dataset
 
         cfg, info = self.cfg, self.info
         opts = self.data_options()
@@ -343,7 +344,6 @@ class Trainer:
         return kwargs
 
     def _build_model(self) -> None:
-        from crosslayer.models import create_model
 
         cfg, bundle = self.cfg, self.bundle
         self.kwargs = self.model_kwargs()
@@ -443,7 +443,6 @@ class Trainer:
 
     def _facts(self) -> dict:
         """What the run measured and derived, recorded in config.json next to the config."""
-        from crosslayer.counting import count_params
 
         b, info = self.bundle, self.info
         return dict(
@@ -466,7 +465,6 @@ class Trainer:
 
     def _macs(self) -> int | None:
         """Architecture multiply-adds of one forward pass at the data's input size (None if uncountable)."""
-        from crosslayer.counting import count_macs
 
         b = self.bundle
         try:

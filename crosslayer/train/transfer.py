@@ -24,7 +24,11 @@ import torch
 import torch.nn as nn
 
 from crosslayer.errors import CrosslayerError
+from crosslayer.models import model_info
+from crosslayer.models.densenet import DenseNet, torchvision_keys
+from crosslayer.models.pretrained import IMAGENET_EVAL, fetch_state_dict, published_weights, read_state_dict
 from crosslayer.train import checkpoint as ck
+from crosslayer.train.evaluate import resolve_checkpoint
 
 # config.json / checkpoint-config keys (and model arguments) that do not change the weights' shapes
 _SHAPE_FREE_KWARGS = ("drop_rate", "conv_drop_rate", "drop_path_rate", "memory_efficient")  # change no tensor shape
@@ -61,8 +65,6 @@ def _imagenet_transform(model: str) -> dict:
     """The evaluation transform published ImageNet weights come with (torchvision's: resize 256,
     centre crop 224, ImageNet mean/std), for a model whose native input is ImageNet-sized; weights of
     other models carry no known transform."""
-    from crosslayer.models import model_info
-    from crosslayer.models.pretrained import IMAGENET_EVAL
 
     if model_info(model).input_size[-1] != IMAGENET_EVAL["crop_size"]:
         return {"image_size": None, "resize_size": None, "mean": None, "std": None}
@@ -78,7 +80,6 @@ def _hub_file(url: str) -> str:
 
 
 def _read_pretrained(model: str, pretrained) -> StartWeights:
-    from crosslayer.models.pretrained import fetch_state_dict, published_weights, read_state_dict
 
     if pretrained is True:
         source = published_weights(model).url
@@ -95,7 +96,6 @@ def _read_pretrained(model: str, pretrained) -> StartWeights:
 
 
 def _read_run(init_from: str) -> StartWeights:
-    from crosslayer.train.evaluate import resolve_checkpoint
 
     path = resolve_checkpoint(init_from)
     ckpt = ck.load_checkpoint(path)
@@ -155,7 +155,6 @@ def classifier_prefix(model: nn.Module) -> str | None:
 def load_start(model: nn.Module, sw: StartWeights, model_name: str) -> tuple[bool, int | None]:
     """Copy ``sw`` into ``model`` (built for the run's classes): ``(head re-initialised, the weights'
     class count)``. Everything but the classifier must match in name and shape (one line otherwise)."""
-    from crosslayer.models.densenet import DenseNet, torchvision_keys
 
     sd = ck.unwrap_state_dict(sw.state_dict)
     if isinstance(model, DenseNet):
