@@ -351,3 +351,15 @@ def test_benchmark_torchvision_twin_has_our_parameter_count():
     assert n_tv == n_ours == PARAMS == 769_162
     shapes = sorted(tuple(p.shape) for p in tv.parameters())
     assert shapes == sorted(tuple(p.shape) for p in ours.parameters())
+
+
+def test_the_fused_blocks_read_the_layers_memory_efficient_switch():
+    """One switch, read by both paths: set on the layers of one block only (not on the model), the
+    fused node of that block recomputes as the plain layers do, and keeps less for backward."""
+    x, _ = _data(4)
+    fused, one_block = _densenet(growth_rate=12), _densenet(growth_rate=12)
+    for layer in one_block.features.denseblock1.values():
+        layer.memory_efficient = True
+    assert not one_block.memory_efficient
+    with cpu_kernels.disabled():
+        assert _saved_bytes(one_block, x) < _saved_bytes(fused, x)

@@ -201,7 +201,9 @@ class SpeedSwitches:
     function computed, the weights or the state_dict keys.
 
     - ``memory_efficient``: recompute activations in backward instead of storing them (less memory,
-      a little slower); setting it on the model sets it on every layer that has the switch.
+      a little slower); setting it on the model sets it on every layer that has the switch, and
+      the layers' switches are what the plain and the fused paths read (a fused dense block
+      recomputes when one of its layers has it).
     - ``fused``: the model's fast paths (:mod:`crosslayer.ops`): True, False (the plain modules),
       or None = the device kind's default (:func:`crosslayer.ops.defaults.use_fused`).
     - ``cpu_channels_last``: on CPU, run in the channels_last (NHWC) memory format.
@@ -213,7 +215,10 @@ class SpeedSwitches:
 
     @property
     def memory_efficient(self) -> bool:
-        return self.__dict__.get("_memory_efficient", False)
+        """True when every layer with the switch has it on (the layers' switches are the ones both
+        paths read); the value set on a model without such layers otherwise."""
+        layers = [m for m in self.modules() if m is not self and "memory_efficient" in vars(m)]
+        return all(m.memory_efficient for m in layers) if layers else self.__dict__.get("_memory_efficient", False)
 
     @memory_efficient.setter
     def memory_efficient(self, enabled: bool) -> None:

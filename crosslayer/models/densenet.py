@@ -213,11 +213,11 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if isinstance(x, torch.fx.Proxy) and use_fused(self.fused, next(self.parameters()).device.type):
             # the fast paths may apply: one call in the graph, which takes eager's path when it runs
-            switches = (self.fused, self.memory_efficient, self.cpu_channels_last, self.conv_drop_rate)
+            switches = (self.fused, self.cpu_channels_last, self.conv_drop_rate)
             taps = _traced_stage_outputs(self.features, x, *switches)
             return [taps[i] for i in range(len(self.feature_info))]
         x = _cpu_layout(x, self.cpu_channels_last)
-        return _run_stages(self.features, x, self._use_fused(x), self.memory_efficient)
+        return _run_stages(self.features, x, self._use_fused(x))
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning rates (timm): the stem, each block with its transition, the final norm."""
@@ -242,11 +242,11 @@ def _cpu_layout(x: torch.Tensor, cpu_channels_last: bool) -> torch.Tensor:
     return x
 
 
-def _run_stages(features: nn.Sequential, x: torch.Tensor, fused: bool, recompute: bool) -> list[torch.Tensor]:
+def _run_stages(features: nn.Sequential, x: torch.Tensor, fused: bool) -> list[torch.Tensor]:
     """Each transition's output, then relu(features(x)) (unless ``features`` was pruned to end at a
     transition): fused, or through the modules."""
     if fused:
-        return dense_block.run_stages(features, x, recompute)
+        return dense_block.run_stages(features, x)
     taps = []
     for module in features:
         x = module(x)
@@ -255,11 +255,11 @@ def _run_stages(features: nn.Sequential, x: torch.Tensor, fused: bool, recompute
     return taps if isinstance(module, Transition) else taps + [F.relu(x)]  # pruned after a transition
 
 
-def _traced_stage_outputs(features: nn.Sequential, x: torch.Tensor, fused: bool | None, recompute: bool,
-                          cpu_channels_last: bool, conv_drop_rate: float) -> list[torch.Tensor]:
+def _traced_stage_outputs(features: nn.Sequential, x: torch.Tensor, fused: bool | None, cpu_channels_last: bool,
+                          conv_drop_rate: float) -> list[torch.Tensor]:
     """:meth:`DenseNet.stage_outputs` as one call of an FX graph: it decides the path when it runs."""
     x = _cpu_layout(x, cpu_channels_last)
-    return _run_stages(features, x, _use_fused(features, x, fused, conv_drop_rate), recompute)
+    return _run_stages(features, x, _use_fused(features, x, fused, conv_drop_rate))
 
 
 torch.fx.wrap("_traced_stage_outputs")

@@ -132,21 +132,23 @@ def fused_parameters(block: nn.Module, tail: nn.Module) -> list[nn.Parameter]:
     return params if isinstance(tail, nn.BatchNorm2d) else params + [tail.conv.weight]
 
 
-def run_features(features: nn.Sequential, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """relu(features(x)) for a DenseNet's ``features`` for which :func:`fusable_features` holds:
     every dense block with the module after it as one fused node, other modules called."""
-    return run_stages(features, x, recompute)[-1]
+    return run_stages(features, x)[-1]
 
 
-def run_stages(features: nn.Sequential, x: torch.Tensor, recompute: bool) -> list[torch.Tensor]:
+def run_stages(features: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
     """:func:`run_features` returning the output of every fused node (each transition's output, and
-    last relu(norm5(...)) = relu(features(x)))."""
+    last relu(norm5(...)) = relu(features(x))). A block recomputes in backward (memory-efficient
+    mode) when one of its layers has ``memory_efficient`` set: the switch the plain path reads."""
     modules, outputs = list(features.children()), []
     i = 0
     while i < len(modules):
         if isinstance(modules[i], _block_type()):
             block, tail = modules[i], modules[i + 1]
             params = fused_parameters(block, tail)
+            recompute = any(layer.memory_efficient for layer in block.values())
             backward = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
             x = DenseBlockFunction.apply(x, block, tail, recompute, backward, *params)
             outputs.append(x)
