@@ -93,10 +93,9 @@ def test_eval_uses_the_runs_tta_unless_told(flip_run, tmp_path):
 
 def test_predict_uses_the_runs_tta(flip_run, tmp_path, monkeypatch):
     from crosslayer import predict
-    from crosslayer.train import evaluate as ev
 
     seen = []
-    monkeypatch.setattr(ev, "tta_logits", lambda m, x, tta: seen.append(tta) or m(x).float())
+    monkeypatch.setattr(predict, "tta_logits", lambda m, x, tta: seen.append(tta) or m(x).float())  # the name it calls
     img = tmp_path / "a.png"
     Image.new("RGB", (32, 32), (120, 30, 200)).save(img)
     predict.predict_images(str(flip_run / "last.pt"), [str(img)])
