@@ -36,7 +36,6 @@ def count_macs(name: str, num_classes: int | None = None, in_channels: int | Non
                image_size: int | None = None, **model_kwargs) -> int:
     """Architecture multiply-adds of one forward pass of registered model ``name`` at its native
     input size (or ``in_channels`` x ``image_size``^2), counted on the meta device."""
-
     info = model_info(name)
     c = in_channels or info.input_size[0]
     size = (image_size, image_size) if image_size else tuple(info.input_size[1:])

@@ -56,7 +56,6 @@ def _run_onnx(path: str, cfg: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def _write_safetensors(model: nn.Module, x: torch.Tensor, path: str, cfg: dict) -> None:
-
     export_safetensors(model, path, metadata={"config": cfg})
 
 
@@ -128,7 +127,6 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str | None = None, atol: f
     (a different batch size) of the input shape the checkpoint was trained on; the largest absolute
     difference to the eager model must be below ``atol``. Returns ``{"path", "format",
     "max_abs_diff", "bytes", "note"}``."""
-
     checkpoint = resolve_checkpoint(checkpoint)
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")

@@ -70,7 +70,6 @@ def run_normalisation(cfg: dict) -> tuple[tuple, tuple]:
     """The mean/std a run normalised its images with: from its config when recorded, else the data
     set's fixed statistics, else (data sets normalised by their own training images: synthetic)
     recomputed from the same images (same ``limit``)."""
-
     if cfg.get("mean") and cfg.get("std"):
         return tuple(cfg["mean"]), tuple(cfg["std"])
     data = str(cfg.get("data") or "")
@@ -105,7 +104,6 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
     """Top-``topk`` classes of each image: ``[{"image", "top": [{"class", "index", "prob"}, ...]}]``,
     probabilities from the softmax of the model's logits (with the test-time augmentation the run
     evaluated with), highest first."""
-
     if topk < 1:
         raise CrosslayerError(f"--topk must be >= 1, got {topk}")
     if not images:

@@ -24,7 +24,6 @@ def write_report(run_dirs, out_dir: str, plots: bool = True, warn=_warn_stderr) 
     name ``crosslayer demo`` uses too), ``curves_RUN.png`` per run when there are several, and
     ``error_vs_params_DATA.png`` per data variant. Folders without metrics (not runs) are skipped
     with a one-line ``warn``. Returns the written paths (results.md first)."""
-
     run_dirs = [os.fspath(d) for d in run_dirs]
     if not run_dirs:
         raise CrosslayerError("no run directories given")

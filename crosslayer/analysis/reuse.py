@@ -202,9 +202,7 @@ def load_for_analysis(source) -> tuple[nn.Module, str]:
         return source.eval(), desc or getattr(source, "model_name", type(source).__name__)
     path = os.fspath(source)
     if not os.path.exists(path):
-
         if path in list_models():
-
             torch.manual_seed(0)
             return create_model(path).eval(), f"{path} (random init)"
 

@@ -131,7 +131,6 @@ def converged_grid(spec: dict = CONVERGED) -> list[Run]:
 def converged_recipe(spec: dict = CONVERGED, bf16: bool | None = None) -> dict:
     """The converged study's recipe with its precision: bf16 autocast where the CPU computes bf16
     natively (``bf16`` None: ask this CPU), float32 elsewhere."""
-
     native = cpu_bf16_native() if bf16 is None else bf16
     return dict(spec["recipe"], amp="bf16" if native else "none")
 
@@ -331,7 +330,6 @@ class _Deadline:
 
 
 def _train_one(run: Run, plan: dict, run_dir: str, data_dir, resume: bool) -> int:
-
     return Trainer(run_config(run, plan, run_dir, data_dir), run_dir, resume=resume).run()
 
 
@@ -375,7 +373,6 @@ def aggregate(run_dirs) -> list[dict]:
     """One row per model from finished run directories: family, params, multiply-adds, the final
     test (and validation) error of every seed, their mean and sample standard deviation (NaN for
     one seed), sorted by family then parameters."""
-
     by_model: dict[str, list[dict]] = {}
     for d in run_dirs:
         run = read_run(d)
@@ -516,7 +513,6 @@ def plot_convergence(run_dirs: dict[str, str], out_png: str) -> dict:
 def write_verdicts(rows: list[dict], run_dirs: dict[str, str], out: str, log=print) -> list[str]:
     """``verdicts.md`` / ``verdicts.json``: every claim's verdict computed from the finished runs
     (rules: :mod:`crosslayer.analysis.claims`); the reuse statistics use every seed's final weights."""
-
     efficiency = efficiency_verdicts(rows)
     dense, deluge = {}, {}
     for name, d in sorted(run_dirs.items()):
@@ -549,7 +545,6 @@ EFFICIENCY_PAIRS = (("DenseNet-BC", "pre-act ResNet"), ("DelugeNet", "pre-act Re
 def efficiency_verdicts(rows: list[dict]) -> list[tuple[str, dict]]:
     """(claim text, :func:`claims.compare_families` result) for every pair of families, per
     parameters and per multiply-adds."""
-
     return [(f"{a} reaches an error with fewer {what} than {b}", claims.compare_families(rows, a, b, key))
             for a, b in EFFICIENCY_PAIRS for key, what in (("params", "parameters"), ("macs", "multiply-adds"))]
 
@@ -626,7 +621,6 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
     measured now. Loads the data set first: a bad --data-dir fails before anything is written.
     ``converged``: the converged study's spec (a fixed number of epochs), else the short study's
     plan fitted to the budget. A saved plan of the other kind is an error (one line)."""
-
     path = os.path.join(out, "study.json")
     kind = "converged" if converged else "short"
     if os.path.exists(path):

@@ -16,6 +16,7 @@ import re
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from crosslayer.counting import count_macs, count_params
 from crosslayer.errors import CrosslayerError
@@ -307,9 +308,6 @@ def _count_params(run: dict) -> float | None:
         if src.get("params") is not None:
             return float(src["params"])
     try:
-        import torch
-
-
         cfg = run["config"]
         with torch.device("meta"):
             model = create_model(run["model"], num_classes=cfg.get("num_classes"),
@@ -324,7 +322,6 @@ def _count_macs(run: dict) -> float | None:
         if src.get("macs") is not None:
             return float(src["macs"])
     try:
-
         cfg = run["config"]
         return float(count_macs(run["model"], cfg.get("num_classes"), cfg.get("in_channels"), cfg.get("image_size"),
                                 **(cfg.get("model_kwargs") or {})))

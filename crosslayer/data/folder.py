@@ -59,7 +59,6 @@ def _rgb_loader(path, size: int | None = None):
 
 def load_imagefolder(name, root, augment, val_size=0, seed=0, limit=None, image_size=None, *, mean=None, std=None,
                      resize_size=None):
-
     if not root:
         raise DataError(f"{name}: give the root folder as imagefolder:/path/to/root")
     root = Path(root).expanduser()

@@ -162,7 +162,6 @@ def load_imagenet(name: str, root, val_size: int = 0, seed: int = 0, limit: int 
     """A :class:`~crosslayer.data.bundle.DatasetBundle` over ROOT/train and ROOT/val (no tensors:
     the DataLoader path). ``val_size`` holds out a seeded subset of train (evaluation transform).
     ``ten_crop``: the test split yields the ten crops of each image, (10, C, crop, crop)."""
-
     if not root:
         raise DataError(f"{name}: give the root folder as imagenet:/path/to/ILSVRC2012")
     if crop < 8:

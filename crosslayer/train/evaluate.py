@@ -104,7 +104,6 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
     ``ten_crop`` (``imagenet:`` data): fb.resnet.torch's 10-crop evaluation, ``batch_size`` // 10 images of
     10 crops per batch as its ``dataloader.lua``; None: the run's ``ten_crop`` (the ImageNet presets set it).
     The output folder and device are checked before any work."""
-
     if batch_size < 1:
         raise CrosslayerError(f"--batch-size {batch_size}: must be at least 1")
     checkpoint = resolve_checkpoint(checkpoint)
@@ -145,7 +144,6 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, out: str | 
 
 def _load_data(checkpoint, ckpt_cfg, data, split, data_dir, download, val_size, limit, image_size, ten_crop=False):
     """The data set to evaluate on: ``data`` or the one the checkpoint was trained on (with its split seed)."""
-
     data = data or ckpt_cfg.get("data")
     if not data:
         raise CrosslayerError(f"{checkpoint}: the checkpoint does not name its data set; pass --data")

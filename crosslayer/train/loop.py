@@ -196,7 +196,6 @@ class Trainer:
     def ten_crop(self) -> None:
         """fb.resnet.torch's ``-testOnly -tenCrop`` on its best model: the 10-crop test error of
         best.pt, on the main process, added to results.json (``ten_crop_test_err``, ``..._top5_err``)."""
-
         cfg = self.cfg
         D.barrier(self.info)
         if self.info.is_main:
@@ -290,7 +289,6 @@ class Trainer:
         """load_dataset's image size and normalisation: the starting weights' evaluation transform
         (image folders: their input size and resize; every data set but imagenet:ROOT: their mean/std)
         unless --image-size / --normalize are given."""
-
         cfg, t = self.cfg, self.start_transform
         opts = dict(image_size=cfg.image_size, resize_size=None, mean=None, std=None,
                     normalize=cfg.normalize)
@@ -301,7 +299,6 @@ class Trainer:
         return opts
 
     def _load_data(self) -> None:
-
         cfg, info = self.cfg, self.info
         opts = self.data_options()
         # the image-folder geometry asked for (None: native size), for eval and predict to repeat
@@ -344,7 +341,6 @@ class Trainer:
         return kwargs
 
     def _build_model(self) -> None:
-
         cfg, bundle = self.cfg, self.bundle
         self.kwargs = self.model_kwargs()
         model = create_model(cfg.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels, **self.kwargs)
@@ -443,7 +439,6 @@ class Trainer:
 
     def _facts(self) -> dict:
         """What the run measured and derived, recorded in config.json next to the config."""
-
         b, info = self.bundle, self.info
         return dict(
             num_classes=b.num_classes, in_channels=b.in_channels, input_shape=[b.in_channels, b.image_size,
@@ -465,7 +460,6 @@ class Trainer:
 
     def _macs(self) -> int | None:
         """Architecture multiply-adds of one forward pass at the data's input size (None if uncountable)."""
-
         b = self.bundle
         try:
             return count_macs(self.cfg.model, b.num_classes, b.in_channels, b.image_size, **self.kwargs)

@@ -65,7 +65,6 @@ def _imagenet_transform(model: str) -> dict:
     """The evaluation transform published ImageNet weights come with (torchvision's: resize 256,
     centre crop 224, ImageNet mean/std), for a model whose native input is ImageNet-sized; weights of
     other models carry no known transform."""
-
     if model_info(model).input_size[-1] != IMAGENET_EVAL["crop_size"]:
         return {"image_size": None, "resize_size": None, "mean": None, "std": None}
     e = IMAGENET_EVAL
@@ -80,7 +79,6 @@ def _hub_file(url: str) -> str:
 
 
 def _read_pretrained(model: str, pretrained) -> StartWeights:
-
     if pretrained is True:
         source = published_weights(model).url
     else:
@@ -96,7 +94,6 @@ def _read_pretrained(model: str, pretrained) -> StartWeights:
 
 
 def _read_run(init_from: str) -> StartWeights:
-
     path = resolve_checkpoint(init_from)
     ckpt = ck.load_checkpoint(path)
     cfg = ckpt.get("config") or {}
@@ -155,7 +152,6 @@ def classifier_prefix(model: nn.Module) -> str | None:
 def load_start(model: nn.Module, sw: StartWeights, model_name: str) -> tuple[bool, int | None]:
     """Copy ``sw`` into ``model`` (built for the run's classes): ``(head re-initialised, the weights'
     class count)``. Everything but the classifier must match in name and shape (one line otherwise)."""
-
     sd = ck.unwrap_state_dict(sw.state_dict)
     if isinstance(model, DenseNet):
         sd = torchvision_keys(sd)

@@ -34,7 +34,6 @@ def check_checkpoint_fits(ckpt: dict, path: str, *, num_classes: int | None = No
 def input_shape(cfg: dict, path: str = "the checkpoint") -> tuple[int, int, int]:
     """The ``(channels, height, width)`` a checkpoint's model was trained on: the ``input_shape`` the
     run recorded, else (older runs) its ``--image-size``, ImageNet crop or data set's native size."""
-
     if cfg.get("input_shape"):
         c, h, w = (int(v) for v in cfg["input_shape"])
         return c, h, w
@@ -56,7 +55,6 @@ def load_model_from_checkpoint(path: str | os.PathLike, map_location="cpu", *, n
 
     With ``num_classes`` / ``in_channels`` the checkpoint is first checked against the data
     (:func:`check_checkpoint_fits`). All problems are one-line CheckpointErrors naming ``path``."""
-
     path = os.fspath(path)
     ckpt = load_checkpoint(path, map_location)
     cfg = ckpt.get("config") or {}
