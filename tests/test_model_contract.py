@@ -144,7 +144,7 @@ def _stock_densenet():
     return create_model("densenet_bc16_k8", fused=True)
 
 
-@pytest.mark.parametrize("change", ["none", "dropout", "hook", "sync_bn", "swapped"])
+@pytest.mark.parametrize("change", ["none", "dropout", "hook", "sync_bn", "swapped", "frozen_bn"])
 def test_fast_path_off_says_why_exactly_when_the_fused_blocks_step_aside(change):
     model = _stock_densenet() if change != "dropout" else create_model("densenet_bc16_k8", fused=True, conv_drop_rate=0.2)
     if change == "hook":
@@ -154,8 +154,12 @@ def test_fast_path_off_says_why_exactly_when_the_fused_blocks_step_aside(change)
     elif change == "swapped":
         model.features.transition1.pool = torch.nn.MaxPool2d(2)
     x = torch.randn(2, 3, 32, 32)
-    runs_fused = model.train()._use_fused(x)
+    frozen = model.train().features.denseblock2.denselayer1.norm1
+    if change == "frozen_bn":  # frozen-BN fine-tuning: mixed modes take the plain path
+        frozen.eval()
+    runs_fused = model._use_fused(x)
     why = model.fast_path_off("cpu")
+    assert frozen.training == (change != "frozen_bn")  # asking changed no module's mode
     assert runs_fused == (why is None), why
     assert runs_fused == (change == "none")
     if change == "dropout":

@@ -198,11 +198,11 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
         if self.conv_drop_rate > 0:
             return (f"dropout after every convolution (conv_drop_rate={self.conv_drop_rate:g}) is not in the fused "
                     f"dense blocks")
-        was = self.training
-        fusable = dense_block.fusable_features(self.features.train())
-        self.train(was)
+        with torch.no_grad():  # the structure and the BatchNorms' modes as they are, no module touched
+            fusable = dense_block.fusable_features(self.features)
         if not fusable:
-            return "its features are not exactly the stock modules the fused dense blocks implement"
+            return ("its features are not exactly the stock modules the fused dense blocks implement, or its "
+                    "BatchNorms are in mixed modes")
         return None
 
     def truncate_stages(self, keep: int) -> None:
