@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from crosslayer.models._base import ClassifierMixin, SpeedSwitches, init_he_fan_out
 from crosslayer.models._registry import register_model
 from crosslayer.ops.batchnorm import batch_norm
-from crosslayer.ops.deluge import GradBank, StageOutputs, WeightedSum, bank_applies, normalize, weighted_sum
-from crosslayer.ops.dispatch import is_tracing, plain_batch_norm
+from crosslayer.ops.deluge import GradBank, StageOutputs, WeightedSum, bank_applies, bankable, normalize, weighted_sum
+from crosslayer.ops.dispatch import is_tracing
 
 PAPER = "Kuen et al., DelugeNets: Deep Networks with Massive and Flexible Cross-layer Information Inflows, 2016"
 
@@ -220,8 +220,7 @@ class DelugeNet(SpeedSwitches, ClassifierMixin, nn.Module):
         return taps
 
     def fast_path_blocker(self) -> str | None:
-        norms = [n for stage in self.stages for n in stage.norms]
-        if not all(plain_batch_norm(n, affine=False) for n in norms):
+        if not bankable(n for stage in self.stages for n in stage.norms):
             return "its shared normalisations are not plain affine-free BatchNorm2d (e.g. SyncBatchNorm)"
         return None
 

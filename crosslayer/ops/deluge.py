@@ -67,6 +67,12 @@ class StageOutputs:
     bank: GradBank | None = None
 
 
+def bankable(norms) -> bool:
+    """Whether a stage's shared normalisations are what the gradient bank implements: each exactly an
+    affine-free ``nn.BatchNorm2d`` with running statistics (not SyncBatchNorm, nothing swapped)."""
+    return all(plain_batch_norm(n, affine=False) for n in norms)
+
+
 def bank_applies(norms: nn.ModuleList, x: torch.Tensor, fused: bool | None) -> bool:
     """Whether a stage's shared normalisations run as :class:`SharedBatchNorm` with a gradient bank:
     fast paths on (``fused``: True / False / None = the device kind's default), autograd on, no
@@ -74,7 +80,7 @@ def bank_applies(norms: nn.ModuleList, x: torch.Tensor, fused: bool | None) -> b
     statistics and no hooks (the bank bypasses the norms' module calls). Frozen (eval-mode) norms
     and SyncBatchNorm take the module path."""
     return (use_fused(fused, x.device.type) and torch.is_grad_enabled() and not is_tracing(x)
-            and all(plain_batch_norm(n, affine=False) and n.training for n in norms) and not has_hooks(norms))
+            and bankable(norms) and all(n.training for n in norms) and not has_hooks(norms))
 
 
 def normalize(bn: nn.BatchNorm2d, x: torch.Tensor, j: int, bank: GradBank | None) -> torch.Tensor:
