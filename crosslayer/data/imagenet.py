@@ -28,11 +28,11 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from crosslayer.data.bundle import DatasetBundle
+from crosslayer.data.bundle import IMAGENET, DatasetBundle
 from crosslayer.data.folder import _folder
 from crosslayer.errors import DataError
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET["mean"], IMAGENET["std"]
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
               (-0.5808, -0.0045, -0.8140),

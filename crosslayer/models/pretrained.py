@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from crosslayer.errors import CrosslayerError
-from crosslayer.models._contract import adapt_input_conv, per_channel
+from crosslayer.models._contract import DATA_STATS, adapt_input_conv, per_channel
 from crosslayer.models.densenet import DenseNet, load_torchvision_state_dict
 
 # name -> torchvision weight enum (torchvision.models.<enum>.IMAGENET1K_V1): its url, categories, transform
@@ -31,8 +31,7 @@ PUBLISHED = {
 }
 
 # torchvision's ImageClassification preset for these weights (resize 256, centre crop 224, bilinear)
-IMAGENET_EVAL = dict(resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                     interpolation="bilinear")
+IMAGENET_EVAL = dict(resize_size=256, crop_size=224, **DATA_STATS["imagenet"], interpolation="bilinear")
 
 
 class PretrainedError(CrosslayerError):
