@@ -172,7 +172,8 @@ def test_execute_resumes_unfinished_runs_trains_new_ones_and_defers_what_does_no
 def test_cli_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):
     out = tmp_path / "study"
     for argv, flag in ((["--data-dir", str(tmp_path / "nope")], "nope"), (["--budget", "0"], "--budget"),
-                       (["--seeds", "0"], "--seeds")):
+                       (["--seeds", "0"], "--seeds"), (["--epochs", "5"], "--epochs"),
+                       (["--converged", "--epochs", "0"], "--epochs")):
         assert cli_main(["study", "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and flag in err and "Traceback" not in err
@@ -367,6 +368,25 @@ def test_tiny_converged_study_uses_the_whole_training_set_fixed_epochs_and_resum
     assert set(again["states"].values()) == {"complete"}
     with pytest.raises(S.CrosslayerError, match="converged"):
         S.run_study(out, data_dir=data, measure=must_not_train, train=must_not_train)
+
+
+def test_converged_epochs_and_seeds_flags_reach_the_plan_and_a_saved_plan_keeps_its_epochs(tmp_path, monkeypatch,
+                                                                                           capsys):
+    seen = {}
+    monkeypatch.setattr(S, "run_study", lambda out, **kw: seen.update(kw))
+    assert cli_main(["study", "--converged", "--epochs", "20", "--seeds", "1", "--out", str(tmp_path / "s")]) == 0
+    spec = seen["converged"]
+    assert spec["epochs"] == 20 and spec["recipe"] == S.CONVERGED["recipe"]
+    assert [r.name for r in S.converged_grid(spec)] == [f"{m}_s0" for size in zip(*S.CONVERGED["families"].values())
+                                                       for m in size]
+    assert cli_main(["study", "--converged", "--out", str(tmp_path / "t")]) == 0 and seen["converged"] == S.CONVERGED
+    monkeypatch.undo()
+    data, out = write_idx(tmp_path / "data"), str(tmp_path / "study")
+    S.run_study(out, budget_min=30, data_dir=data, measure=fake_measure, converged=TINY_CONVERGED)
+    capsys.readouterr()
+    assert cli_main(["study", "--converged", "--epochs", "4", "--out", out, "--data-dir", data]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--epochs 2" in err
 
 
 def test_results_csv_reads_back_as_the_rows_and_two_studies_go_side_by_side(tmp_path):

@@ -128,6 +128,17 @@ def converged_grid(spec: dict = CONVERGED) -> list[Run]:
     return runs
 
 
+def converged_spec(spec: dict = CONVERGED, epochs: int | None = None, seeds: int | None = None) -> dict:
+    """``spec`` with ``epochs`` epochs per run and ``seeds`` seeds of every model (None: as in
+    ``spec``), e.g. the doubled-epochs check of docs/study.md (``--epochs 20 --seeds 1``)."""
+    out = dict(spec)
+    if epochs is not None:
+        out["epochs"] = epochs
+    if seeds is not None:
+        out["seeds"] = (seeds, seeds)
+    return out
+
+
 def converged_recipe(spec: dict = CONVERGED, bf16: bool | None = None) -> dict:
     """The converged study's recipe with its precision: bf16 autocast where the CPU computes bf16
     natively (``bf16`` None: ask this CPU), float32 elsewhere."""
@@ -630,6 +641,9 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
             other = "with" if kind == "short" else "without"
             raise CrosslayerError(f"--out {out}: holds a {plan.get('study', 'short')} study; run it {other} "
                                   f"--converged, or give another --out")
+        if converged and plan["epochs"] != converged["epochs"]:
+            raise CrosslayerError(f"--out {out}: holds a converged study of {plan['epochs']} epochs, not "
+                                  f"{converged['epochs']}; give --epochs {plan['epochs']} to continue it, or another --out")
         if plan.get("budget_min") != budget_min:
             log(f"study: keeping the plan of {path} ({plan['epochs']} epochs, made for a {plan['budget_min']:g}-min "
                 f"budget); --budget {budget_min:g} only limits this invocation")

@@ -10,6 +10,8 @@ Examples::
     crosslayer study --converged --out runs/study_converged             # trained to the end (~2 h, 15 runs)
     crosslayer study --converged --out runs/study_converged             # again: continues where it stopped
     crosslayer study --converged --out runs/study_converged --compare docs/study/results.csv
+    crosslayer study --converged --epochs 20 --seeds 1 --out runs/study_converged20 \
+        --compare docs/study/converged/results.csv                   # is 10 epochs enough? (seed 0, doubled)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from crosslayer.cli._args import count
+from crosslayer.errors import CrosslayerError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the converged study: full training set, fixed epochs, two sizes per family with "
                              "the same stride-2 stem, 3/2 seeds, bf16 where the CPU has it (docs/study.md)")
     parser.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
-    parser.add_argument("--seeds", type=count(1, 100), default=2,
-                        help="seeds of the smallest model of each family (default 2)")
+    parser.add_argument("--seeds", type=count(1, 100), default=None,
+                        help="seeds of the smallest model of each family (default 2); with --converged: seeds of "
+                             "every model (default 3 of the smallest size, 2 of the other)")
+    parser.add_argument("--epochs", type=count(1, 1000), default=None,
+                        help="with --converged: epochs of every run (default 10); the short study fits its epochs "
+                             "to --budget")
     parser.add_argument("--compare", default=None, metavar="RESULTS_CSV",
                         help="another study's results.csv (e.g. docs/study/results.csv): written side by side with "
                              "this study's errors and verdicts into OUT/comparison.md")
@@ -40,8 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from crosslayer.analysis.study import CONVERGED, run_study
+    from crosslayer.analysis.study import CONVERGED, converged_spec, run_study
 
-    run_study(args.out, budget_min=args.budget, seeds=args.seeds, data_dir=args.data_dir,
-              converged=CONVERGED if args.converged else None, compare=args.compare)
+    if args.epochs is not None and not args.converged:
+        raise CrosslayerError("--epochs: only with --converged (the short study fits its epochs to --budget)")
+    converged = converged_spec(CONVERGED, epochs=args.epochs, seeds=args.seeds) if args.converged else None
+    run_study(args.out, budget_min=args.budget, seeds=args.seeds or 2, data_dir=args.data_dir,
+              converged=converged, compare=args.compare)
     return 0
