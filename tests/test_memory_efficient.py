@@ -48,21 +48,28 @@ def _buffers(net):
     return {k: v for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
 
 
-@pytest.mark.parametrize("model,size,channels_last,memory_efficient,kernels", [
-    ("densenet_bc40_k12", 32, True, False, True),  # the compiled consumer kernel, where it builds
-    ("densenet_bc40_k12", 32, True, False, False),  # PyTorch operators only
-    ("densenet_bc40_k12", 32, False, True, True),
-    ("densenet_bc40_k12", 32, False, True, False),
-    ("densenet_bc40_k12", 30, True, True, True),  # odd map size before the second transition
-    ("densenet_bc40_k12_s2", 28, True, False, True),  # the demo's model: stride-2 stem, maps 14, 7, 3
-    ("densenet40_k12", 32, True, False, True),  # basic DenseNet: 3x3 conv on the concatenation
+@pytest.mark.parametrize("model,size,channels_last,memory_efficient,kernels,drop", [
+    ("densenet_bc40_k12", 32, True, False, True, 0.0),  # the compiled consumer kernel, where it builds
+    ("densenet_bc40_k12", 32, True, False, False, 0.0),  # PyTorch operators only
+    ("densenet_bc40_k12", 32, False, True, True, 0.0),
+    ("densenet_bc40_k12", 32, False, True, False, 0.0),
+    ("densenet_bc40_k12", 30, True, True, True, 0.0),  # odd map size before the second transition
+    ("densenet_bc40_k12_s2", 28, True, False, True, 0.0),  # the demo's model: stride-2 stem, maps 14, 7, 3
+    ("densenet40_k12", 32, True, False, True, 0.0),  # basic DenseNet: 3x3 conv on the concatenation
+    # the papers' dropout after every convolution (Sec. 4.2), transitions included
+    ("densenet_bc40_k12", 32, True, False, True, 0.2),
+    ("densenet_bc40_k12", 32, True, False, False, 0.2),
+    ("densenet_bc40_k12", 30, True, True, True, 0.2),
+    ("densenet40_k12", 32, True, True, False, 0.2),
 ])
-def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_efficient, kernels, monkeypatch):
+def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_efficient, kernels, drop, monkeypatch):
     """Fused blocks (shared buffer, normalise once, pool before the transition conv) compute the
     plain per-layer function: in float64 outputs, gradients and running statistics agree to 1e-10
-    over two SGD steps, and so do eval-mode outputs."""
+    over two SGD steps, and so do eval-mode outputs. With dropout, the same generator state drops
+    the same units on both paths."""
     torch.manual_seed(0)
-    fused = nontrivial_batchnorm(crosslayer.create_model(model, growth_rate=4, memory_efficient=memory_efficient).double())
+    fused = nontrivial_batchnorm(crosslayer.create_model(model, growth_rate=4, memory_efficient=memory_efficient,
+                                                         conv_drop_rate=drop).double())
     fused.cpu_channels_last = channels_last
     plain = copy.deepcopy(fused)
     plain.fused = False
@@ -71,7 +78,10 @@ def test_fused_blocks_equal_plain_form(model, size, channels_last, memory_effici
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     x, y = _data()
     x = F.interpolate(x, size=size).double()
+    assert fused._use_fused(x) and not plain._use_fused(x)  # two different paths
+    torch.manual_seed(7)
     out_f, g_f = _train_steps(fused, x, y)
+    torch.manual_seed(7)
     out_p, g_p = _train_steps(plain, x, y)
     tol = dict(atol=1e-10, rtol=1e-8)
     assert torch.allclose(out_f, out_p, **tol)
@@ -187,7 +197,7 @@ def test_fused_path_is_taken_in_training_and_inference_only():
         net(x)
     net(x)  # eval mode with autograd (e.g. input gradients): the plain modules
     net.train()
-    net.conv_drop_rate = 0.2  # dropout: the plain modules
+    net.features.denseblock1.denselayer1.norm1.eval()  # modes mixed: the plain modules
     net(x)
     assert calls == [True, True, False, False]
 

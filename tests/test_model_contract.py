@@ -161,9 +161,7 @@ def test_fast_path_off_says_why_exactly_when_the_fused_blocks_step_aside(change)
     why = model.fast_path_off("cpu")
     assert frozen.training == (change != "frozen_bn")  # asking changed no module's mode
     assert runs_fused == (why is None), why
-    assert runs_fused == (change == "none")
-    if change == "dropout":
-        assert "conv_drop_rate=0.2" in why
+    assert runs_fused == (change in ("none", "dropout"))  # the papers' dropout runs on the fused blocks
     assert create_model("densenet_bc16_k8", fused=False, conv_drop_rate=0.2).fast_path_off("cpu") is None  # chosen off
 
 

@@ -192,12 +192,9 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     first_conv = "features.conv0"
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        return _use_fused(self.features, x, self.fused, self.conv_drop_rate)
+        return _use_fused(self.features, x, self.fused)
 
     def fast_path_blocker(self) -> str | None:
-        if self.conv_drop_rate > 0:
-            return (f"dropout after every convolution (conv_drop_rate={self.conv_drop_rate:g}) is not in the fused "
-                    f"dense blocks")
         with torch.no_grad():  # the structure and the BatchNorms' modes as they are, no module touched
             fusable = dense_block.fusable_features(self.features)
         if not fusable:
@@ -213,7 +210,7 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if isinstance(x, torch.fx.Proxy) and use_fused(self.fused, next(self.parameters()).device.type):
             # the fast paths may apply: one call in the graph, which takes eager's path when it runs
-            switches = (self.fused, self.cpu_channels_last, self.conv_drop_rate)
+            switches = (self.fused, self.cpu_channels_last)
             taps = _traced_stage_outputs(self.features, x, *switches)
             return [taps[i] for i in range(len(self.feature_info))]
         x = _cpu_layout(x, self.cpu_channels_last)
@@ -225,12 +222,13 @@ class DenseNet(SpeedSwitches, ClassifierMixin, nn.Module):
                     blocks=[(r"^features\.(?:denseblock|transition)(\d+)", None), (r"^features\.norm5", (99999,))])
 
 
-def _use_fused(features: nn.Sequential, x: torch.Tensor, fused: bool | None, conv_drop_rate: float) -> bool:
-    """Fused blocks cover training (with or without autograd) and inference with the stock
-    modules (:func:`crosslayer.ops.dense_block.fusable`). The plain path takes everything else:
-    autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input gradients), BatchNorms
-    in mixed modes, dropout, hooks, SyncBatchNorm and other swapped or added modules, tracers."""
-    if not use_fused(fused, x.device.type) or is_tracing(x) or conv_drop_rate > 0:
+def _use_fused(features: nn.Sequential, x: torch.Tensor, fused: bool | None) -> bool:
+    """Fused blocks cover training (with or without autograd, with or without the papers' dropout)
+    and inference with the stock modules (:func:`crosslayer.ops.dense_block.fusable`). The plain
+    path takes everything else: autograd through eval-mode BatchNorms (frozen-BN fine-tuning, input
+    gradients), modules in mixed modes, hooks, SyncBatchNorm and other swapped or added modules,
+    tracers."""
+    if not use_fused(fused, x.device.type) or is_tracing(x):
         return False
     # hooks on the blocks' modules would not fire inside the fused node
     return not has_hooks(features) and dense_block.fusable_features(features)
@@ -255,11 +253,11 @@ def _run_stages(features: nn.Sequential, x: torch.Tensor, fused: bool) -> list[t
     return taps if isinstance(module, Transition) else taps + [F.relu(x)]  # pruned after a transition
 
 
-def _traced_stage_outputs(features: nn.Sequential, x: torch.Tensor, fused: bool | None, cpu_channels_last: bool,
-                          conv_drop_rate: float) -> list[torch.Tensor]:
+def _traced_stage_outputs(features: nn.Sequential, x: torch.Tensor, fused: bool | None,
+                          cpu_channels_last: bool) -> list[torch.Tensor]:
     """:meth:`DenseNet.stage_outputs` as one call of an FX graph: it decides the path when it runs."""
     x = _cpu_layout(x, cpu_channels_last)
-    return _run_stages(features, x, _use_fused(features, x, fused, conv_drop_rate))
+    return _run_stages(features, x, _use_fused(features, x, fused))
 
 
 torch.fx.wrap("_traced_stage_outputs")

@@ -12,8 +12,10 @@ PyTorch operators. docs/benchmarks.md describes and measures both.
 
 :func:`fusable` recognises exactly the modules this implements (the stock ``DenseBlock``,
 ``DenseLayer``, ``Transition`` with ``BatchNorm2d``, ``ReLU``, bias-free ``Conv2d``,
-``AvgPool2d(2, 2)``, no dropout); anything else, swapped or added, sends the model down its plain
-module path. :func:`fused_parameters` defines the order of the node's parameters, used by both
+``AvgPool2d(2, 2)``, the layers' dropout after each convolution and the transition's ``Dropout``,
+Sec. 4.2); anything else, swapped or added, sends the model down its plain module path. Dropout
+draws its masks with the operations ``F.dropout`` runs on that device, in the plain modules' order,
+so that with the same generator state both paths drop the same units. :func:`fused_parameters` defines the order of the node's parameters, used by both
 ``apply`` and ``backward``.
 """
 
@@ -41,8 +43,9 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 # ------------------------------------------------------------------------------- recognition
 
 def _layer_fusable(layer: nn.Module, layer_type: type) -> bool:
-    """A stock DenseLayer: BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 (bottleneck) or BN-ReLU-Conv3x3, no dropout."""
-    if type(layer) is not layer_type or layer.drop_rate > 0:
+    """A stock DenseLayer: BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 (bottleneck) or BN-ReLU-Conv3x3, with
+    dropout (rate < 1) after each convolution or none."""
+    if type(layer) is not layer_type or not 0 <= layer.drop_rate < 1:
         return False
     bn, relu, conv = nn.BatchNorm2d, nn.ReLU, nn.Conv2d
     if layer.bottleneck:
@@ -54,8 +57,12 @@ def _layer_fusable(layer: nn.Module, layer_type: type) -> bool:
 
 
 def _transition_fusable(tail: nn.Module, transition_type: type) -> bool:
-    """A stock Transition without dropout: BN-ReLU-Conv1x1-AvgPool(2, 2)."""
+    """A stock Transition: BN-ReLU-Conv1x1-(Dropout, rate < 1)-AvgPool(2, 2)."""
     names = [("norm", nn.BatchNorm2d), ("relu", nn.ReLU), ("conv", nn.Conv2d), ("pool", nn.AvgPool2d)]
+    if hasattr(tail, "drop"):
+        names.insert(3, ("drop", nn.Dropout))
+        if not (type(tail.drop) is nn.Dropout and 0 <= tail.drop.p < 1):
+            return False
     if type(tail) is not transition_type or not children_are(tail, names):
         return False
     pool = tail.pool
@@ -95,7 +102,8 @@ def fusable(block: nn.Module, tail: nn.Module) -> bool:
     layers = list(block.values())
     norm = tail_norm(tail)
     bns = [norm] + [m for layer in layers for m in layer.children() if isinstance(m, nn.BatchNorm2d)]
-    modes = {m.training for m in bns}
+    drops = [layer for layer in layers if layer.drop_rate > 0] + ([tail.drop] if hasattr(tail, "drop") else [])
+    modes = {m.training for m in bns + drops}  # one mode: dropout draws exactly when the norms use batch statistics
     shared_eps = all(layer.norm1.eps == norm.eps for layer in layers)
     return len(layers) > 0 and shared_eps and len(modes) == 1 and (norm.training or not torch.is_grad_enabled())
 
@@ -249,6 +257,29 @@ class _Features:
         return gx.mul_(self.invstd[c0:c1, None, None].to(gx.dtype))
 
 
+def drop_rate_of(module: nn.Module) -> float:
+    """The dropout rate ``module`` (a DenseLayer, or a Transition's Dropout) applies now: 0 in eval."""
+    p = module.p if isinstance(module, nn.Dropout) else module.drop_rate
+    return p if module.training else 0.0
+
+
+def dropout(t: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(F.dropout(t, p), the scaled mask) with the operations F.dropout runs: ATen's fused kernel
+    on CUDA/XPU, a scaled Bernoulli noise elsewhere, so that the same generator state gives the
+    plain modules' masks. Backward multiplies by the mask. ``p`` 0: (t, None)."""
+    if p == 0:
+        return t, None
+    if t.device.type in ("cuda", "xpu"):
+        out, keep = torch.native_dropout(t, p, True)
+        return out, keep.to(t.dtype).mul_(1 / (1 - p))
+    noise = torch.empty_like(t).bernoulli_(1 - p).div_(1 - p)
+    return t * noise, noise
+
+
+def dropout_backward(grad: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return grad if mask is None else grad * mask
+
+
 def _kernels_for(buf: torch.Tensor):
     """The compiled consumer kernels when they implement this buffer (CPU, float32 or float64), else None."""
     if buf.device.type != "cpu" or buf.dtype not in (torch.float32, torch.float64):
@@ -306,11 +337,16 @@ class DenseBlockFunction(torch.autograd.Function):
             y = feats.consume(norm, total)
             if isinstance(tail, nn.BatchNorm2d):
                 out, tail_saved = feats.nchw(y), [y]
+            elif hasattr(tail, "drop") and drop_rate_of(tail.drop) > 0:  # dropout between conv and pool: no commuting
+                z, mask = dropout(F.conv2d(feats.nchw(y), tail.conv.weight.to(dtype)), drop_rate_of(tail.drop))
+                out = F.avg_pool2d(z, 2)
+                tail_saved = [] if not backward else [mask] + ([] if recompute else [y])
             else:
                 pooled = F.avg_pool2d(feats.nchw(y), 2)
                 out = F.conv2d(pooled, tail.conv.weight.to(dtype))
                 tail_saved = [] if recompute or not backward else [y, pooled]
         ctx.feats, ctx.block, ctx.tail, ctx.recompute, ctx.dtype = feats, block, tail, recompute, dtype
+        ctx.tail_dropout = hasattr(tail, "drop") and drop_rate_of(tail.drop) > 0
         ctx.counts = [len(s) for s in saved]
         ctx.save_for_backward(feats.buf, *[t for s in saved for t in s], *tail_saved)
         feats.buf = None  # held by the saved tensors only (freed with the graph, counted by saved-tensor hooks)
@@ -328,7 +364,7 @@ class DenseBlockFunction(torch.autograd.Function):
             i += n
         grads: dict[int, torch.Tensor] = {}
         with torch.autocast(buf.device.type, enabled=False):
-            _tail_backward(feats, tail, grad, saved[i:], recompute, dtype, grads)
+            _tail_backward(feats, tail, grad, saved[i:], recompute, dtype, grads, ctx.tail_dropout)
             c1 = buf.shape[1]
             for layer, layer_saved in zip(reversed(list(block.values())), reversed(per_layer)):
                 c1 -= layer.growth_rate
@@ -360,8 +396,9 @@ def _layer_forward(feats: _Features, layer: nn.Module, recompute: bool, dtype: t
     """One DenseLayer on the buffer: consume its input columns, append its output. Returns what its
     backward needs: the bottleneck's conv1 output, norm2 statistics and (unless ``recompute``) its
     ReLU output, then the first ReLU output unless ``recompute`` or the compiled kernel (which
-    recomputes it tile by tile) ran; nothing without ``backward``."""
-    c = feats.width
+    recomputes it tile by tile) ran, each after the layer's two dropout masks (None where it has
+    none); nothing without ``backward``."""
+    c, p = feats.width, drop_rate_of(layer)
     if _uses_kernel(feats, layer):
         w, b = feats.affine(layer.norm1, c)
         wt = conv1x1_matrix(layer.conv1.weight.to(dtype))
@@ -371,17 +408,28 @@ def _layer_forward(feats: _Features, layer: nn.Module, recompute: bool, dtype: t
         y = feats.consume(layer.norm1, c)
         out = F.conv2d(feats.nchw(y), layer.conv1.weight.to(dtype), None, 1, layer.conv1.padding)
         kept = [] if recompute else [y]
+    mask1 = None
     if layer.bottleneck:
+        out, mask1 = dropout(out, p)
         y2, mean2, invstd2 = bn_relu(out, layer.norm2, inplace=not backward)
         kept = [out, mean2, invstd2] + ([] if recompute else [y2]) + kept
         out = F.conv2d(y2, layer.conv2.weight.to(dtype), None, 1, layer.conv2.padding)
+    out, mask2 = dropout(out, p)
     feats.put(out)
-    return kept if backward else []
+    return [mask1, mask2] + kept if backward else []
 
 
 def _tail_backward(feats: _Features, tail: nn.Module, grad: torch.Tensor, saved: list, recompute: bool,
-                   dtype: torch.dtype, grads: dict) -> None:
-    """Backward of the final norm-ReLU, or of the transition's norm-ReLU-pool-conv1x1 (pool first)."""
+                   dtype: torch.dtype, grads: dict, with_dropout: bool = False) -> None:
+    """Backward of the final norm-ReLU, or of the transition's norm-ReLU-pool-conv1x1 (pool first),
+    or, ``with_dropout``, its norm-ReLU-conv1x1-dropout-pool."""
+    if with_dropout:
+        mask, *saved = saved
+        y = feats.consume(tail.norm, feats.buf.shape[1], update_stats=False) if recompute else saved[0]
+        gz = dropout_backward(feats.nchw(avg_pool_backward(grad, feats)), mask)
+        gy = conv_backward(gz, feats.nchw(y), tail.conv, dtype, grads)
+        feats.consumer_backward(feats.rows(gy.contiguous(memory_format=torch.channels_last)), y, tail.norm, grads)
+        return
     if isinstance(tail, nn.BatchNorm2d):
         y = saved[-1]
         gy = torch.empty_like(y)
@@ -400,7 +448,8 @@ def _tail_backward(feats: _Features, tail: nn.Module, grad: torch.Tensor, saved:
 def _layer_backward(feats: _Features, layer: nn.Module, c: int, saved: list, recompute: bool,
                     dtype: torch.dtype, grads: dict) -> None:
     """Backward of one DenseLayer whose output is buffer columns [c, c + k)."""
-    g = feats.normalization_backward(c, c + layer.growth_rate)
+    mask1, mask2, *saved = saved
+    g = dropout_backward(feats.normalization_backward(c, c + layer.growth_rate), mask2)
     if layer.bottleneck:
         mid, mean2, invstd2, *saved = saved
         y2 = bn_relu(mid, layer.norm2, (mean2, invstd2))[0] if recompute else saved.pop(0)
@@ -409,6 +458,7 @@ def _layer_backward(feats: _Features, layer: nn.Module, c: int, saved: list, rec
         g, grads[id(layer.norm2.weight)], grads[id(layer.norm2.bias)] = torch.ops.aten.native_batch_norm_backward(
             gy2, mid, layer.norm2.weight, None, None, mean2, invstd2, True, layer.norm2.eps,  # takes mixed dtypes
             [True, True, True])
+        g = dropout_backward(g, mask1)
     if _uses_kernel(feats, layer):
         w, b = feats.affine(layer.norm1, c, update_stats=False)
         conv, norm = layer.conv1, layer.norm1
