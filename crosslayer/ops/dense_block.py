@@ -15,8 +15,8 @@ PyTorch operators. docs/benchmarks.md describes and measures both.
 ``AvgPool2d(2, 2)``, the layers' dropout after each convolution and the transition's ``Dropout``,
 Sec. 4.2); anything else, swapped or added, sends the model down its plain module path. Dropout
 draws its masks with the operations ``F.dropout`` runs on that device, in the plain modules' order,
-so that with the same generator state both paths drop the same units. :func:`fused_parameters` defines the order of the node's parameters, used by both
-``apply`` and ``backward``.
+so that with the same generator state both paths drop the same units. :func:`fused_parameters`
+defines the order of the node's parameters, used by both ``apply`` and ``backward``.
 """
 
 from __future__ import annotations
