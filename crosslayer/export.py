@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from crosslayer.errors import CrosslayerError, check_output_dir
-from crosslayer.io import os_error_in, refuse_overwrite
+from crosslayer.io import beside_checkpoint, os_error_in, refuse_overwrite
 from crosslayer.models import create_model
 from crosslayer.train.checkpoint import export_safetensors, input_shape, load_model_from_checkpoint, resolve_checkpoint
 
@@ -37,8 +37,7 @@ class ExportError(CrosslayerError):
 
 def default_output(checkpoint: str, fmt: str) -> str:
     """``runs/x/best.pt`` -> ``runs/x/best.onnx`` (and so on)."""
-    stem = checkpoint[:-3] if checkpoint.endswith(".pt") else checkpoint
-    return stem + FORMATS[fmt]
+    return beside_checkpoint(checkpoint, FORMATS[fmt])
 
 
 def _write_onnx(model: nn.Module, x: torch.Tensor, path: str, cfg: dict) -> None:

@@ -43,6 +43,11 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def beside_checkpoint(checkpoint: str, suffix: str) -> str:
+    """``runs/x/best.pt`` -> ``runs/x/best<suffix>``: where an export of a checkpoint is written."""
+    return (checkpoint[:-3] if checkpoint.endswith(".pt") else checkpoint) + suffix
+
+
 def tmp_name(path: str) -> str:
     """The temporary name :func:`atomic_write` uses for ``path``: ``.NAME.PID.tmp`` next to it."""
     d, base = os.path.split(os.path.abspath(path))

@@ -9,10 +9,17 @@ PIL modes: 16-bit grayscale (``I;16*``, ``I``) is scaled from 0..65535 to 8 bits
 palette images go through RGBA, modes PIL cannot convert straight go through RGB (``LAB``), and a
 mode with no defined range (``F``) or no conversion is refused in one line, as is an image under
 a quarter of the model's input size on its shorter side.
+
+Runtimes (``runtime``): ``torch`` runs the checkpoint's model; ``onnxruntime`` runs the checkpoint's
+ONNX export beside it (``best.pt`` -> ``best.onnx``, written and checked against the eager model by
+``crosslayer export CHECKPOINT --format onnx``), which classifies a few images several times faster
+on a CPU (docs/benchmarks.md); ``auto`` takes ONNX Runtime on the CPU when it is installed and that
+export is newer than the checkpoint, else torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -22,6 +29,7 @@ from crosslayer.data import load_dataset
 from crosslayer.data.bundle import IMAGENET
 from crosslayer.data.registry import FOLDER_PREFIXES, VARIANTS
 from crosslayer.errors import CrosslayerError
+from crosslayer.io import beside_checkpoint
 from crosslayer.models.pretrained import eval_transform
 from crosslayer.train.checkpoint import input_shape, load_model_from_checkpoint, resolve_checkpoint
 from crosslayer.train.distributed import pick_device
@@ -100,10 +108,46 @@ def read_image(path: str):
         raise CrosslayerError(f"{path}: {kind}") from None
 
 
-def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: str = "cpu") -> list[dict]:
+RUNTIMES = ("auto", "torch", "onnxruntime")
+
+
+def onnx_runner(checkpoint: str, runtime: str, device: torch.device):
+    """A callable images -> logits running ``checkpoint``'s ONNX export in ONNX Runtime, or None
+    for torch (see the module doc for ``runtime``). An explicit ``onnxruntime`` that cannot run is
+    a one-line error saying what to do."""
+    if runtime not in RUNTIMES:
+        raise CrosslayerError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return None
+    path = beside_checkpoint(checkpoint, ".onnx")
+    problem = None
+    if device.type != "cpu":
+        problem = f"runs on the CPU, not {device}"
+    elif importlib.util.find_spec("onnxruntime") is None:
+        problem = "needs onnxruntime: pip install 'crosslayer[export]'"
+    elif not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(checkpoint):
+        problem = (f"runs the checkpoint's ONNX export {path}, which is "
+                   f"{'older than the checkpoint' if os.path.isfile(path) else 'missing'}: "
+                   f"crosslayer export {checkpoint} --format onnx --force")
+    if problem:
+        if runtime == "onnxruntime":
+            raise CrosslayerError(f"--runtime onnxruntime {problem}")
+        return None
+    import onnxruntime as ort  # optional (the export extra)
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch would use
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.float().numpy()})[0])
+
+
+def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: str = "cpu",
+                   runtime: str = "auto") -> list[dict]:
     """Top-``topk`` classes of each image: ``[{"image", "top": [{"class", "index", "prob"}, ...]}]``,
     probabilities from the softmax of the model's logits (with the test-time augmentation the run
-    evaluated with), highest first."""
+    evaluated with), highest first. ``runtime``: see the module doc."""
+    if runtime not in RUNTIMES:
+        raise CrosslayerError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     if topk < 1:
         raise CrosslayerError(f"--topk must be >= 1, got {topk}")
     if not images:
@@ -126,8 +170,9 @@ def predict_images(checkpoint: str, images: list[str], topk: int = 5, device: st
     transform = eval_transform(channels, size, mean, std, resize_size=resize_size)
     classes = [str(c) for c in (cfg.get("classes") or range(int(cfg["num_classes"])))]
     x = torch.stack([transform(img) for img in pil]).to(device)
+    run = onnx_runner(checkpoint, runtime, device) or model
     with torch.no_grad():
-        probs = torch.softmax(tta_logits(model, x, cfg.get("tta") or "none"), dim=1)
+        probs = torch.softmax(tta_logits(run, x, cfg.get("tta") or "none"), dim=1)
     k = min(topk, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
     return [{"image": path, "top": [{"class": classes[i], "index": i, "prob": p}

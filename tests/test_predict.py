@@ -133,3 +133,46 @@ def test_bad_images_are_one_line_and_exit_2(trained, tmp_path, capsys):
         assert captured.err.count("\n") == 1, captured.err
     assert cli(["predict", str(trained), good[0], "--topk", "0"]) == 2
     assert "--topk" in capsys.readouterr().err
+
+
+def test_runtime_onnxruntime_runs_the_checked_export_and_auto_takes_it_only_when_current(trained, tmp_path, capsys):
+    """An ONNX export beside the checkpoint gives the torch model's probabilities; ``auto`` uses it
+    only while it is newer than the checkpoint; an explicit ``onnxruntime`` that cannot run is one
+    line naming what to do."""
+    import os
+    import shutil
+
+    from crosslayer.export import _write_onnx, export_checkpoint
+    from crosslayer.predict import onnx_runner
+
+    pytest.importorskip("onnxruntime")
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(trained, ckpt)
+    paths, _ = _pngs(tmp_path, 3)
+    cpu = torch.device("cpu")
+    assert onnx_runner(str(ckpt), "auto", cpu) is None  # no export yet: torch
+    assert cli(["predict", str(ckpt), paths[0], "--runtime", "onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "crosslayer export" in err and "missing" in err
+    export_checkpoint(str(ckpt), "onnx")
+    run = onnx_runner(str(ckpt), "auto", cpu)
+    model, _ = load_model_from_checkpoint(ckpt)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), model.eval()(x), atol=1e-4, rtol=1e-4)
+    via_torch = predict_images(str(ckpt), paths, topk=3, runtime="torch")
+    via_ort = predict_images(str(ckpt), paths, topk=3, runtime="onnxruntime")
+    for a, b in zip(via_torch, via_ort, strict=True):
+        assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+        np.testing.assert_allclose([t["prob"] for t in a["top"]], [t["prob"] for t in b["top"]], atol=1e-5)
+    with torch.no_grad():  # an export of other weights: predict's answer now says which runtime ran
+        model.classifier.bias[0] += 5.0
+    _write_onnx(model, x, str(tmp_path / "best.onnx"), {})
+    tampered = predict_images(str(ckpt), paths, topk=1, runtime="auto")
+    assert [r["top"][0]["index"] for r in tampered] == [0, 0, 0]
+    assert predict_images(str(ckpt), paths, topk=3, runtime="torch") == via_torch
+    later = os.path.getmtime(tmp_path / "best.onnx") + 10
+    os.utime(ckpt, (later, later))  # the checkpoint replaced after the export: the export is stale
+    assert onnx_runner(str(ckpt), "auto", cpu) is None
+    with pytest.raises(crosslayer.errors.CrosslayerError, match="older than the checkpoint"):
+        onnx_runner(str(ckpt), "onnxruntime", cpu)
