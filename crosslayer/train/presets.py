@@ -1,10 +1,13 @@
 """Training presets: each paper's protocol, as plain dataclasses.
 
 Every number is taken from the paper section or the official file named in the preset's
-``source`` (repository and path); docs/protocols.md lists them one by one. Where a paper's text and
-its released code disagree, the preset follows the code that produced the table's number and the
-other reading is a named option (a second preset or a flag). Every field can be overridden from the
-command line (``crosslayer train --preset densenet --epochs 30 --lr 0.05 ...``).
+``source`` (repository and path). docs/protocols.md's tables of values are generated from these
+presets (``python -m crosslayer.train.protocol_doc docs/protocols.md``), beside the sources of
+each value; tests/test_fidelity.py, test_train.py and test_imagenet.py check them against numbers
+typed from the papers. Where a paper's text and its released code disagree, the preset follows the
+code that produced the table's number and the other reading is a named option (a second preset or
+a flag). Every field can be overridden from the command line (``crosslayer train --preset densenet
+--epochs 30 --lr 0.05 ...``).
 
 Milestones are **fractions of training** (so ``--epochs`` rescales them), counted in epochs or in
 iterations (``schedule_unit``), or absolute epochs/steps (values > 1). ``milestone_shift = -1``
@@ -26,6 +29,10 @@ from crosslayer.errors import CrosslayerError
 
 @dataclass
 class Preset:
+    """A protocol. The defaults are the Torch CIFAR recipe most of the papers ran (fb.resnet.torch:
+    SGD with Nesterov momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 50% and 75% of 300
+    epochs, batch 64); a preset states only what differs."""
+
     name: str
     description: str
     epochs: int = 300
@@ -98,8 +105,7 @@ _FB = "fb.resnet.torch main.lua prints the lowest test top-1 over epochs (' * Fi
 
 _add(Preset(
     "densenet", "DenseNet paper protocol (Huang et al. 2017, Sec. 4.2; liuzhuang13/DenseNet)",
-    epochs=300, batch_size=64, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-    milestones=(0.5, 0.75), milestone_shift=-1, gamma=0.1, drop_rate_no_aug=0.2,
+    milestone_shift=-1, drop_rate_no_aug=0.2,
     select_evidence="paper Sec. 4.2 reports the test error at the end of training (the Lua main.lua "
                     "prints the best epoch instead); SVHN: lowest validation error",
     table_rows="DenseNet Table 2, every DenseNet / DenseNet-BC row; DelugeNet table, DenseNet (k=12/24)",
@@ -112,8 +118,7 @@ _add(Preset(
 
 _add(Preset(
     "delugenet", "DelugeNet protocol (Kuen et al. 2016; fb.resnet.torch with the README's 150/225 patch)",
-    epochs=300, batch_size=64, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-    milestones=(0.5, 0.75), milestone_shift=-1, gamma=0.1, select_on="best_test",
+    milestone_shift=-1, select_on="best_test",
     select_evidence="the paper does not say; " + _FB,
     table_rows="DelugeNet table: DelugeNet-146, DelugeNet-218, Wide-DelugeNet-146",
     source="xternalz/DelugeNets README (-batchSize 64 -nEpochs 300; train.lua patched to decay at epoch >= 150 "
@@ -123,8 +128,7 @@ _add(Preset(
 
 _add(Preset(
     "resnet", "ResNet paper protocol (He et al. 2016, Sec. 4.2)",
-    iterations=64000, epochs=182, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-    milestones=(0.5, 0.75), schedule_unit="step", gamma=0.1, val_size=5000,
+    iterations=64000, epochs=182, batch_size=128, nesterov=False, schedule_unit="step", val_size=5000,
     select_evidence="paper Sec. 4.2: training stops at 64k iterations; Table 6 prints the best of 5 runs "
                     "and the mean (6.43, 6.61 +- 0.16)",
     table_rows="DenseNet table 'ResNet 110' (6.61, the mean of 5 runs)",
@@ -136,8 +140,7 @@ _add(Preset(
 
 _add(Preset(
     "resnet-fb", "fb.resnet.torch CIFAR recipe (the released re-implementation of He et al. 2016)",
-    epochs=164, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-    milestones=(80, 121), gamma=0.1, select_on="best_test", select_evidence=_FB,
+    epochs=164, batch_size=128, milestones=(80, 121), select_on="best_test", select_evidence=_FB,
     table_rows="none of the tables directly; the recipe the DenseNet and DelugeNet code builds on",
     source="facebook/fb.resnet.torch opts.lua (cifar10: nEpochs 164, shortcutType A; LR 0.1, momentum 0.9, "
            "weightDecay 1e-4), train.lua (nesterov, dampening 0; decay at epoch >= 81 and >= 122, 1-indexed "
@@ -149,8 +152,7 @@ _add(Preset(
 
 _add(Preset(
     "preact", "Pre-activation ResNet paper protocol (He et al. 2016b = the ResNet protocol with a 0.01 warm-up)",
-    iterations=64000, epochs=182, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-    milestones=(0.5, 0.75), schedule_unit="step", gamma=0.1, warmup_steps=400, warmup_lr=0.01, val_size=0,
+    iterations=64000, epochs=182, batch_size=128, nesterov=False, schedule_unit="step", warmup_steps=400, warmup_lr=0.01,
     select_evidence="paper reports the median (mean +- std) of 5 runs",
     table_rows="the 164-layer rows (5.46/24.33); the 1001-layer 4.62 is preact-1k's (batch 64) run",
     source="Identity Mappings paper Sec. 5 (batch 128, wd 1e-4, 64k iterations, lr 0.1 /10 at 32k and 48k, "
@@ -159,8 +161,7 @@ _add(Preset(
 
 _add(Preset(
     "preact-1k", "released pre-activation ResNet-1001 recipe (KaimingHe/resnet-1k-layers on fb.resnet.torch)",
-    epochs=200, batch_size=64, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-    milestones=(80, 121), gamma=0.1, select_on="best_test",
+    epochs=200, milestones=(80, 121), select_on="best_test",
     select_evidence="README: median (mean +- std) of 5 runs; each run as " + _FB,
     table_rows="'ResNet (pre-activation) 1001' / 'ResNet with Identity Mappings 1001' C10+ 4.62",
     source="KaimingHe/resnet-1k-layers README (-batchSize 64 -nEpochs 200; 4.62 is the batch-64 median), "
@@ -169,8 +170,8 @@ _add(Preset(
 
 _add(Preset(
     "wrn", "Wide ResNet protocol (Zagoruyko & Komodakis 2016, scripts/train_cifar.sh)",
-    epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-    milestones=(0.3, 0.6, 0.8), milestone_shift=-1, gamma=0.2, drop_rate=0.0, pad_mode="reflect", normalize="zca",
+    epochs=200, batch_size=128, weight_decay=5e-4, milestones=(0.3, 0.6, 0.8), milestone_shift=-1, gamma=0.2,
+    drop_rate=0.0, pad_mode="reflect", normalize="zca",
     select_evidence="the released train.lua logs the test accuracy of every epoch; the paper reports the "
                     "final one (median of 5 runs in the README)",
     table_rows="WRN-16-8 4.81/22.07, WRN-28-10 4.17/20.50, WRN-40-4 4.97/22.89 (no dropout); SVHN "
@@ -188,8 +189,7 @@ _add(Preset(
 
 _add(Preset(
     "stochastic-depth", "ResNet with stochastic depth protocol (Huang et al. 2016, yueatsprograms/Stochastic_Depth)",
-    epochs=500, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-    milestones=(0.5, 0.75), milestone_shift=-1, gamma=0.1, val_size=5000, select_on="best_val",
+    epochs=500, batch_size=128, milestone_shift=-1, val_size=5000, select_on="best_val",
     normalize="pixel_mean_global_std",
     select_evidence="README: 'test error (selected by best validation error)'",
     table_rows="'ResNet with Stochastic Depth 110' (5.23/24.58; its SVHN 1.75 is resnet152_sd's) and the "
@@ -206,8 +206,7 @@ _add(Preset(
 
 _add(Preset(
     "fractalnet", "FractalNet protocol (Larsson et al. 2017)",
-    epochs=400, batch_size=100, lr=0.02, momentum=0.9, nesterov=False, weight_decay=0.0,
-    milestones=(0.5, 0.75, 0.875, 0.9375), gamma=0.1,
+    epochs=400, batch_size=100, lr=0.02, nesterov=False, weight_decay=0.0, milestones=(0.5, 0.75, 0.875, 0.9375),
     select_evidence="not stated in the paper or the release",
     table_rows="DenseNet table 'FractalNet with Dropout/Drop-path' (C10+ 4.60, C100+ 23.73, SVHN 1.87); "
                "the DelugeNet table's 'FractalNet' 4.59/22.85 are the paper's '++' (heavier augmentation) results",
@@ -228,26 +227,23 @@ _IMAGENET_SOURCE = ("facebook/fb.resnet.torch datasets/imagenet.lua (RandomSized
 
 _add(Preset(
     "imagenet", "DenseNet ImageNet protocol (liuzhuang13/DenseNet on fb.resnet.torch), data imagenet:ROOT",
-    epochs=90, batch_size=256, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-    milestones=(30, 60), gamma=0.1, lr_reference_batch=256, select_on="best_test", select_evidence=_FB,
-    ten_crop=True,
+    epochs=90, batch_size=256, milestones=(30, 60), lr_reference_batch=256, ten_crop=True,
+    select_on="best_test", select_evidence=_FB,
     table_rows="DenseNet paper Table 3 (DenseNet-121/169/201/264 single-crop and 10-crop top-1/top-5)",
     source="liuzhuang13/DenseNet README (-batchSize 256 -nEpochs 90); " + _IMAGENET_SOURCE,
 ))
 
 _add(Preset(
     "imagenet-delugenet", "DelugeNet ImageNet protocol (xternalz/DelugeNets on fb.resnet.torch), data imagenet:ROOT",
-    epochs=100, batch_size=256, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-    milestones=(30, 60, 90), gamma=0.1, lr_reference_batch=256, select_on="best_test", select_evidence=_FB,
-    ten_crop=True,
+    epochs=100, batch_size=256, milestones=(30, 60, 90), lr_reference_batch=256, ten_crop=True,
+    select_on="best_test", select_evidence=_FB,
     table_rows="DelugeNets README ImageNet table (DelugeNet-92/104/122 single-crop top-1/top-5)",
     source="xternalz/DelugeNets README (-batchSize 256 -nEpochs 100); " + _IMAGENET_SOURCE,
 ))
 
 _add(Preset(
     "demo", "fast CPU recipe for the Fashion-MNIST demo (not a paper protocol)",
-    epochs=6, batch_size=64, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-    schedule="onecycle", milestones=(), warmup_epochs=0.15, label_smoothing=0.1,
+    epochs=6, weight_decay=5e-4, schedule="onecycle", milestones=(), warmup_epochs=0.15, label_smoothing=0.1,
     source="tuned on a held-out split of Fashion-MNIST's training set on 2 CPU cores (docs/benchmarks.md, "
            "'Demo'): one-cycle (linear warm-up, linear decay to 0)",
 ))
@@ -255,8 +251,7 @@ _add(Preset(
 
 _add(Preset(
     "finetune", "fine-tuning from --pretrained / --init-from weights: lower LR, cosine, short; new head at 10x LR",
-    epochs=10, batch_size=64, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
-    schedule="cosine", milestones=(), head_lr_mult=10.0, freeze_epochs=0,
+    epochs=10, lr=0.01, weight_decay=5e-4, schedule="cosine", milestones=(), head_lr_mult=10.0,
     source="BVLC/caffe models/finetune_flickr_style: solver.prototxt (base_lr 10x lower than from scratch, "
            "'lr for fine-tuning should be lower'; momentum 0.9, weight_decay 0.0005), train_val.prototxt (the new "
            "fc8_flickr layer at lr_mult 10, 'starting from random while the others are already trained'); this "
