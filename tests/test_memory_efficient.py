@@ -373,3 +373,39 @@ def test_the_fused_blocks_read_the_layers_memory_efficient_switch():
     assert not one_block.memory_efficient
     with cpu_kernels.disabled():
         assert _saved_bytes(one_block, x) < _saved_bytes(fused, x)
+
+
+def test_the_fused_path_decision_is_made_once_per_structure_and_follows_every_change(monkeypatch):
+    """The structure check runs once; it runs again after a module swap or an in-place attribute
+    change and then answers for the new structure; hooks, modes and autograd are seen per call."""
+    from crosslayer.ops import dense_block
+
+    net = _densenet()
+    checks = []
+    original = dense_block._PLANS.check
+    monkeypatch.setattr(dense_block._PLANS, "check", lambda f: checks.append(1) or original(f))
+    x, _ = _data(2)
+    net.train()
+    assert [net._use_fused(x) for _ in range(3)] == [True] * 3 and len(checks) == 1
+    norm = net.features.denseblock2.denselayer3.norm1
+    norm.eps = 1e-3  # in place: this layer no longer shares the block's normalisation
+    assert not net._use_fused(x) and len(checks) == 2
+    norm.eps = net.features.transition2.norm.eps
+    assert net._use_fused(x) and len(checks) == 3
+    handle = net.features.denseblock1.denselayer1.conv1.register_forward_hook(lambda *a: None)
+    assert not net._use_fused(x)
+    handle.remove()
+    assert net._use_fused(x) and len(checks) == 3  # hooks are not a structure change
+    net.eval()
+    assert not net._use_fused(x)  # eval-mode norms with autograd: the plain modules
+    with torch.no_grad():
+        assert net._use_fused(x)
+    net.train()
+    net.features.denseblock1.denselayer2.drop_rate = 1.0  # every unit dropped: not what the fused node implements
+    assert not net._use_fused(x) and len(checks) == 4
+    net.features.denseblock1.denselayer2.drop_rate = 0.0
+    pool = net.features.transition1.pool
+    net.features.transition1.pool = nn.MaxPool2d(2)  # a swapped module
+    assert not net._use_fused(x)
+    net.features.transition1.pool = pool
+    assert net._use_fused(x) and len(checks) == 6

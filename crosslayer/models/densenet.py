@@ -26,7 +26,7 @@ from crosslayer.models._registry import register_model
 from crosslayer.ops import dense_block
 from crosslayer.ops.batchnorm import batch_norm
 from crosslayer.ops.defaults import use_fused
-from crosslayer.ops.dispatch import has_hooks, is_tracing
+from crosslayer.ops.dispatch import is_tracing
 
 PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"
 
@@ -231,7 +231,7 @@ def _use_fused(features: nn.Sequential, x: torch.Tensor, fused: bool | None) -> 
     if not use_fused(fused, x.device.type) or is_tracing(x):
         return False
     # hooks on the blocks' modules would not fire inside the fused node
-    return not has_hooks(features) and dense_block.fusable_features(features)
+    return dense_block.fusable_now(features)
 
 
 def _cpu_layout(x: torch.Tensor, cpu_channels_last: bool) -> torch.Tensor:

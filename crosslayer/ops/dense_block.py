@@ -21,6 +21,8 @@ defines the order of the node's parameters, used by both ``apply`` and ``backwar
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from crosslayer.ops import cpu_kernels
 from crosslayer.ops.batchnorm import bn_relu, update_running_stats
 from crosslayer.ops.defaults import refuse_double_backward
-from crosslayer.ops.dispatch import children_are, plain_batch_norm, plain_conv
+from crosslayer.ops.dispatch import WATCHED, StructureCache, children_are, plain_batch_norm, plain_conv
 
 
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -85,6 +87,8 @@ def implements(**stock: type) -> None:
     """Register the stock module classes the fused nodes implement (``DenseBlock``, ``DenseLayer``,
     ``Transition``); an exact type match is required, so a subclass steps aside."""
     STOCK.update(stock)
+    if "DenseLayer" in stock:  # the layer attributes the check reads, watched for in-place changes
+        _PLANS.watched[stock["DenseLayer"]] = operator.attrgetter("drop_rate", "bottleneck", "growth_rate")
 
 
 def fusable(block: nn.Module, tail: nn.Module) -> bool:
@@ -92,20 +96,34 @@ def fusable(block: nn.Module, tail: nn.Module) -> bool:
     :class:`DenseBlockFunction` implements, in a state it implements: one BatchNorm mode for all
     (with autograd only training mode: the fused backward is the batch-statistics one) and one eps
     for every consumer of the shared normalisation."""
+    moded = _moded(block, tail)
+    return moded is not None and _modes_agree(moded)
+
+
+def _moded(block: nn.Module, tail: nn.Module) -> list[nn.Module] | None:
+    """The structural part of :func:`fusable`: None where ``block`` + ``tail`` are not the stock
+    modules, else the modules whose modes must agree (the tail's norm first, every norm, every
+    dropout: dropout draws exactly when the norms use batch statistics)."""
     if not STOCK:
-        return False
+        return None
     DenseBlock, DenseLayer, Transition = STOCK["DenseBlock"], STOCK["DenseLayer"], STOCK["Transition"]
     if type(block) is not DenseBlock or not all(_layer_fusable(m, DenseLayer) for m in block.children()):
-        return False
+        return None
     if not (plain_batch_norm(tail) if isinstance(tail, nn.BatchNorm2d) else _transition_fusable(tail, Transition)):
-        return False
+        return None
     layers = list(block.values())
     norm = tail_norm(tail)
+    if not layers or not all(layer.norm1.eps == norm.eps for layer in layers):  # one eps for the shared normalisation
+        return None
     bns = [norm] + [m for layer in layers for m in layer.children() if isinstance(m, nn.BatchNorm2d)]
     drops = [layer for layer in layers if layer.drop_rate > 0] + ([tail.drop] if hasattr(tail, "drop") else [])
-    modes = {m.training for m in bns + drops}  # one mode: dropout draws exactly when the norms use batch statistics
-    shared_eps = all(layer.norm1.eps == norm.eps for layer in layers)
-    return len(layers) > 0 and shared_eps and len(modes) == 1 and (norm.training or not torch.is_grad_enabled())
+    return bns + drops
+
+
+def _modes_agree(moded: list[nn.Module]) -> bool:
+    """One mode for all; with autograd only training (the fused backward is the batch-statistics one)."""
+    mode = moded[0].training
+    return all(m.training == mode for m in moded) and (mode or not torch.is_grad_enabled())
 
 
 def _block_type() -> type:
@@ -116,15 +134,33 @@ def fusable_features(features: nn.Sequential) -> bool:
     """Whether every dense block of a DenseNet's ``features`` can run fused: each is followed by a
     Transition or by the final BatchNorm2d (its ReLU fused in), and the last of them ends ``features``
     (a DenseNet pruned by ``prune_intermediate_layers`` ends at a transition)."""
+    plan = _features_plan(features)
+    return plan is not None and all(_modes_agree(moded) for moded in plan)
+
+
+def _features_plan(features: nn.Sequential) -> list[list[nn.Module]] | None:
+    """:func:`fusable_features` less the modes: per dense block the modules whose modes must agree."""
     if type(features) is not nn.Sequential:
-        return False
+        return None
     modules = list(features.children())
     blocks = [i for i, m in enumerate(modules) if isinstance(m, _block_type())]
     if not blocks or blocks[-1] != len(modules) - 2:
-        return False
-    last = len(modules) - 1  # the final BatchNorm2d only ends features
-    return all(fusable(modules[i], modules[i + 1]) and (i + 1 == last or not isinstance(modules[i + 1], nn.BatchNorm2d))
-               for i in blocks)
+        return None
+    last = len(modules) - 1
+    if any(i + 1 != last and isinstance(modules[i + 1], nn.BatchNorm2d) for i in blocks):
+        return None
+    plan = [_moded(modules[i], modules[i + 1]) for i in blocks]
+    return None if any(p is None for p in plan) else plan
+
+
+_PLANS = StructureCache(_features_plan, dict(WATCHED))
+
+
+def fusable_now(features: nn.Sequential) -> bool:
+    """:func:`fusable_features` and no hooks on ``features``, its structure checked once per change
+    (:class:`~crosslayer.ops.dispatch.StructureCache`), the modes and autograd per call."""
+    plan = _PLANS(features)
+    return plan is not None and all(_modes_agree(moded) for moded in plan)
 
 
 def fused_parameters(block: nn.Module, tail: nn.Module) -> list[nn.Parameter]:
