@@ -234,6 +234,7 @@ PRESET_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_d
 def _apply_preset(cfg: TrainConfig, given_epochs: bool) -> None:
     """Fill the hyper-parameters left at None from the preset. A protocol counted in iterations
     (He et al.) keeps its iterations unless epochs were given; given iterations win over epochs."""
+    _check_field("preset", cfg.preset)  # before it is looked up, so that the error names --preset
     preset = preset_for(cfg.preset, cfg.data if isinstance(cfg.data, str) else "", cfg.model)
     if cfg.iterations is None and not given_epochs:
         cfg.iterations = preset.iterations
