@@ -61,11 +61,12 @@ def setting(default=MISSING, help: str = "", *, group: str = HYPER, flag: str | 
     field has no flag. ``factory``: a mutable default."""
     lo, lo_in = (low, True) if above is None else (above, False)
     hi, hi_in = (high, True) if below is None else (below, False)
-    meta = dict(help=help, group=group, flag=flag or None, metavar=metavar, choices=tuple(choices), unset=unset,
-                negatable=negatable, flag_value=flag_value, off_cli=off_cli, range=(lo, hi, lo_in, hi_in))
-    return dataclasses.field(default=default, default_factory=factory, metadata=meta)
+    declared = dict(help=help, group=group, flag=flag or None, metavar=metavar, choices=tuple(choices), unset=unset,
+                    negatable=negatable, flag_value=flag_value, off_cli=off_cli, range=(lo, hi, lo_in, hi_in))
+    return dataclasses.field(default=default, default_factory=factory, metadata=declared)
 
 
+# the settings of the other help groups (HYPER is setting's own)
 def _what(default=MISSING, help="", **kw):
     return setting(default, help, group=WHAT, **kw)
 
