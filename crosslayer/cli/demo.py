@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 
+from crosslayer.cli._args import add_config_arguments, config_values
 from crosslayer.errors import CrosslayerError
 from crosslayer.ops.defaults import cpu_bf16_native
 from crosslayer.train.config import TrainConfig, differs, read_saved_config
@@ -36,44 +37,48 @@ from crosslayer.train.rundir import check_out_path
 
 MODEL = "densenet_bc40_k12_s2"
 DATA = "fashion-mnist"
-DEFAULTS = dict(epochs=6, batch_size=64, lr=0.1, limit=None)
-QUICK = dict(epochs=1, batch_size=64, lr=0.1, limit=3000)
+DEFAULTS = dict(model=MODEL, data=DATA, preset="demo", device="cpu", epochs=6, batch_size=64, lr=0.1, limit=None)
+QUICK = {**DEFAULTS, "epochs": 1, "limit": 3000}
+# the TrainConfig fields the demo takes a flag for, with the demo's help texts (its defaults differ from train's)
+SETTINGS = {
+    "data": "fashion-mnist (default) or fashion-mnist+ (shift augmentation)",
+    "data_dir": "folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist and the usual "
+                "places)",
+    "model": f"model (default {MODEL})",
+    "epochs": f"epochs (default {DEFAULTS['epochs']})",
+    "batch_size": f"batch size (default {DEFAULTS['batch_size']})",
+    "lr": f"peak learning rate (default {DEFAULTS['lr']})",
+    "limit": "use only the first N training/test images",
+    "device": "cpu (default), cuda or auto",
+    "progress": "no progress bar (also off when not a terminal)",
+}
 RUN_FILES = ("config.json", "metrics.csv", "metrics.jsonl", "last.pt", "last.pt.prev", "best.pt", "results.json",
              "eval.json", "confusion.csv", "curves.png", "confusion.png")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--data", default=DATA, help="fashion-mnist (default) or fashion-mnist+ (shift augmentation)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist "
-                             "and the usual places)")
-    parser.add_argument("--model", default=MODEL, help=f"model (default {MODEL})")
-    parser.add_argument("--epochs", type=int, default=None, help=f"epochs (default {DEFAULTS['epochs']})")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {DEFAULTS['batch_size']})")
-    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {DEFAULTS['lr']})")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N training/test images")
+    add_config_arguments(parser, tuple(SETTINGS), helps=SETTINGS, grouped=False)
     parser.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto",
                         help="bf16 autocast; auto = bf16 when the CPU has native bf16 (avx512_bf16/amx), else none")
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke version (3,000 images, 1 epoch)")
     parser.add_argument("--fresh", action="store_true", help="delete a previous demo run in --out first")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
-    parser.add_argument("--no-progress", action="store_true")
+
+
+def _amp(choice: str, device: str) -> str:
+    """``--amp auto``: bf16 where the device computes it natively (a CPU with avx512_bf16/AMX, CUDA)."""
+    if choice != "auto":
+        return choice
+    native = (device in ("cpu", "auto") and cpu_bf16_native()) or device.startswith("cuda")
+    return "bf16" if native else "none"
 
 
 def demo_config(args) -> TrainConfig:
     """The demo's TrainConfig: the ``demo`` preset with the demo's defaults and the given flags."""
-    base = QUICK if args.quick else DEFAULTS
-    amp = args.amp
-    if amp == "auto":
-        native = (args.device in ("cpu", "auto") and cpu_bf16_native()) or args.device.startswith("cuda")
-        amp = "bf16" if native else "none"
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]
+    settings = {**(QUICK if args.quick else DEFAULTS), **config_values(args, tuple(SETTINGS))}
     argv = " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "demo"
-    return TrainConfig(model=args.model, data=args.data, preset="demo", epochs=pick("epochs"),
-                       batch_size=pick("batch_size"), lr=pick("lr"), limit=pick("limit"), amp=amp, device=args.device,
-                       data_dir=args.data_dir, progress=not args.no_progress, command=f"crosslayer {argv}")
+    return TrainConfig(**settings, amp=_amp(args.amp, settings["device"]), command=f"crosslayer {argv}")
 
 
 def _previous_run(out: str, cfg: TrainConfig) -> bool:
@@ -112,8 +117,8 @@ def main(args) -> int:
 
     from crosslayer.train.evaluate import evaluate_checkpoint
 
-    ev = evaluate_checkpoint(os.path.join(out, "last.pt"), cfg.data, out=out, data_dir=args.data_dir,
-                             limit=cfg.limit, device=args.device, amp=cfg.amp, quiet=True)
+    ev = evaluate_checkpoint(os.path.join(out, "last.pt"), cfg.data, out=out, data_dir=cfg.data_dir,
+                             limit=cfg.limit, device=cfg.device, amp=cfg.amp, quiet=True)
     written = ["eval.json", "confusion.csv"]
     notes = []
     if not args.no_plots:

@@ -13,7 +13,7 @@ import argparse
 
 from crosslayer.cli._args import MAX_IMAGE_SIZE, add_device, count
 from crosslayer.errors import CrosslayerError
-from crosslayer.train.config import AMP_CHOICES
+from crosslayer.train.config import AMP_CHOICES, TTA_CHOICES
 
 
 def add_arguments(parser) -> None:
@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     add_device(parser)
     parser.add_argument("--amp", choices=AMP_CHOICES, default="none")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--tta", choices=("none", "flip"), default=None,
+    parser.add_argument("--tta", choices=TTA_CHOICES, default=None,
                         help="test-time augmentation (default: the one the run evaluated with; flip = mean logits of "
                              "each image and its mirror)")
     parser.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,

@@ -1,4 +1,4 @@
-"""The training configuration: one typed dataclass, built the same way by the CLI, the demo and Python.
+"""The training configuration: one typed dataclass, built the same way by the CLI, the demo, the study and Python.
 
 :class:`TrainConfig` is resolved on construction in three steps: the **preset** (a paper's protocol,
 ``crosslayer.train.presets``, with its per-data-set changes) fills every hyper-parameter left at
@@ -11,8 +11,10 @@ touches the disk. Training from Python takes two lines::
     cfg = TrainConfig(model="densenet_bc40_k12", data="fashion-mnist", preset="demo", epochs=1)
     Trainer(cfg, "runs/bc40").run()
 
-Adding a hyper-parameter is one field here (with its range in ``_RANGES`` or ``_CHOICES``) plus its
-flag in ``crosslayer/cli/train.py``. The run directory's ``config.json`` holds :meth:`TrainConfig.to_dict`
+Adding a hyper-parameter is one field here, declared with :func:`setting`: its type (the annotation),
+default, help text, help group, flag, range or choices. The validation reads them, and the flags of
+``crosslayer train`` (``crosslayer.cli._args.add_config_arguments``) are generated from them; a field
+without a flag names why (``off_cli``). The run directory's ``config.json`` holds :meth:`TrainConfig.to_dict`
 plus what the run measured (classes, parameters, steps per epoch, ...); :func:`resume_config` reads it
 back for ``--resume``.
 """
@@ -24,17 +26,57 @@ import inspect
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import MISSING, dataclass
 
 from crosslayer.errors import CrosslayerError
-from crosslayer.train.presets import preset_for
+from crosslayer.train.presets import PRESETS, preset_for
 
 # 2: model_kwargs name the papers' per-convolution dropout conv_drop_rate (1: drop_rate)
 MODEL_KWARGS_FORMAT = 2
+SEED_MAX = 2**32 - 1  # NumPy's and CUDA's generators take 32-bit seeds
+AMP_CHOICES = ("none", "bf16", "fp16")  # autocast precision; None in a config = the device kind's default
+TTA_CHOICES = ("none", "flip")
+# the help groups of `crosslayer train`
+WHAT, START, HYPER, RUN = ("what to train", "starting weights (fine-tuning; --preset finetune)",
+                           "hyper-parameters (default: the preset's)", "execution")
+GROUPS = (WHAT, START, HYPER, RUN)
 
 
 class ConfigError(CrosslayerError):
     """A training option has a value that is not allowed (the message names the flag)."""
+
+
+def setting(default=MISSING, help: str = "", *, group: str = HYPER, flag: str | None = None,
+            metavar: str | None = None, low=None, above=None, high=None, below=None, choices: tuple = (),
+            unset: bool | str = False, negatable: bool = False, flag_value: bool = True,
+            off_cli: str = "", factory=MISSING) -> dataclasses.Field:
+    """A TrainConfig field with what the CLI and the validation need to know about it, said once.
+
+    ``help``, ``group``, ``metavar``: its flag's help; ``flag``: the flag (default ``--field-name``).
+    ``low``/``high`` are inclusive bounds of a number, ``above``/``below`` exclusive ones; ``choices``
+    the allowed values. ``unset``: the value may stay None (a string says what None means).
+    A bool's flag sets ``flag_value`` (or is ``--x/--no-x`` when ``negatable``). ``off_cli``: why the
+    field has no flag. ``factory``: a mutable default."""
+    lo, lo_in = (low, True) if above is None else (above, False)
+    hi, hi_in = (high, True) if below is None else (below, False)
+    declared = dict(help=help, group=group, flag=flag or None, metavar=metavar, choices=tuple(choices), unset=unset,
+                    negatable=negatable, flag_value=flag_value, off_cli=off_cli, range=(lo, hi, lo_in, hi_in))
+    return dataclasses.field(default=default, default_factory=factory, metadata=declared)
+
+
+# the settings of the other help groups (HYPER is setting's own)
+def _what(default=MISSING, help="", **kw):
+    return setting(default, help, group=WHAT, **kw)
+
+
+def _start(default=MISSING, help="", **kw):
+    return setting(default, help, group=START, **kw)
+
+
+def _run(default=MISSING, help="", **kw):
+    return setting(default, help, group=RUN, **kw)
 
 
 @dataclass
@@ -42,65 +84,101 @@ class TrainConfig:
     """Everything that defines a training run. Hyper-parameters left at None take the preset's value."""
 
     # what to train
-    model: str
-    data: str
-    preset: str = "densenet"
-    model_kwargs: dict = field(default_factory=dict)
-    data_dir: str | None = None
-    download: bool = False
-    limit: int | None = None
-    image_size: int | None = None
-    seed: int = 0
+    model: str = _what(help="model name (`crosslayer models` lists them)")
+    data: str = _what(help="data set: c10, c10+, c100, c100+, svhn, fashion-mnist(+), mnist(+), synthetic, "
+                           "imagefolder:ROOT, imagenet:ROOT")
+    preset: str = _what("densenet", "training protocol (default densenet)", choices=tuple(PRESETS))
+    model_kwargs: dict = _what(help="extra model constructor argument, e.g. growth_rate=12 (repeatable)",
+                               flag="--model-arg", metavar="KEY=VALUE", factory=dict)
+    data_dir: str | None = _what(None, "folder with the data set files (default: the standard places)")
+    download: bool = _what(False, "download missing data set files from the official URLs (md5-checked) into "
+                                  "--data-dir or ~/.cache/crosslayer")
+    limit: int | None = _what(None, "use only the first N train and test images (smoke runs)", low=1, unset=True)
+    image_size: int | None = _what(None, "resize (and centre-crop) ImageFolder images to N x N pixels", low=1,
+                                   unset=True)
+    seed: int = setting(0, f"random seed, 0 to {SEED_MAX} (default 0)", low=0, high=SEED_MAX)
     # hyper-parameters (None: the preset's)
-    epochs: int | None = None
-    iterations: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    momentum: float | None = None
-    nesterov: bool | None = None
-    weight_decay: float | None = None
-    schedule: str | None = None
-    milestones: list[float] | None = None
-    milestone_shift: int | None = None
-    gamma: float | None = None
-    schedule_unit: str | None = None
-    warmup_epochs: float | None = None
-    warmup_steps: int | None = None
-    warmup_lr: float | None = None
-    label_smoothing: float | None = None
-    tta: str | None = None
-    drop_rate: float | None = None
-    drop_rate_no_aug: float | None = None
-    val_size: int | None = None
-    val_split: str | None = None
-    pad_mode: str | None = None
-    normalize: str | None = None
-    select_on: str | None = None
-    crop_size: int | None = None  # imagenet:ROOT only
-    ten_crop: bool | None = None  # imagenet:ROOT only: fb.resnet.torch's 10-crop error of best.pt at the end
-    # starting weights (fine-tuning; checked by _check_start, flags in cli/train.py's "starting weights")
-    pretrained: bool | str | None = None  # True: the model's published weights; or a file path / URL
-    init_from: str | None = None  # an earlier run (directory or checkpoint) of the same architecture
-    head_lr_mult: float | None = None  # LR multiplier of a re-initialised classifier (None: the preset's)
-    freeze_epochs: int | None = None  # backbone frozen for the first N epochs (None: the preset's)
+    epochs: int | None = setting(None, low=1)
+    iterations: int | None = setting(None, "train for this many steps (He et al. protocols; wins over epochs)",
+                                     low=1, unset=True)
+    batch_size: int | None = setting(None, "global batch size (split over torchrun processes)", low=1)
+    lr: float | None = setting(None, low=0)
+    momentum: float | None = setting(None, low=0, below=1)
+    nesterov: bool | None = setting(None, negatable=True)
+    weight_decay: float | None = setting(None, low=0)
+    schedule: str | None = setting(None, choices=("step", "cosine", "linear", "onecycle", "constant"))
+    milestones: list[float] | None = setting(None, "LR decay points: fractions of training (0.5,0.75) or absolute "
+                                                   "epochs/steps (150,225)")
+    milestone_shift: int | None = setting(None, "added to milestones given as fractions (-1 = Lua 1-indexing)")
+    gamma: float | None = setting(None, "LR factor at each milestone", above=0)
+    schedule_unit: str | None = setting(None, "milestones counted in epochs or iterations", choices=("epoch", "step"))
+    warmup_epochs: float | None = setting(None, low=0)
+    warmup_steps: int | None = setting(None, low=0)
+    warmup_lr: float | None = setting(None, "constant LR during warm-up (default: linear ramp)", low=0, unset=True)
+    label_smoothing: float | None = setting(None, low=0, below=1)
+    tta: str | None = setting(None, "test-time augmentation of every evaluation: flip = mean logits of each image "
+                                    "and its mirror", choices=TTA_CHOICES)
+    drop_rate: float | None = setting(None, "the papers' dropout after the convolutions (DenseNet, WRN: the model's "
+                                            "conv_drop_rate; --model-arg drop_rate=P is dropout before the "
+                                            "classifier)", low=0, below=1, unset=True)
+    drop_rate_no_aug: float | None = setting(None, low=0, below=1, unset=True,
+                                             off_cli="a preset's rule (its dropout for data without augmentation); "
+                                                     "--drop-rate sets a run's dropout for any data")
+    val_size: int | None = setting(None, "hold out this many training images as a validation split", low=0)
+    val_split: str | None = setting(None, unset=True,
+                                    off_cli="a preset's protocol detail (the stochastic-depth preset's class-balanced "
+                                            "SVHN split); the data layer checks it")
+    pad_mode: str | None = setting(None, "padding of the random crop (WRN preset: reflect)", choices=("zero", "reflect"),
+                                   unset="the data set's")
+    normalize: str | None = setting(None, "preprocessing: the data set's per-channel mean/std (default, except when "
+                                          "starting from weights: theirs), the stochastic-depth code's mean image + one "
+                                          "std, or the WRN code's ZCA whitening fitted on the training split",
+                                    choices=("mean_std", "pixel_mean_global_std", "zca"),
+                                    unset="the starting weights' statistics, else the data set's")
+    select_on: str | None = setting(None, "which test error results.json reports (docs/protocols.md)",
+                                    choices=("final", "best_val", "best_test"))
+    crop_size: int | None = _what(None, "imagenet:ROOT only: crop size (default 224; evaluation resizes to crop x "
+                                        "256/224 first)", low=1, unset=True)
+    ten_crop: bool | None = setting(None, "imagenet:ROOT: after training, fb.resnet.torch's 10-crop test error of "
+                                          "best.pt in results.json (ImageNet presets: on)", negatable=True)
+    # starting weights (fine-tuning; also checked by _check_start)
+    pretrained: bool | str | None = _start(None, "start from the model's published weights (torch.hub cache), or from "
+                                                 "a state_dict file or http(s)/file:// URL; the run's data gets the "
+                                                 "weights' evaluation transform", metavar="PATH_OR_URL", unset=True)
+    init_from: str | None = _start(None, "start from the weights of an earlier run of the same architecture (its "
+                                         "directory: best.pt, else last.pt; or a checkpoint); the data gets that run's "
+                                         "image size and normalisation", metavar="RUN_OR_CHECKPOINT", unset=True)
+    head_lr_mult: float | None = _start(None, "LR multiplier of a classifier re-initialised for a new class count "
+                                              "(finetune preset: 10)", metavar="X", low=0)
+    freeze_epochs: int | None = _start(None, "train only the classifier for the first N epochs: the backbone's weights "
+                                             "and BatchNorm statistics stay as loaded (default: the preset's, 0)",
+                                       metavar="N", low=0)
     # how to run it
-    device: str = "auto"
-    amp: str | None = None  # None: the device kind's default (crosslayer.ops.defaults: bf16 on CUDA)
-    channels_last: bool | None = None  # None: the device kind's default (on for CUDA)
-    compile: bool = False
-    memory_efficient: bool = False
-    deterministic: bool = False
-    sync_bn: bool = False
-    num_workers: int = 0
-    fast: bool | None = None
-    checkpoint_every: int = 0
-    max_steps: int | None = None
-    tensorboard: bool = False
-    progress: bool = True
-    quiet: bool = False
+    device: str = _run("auto", "auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
+    amp: str | None = _run(None, "autocast: bf16 (CPU and CUDA) or fp16 with GradScaler (CUDA); default: bf16 on "
+                                 "CUDA (GPUs with native bf16), none elsewhere (docs/benchmarks.md, 'Defaults per "
+                                 "device')", choices=AMP_CHOICES, unset="the device kind's default")
+    channels_last: bool | None = _run(None, "NHWC memory format; default: on for CUDA, off elsewhere",
+                                      negatable=True, unset="the device kind's default")
+    compile: bool = _run(False, "torch.compile the model")
+    memory_efficient: bool = _run(False, "recompute concatenations in backward (DenseNet / DelugeNet): less "
+                                         "memory, ~20% slower")
+    deterministic: bool = _run(False, "deterministic algorithms (bit-exact resume on CPU)")
+    sync_bn: bool = _run(False, "SyncBatchNorm across processes (default: per-process BN)")
+    num_workers: int = _run(0, "DataLoader workers (only for data without tensors)", low=0)
+    fast: bool | None = _run(None, "use torch DataLoader instead of the device-resident path", flag="--slow-loader",
+                             flag_value=False, unset="the device-resident path when the data has tensors")
+    checkpoint_every: int = _run(0, "also save last.pt every N steps inside an epoch (default: at each epoch end "
+                                    "only)", metavar="N", low=0)
+    max_steps: int | None = _run(None, "stop after N steps in total (saves last.pt; not kept by --resume)", low=1,
+                                 unset=True)
+    tensorboard: bool = _run(False, "also log to OUT/tb (TensorBoard)")
+    progress: bool = _run(True, "no progress bar (also off when not a terminal)", flag="--no-progress",
+                          flag_value=False)
+    quiet: bool = _run(False, "print nothing but errors")
     # the record: the command that started the run and those that resumed it
-    command: str = ""
-    resume_commands: list[str] = field(default_factory=list)
+    command: str = setting("", off_cli="the record of the run, written by whoever starts it")
+    resume_commands: list[str] = setting(factory=list, off_cli="the record of the run, appended by --resume")
 
     def __post_init__(self) -> None:
         given_epochs = self.epochs is not None
@@ -122,6 +200,28 @@ class TrainConfig:
         return cls(**saved_fields(d))
 
 
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_META = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+# the fields without a flag of their own, and why
+OFF_CLI = {name: m["off_cli"] for name, m in _META.items() if m["off_cli"]}
+CLI_FIELDS = tuple(name for name in FIELDS if name not in OFF_CLI)
+
+
+def meta(name: str) -> typing.Mapping:
+    """What :func:`setting` declared about field ``name``."""
+    return _META[name]
+
+
+def value_type(name: str):
+    """The type field ``name`` holds when set: its annotation without None (``int | None`` -> int,
+    ``list[float]`` -> list); a tuple where it takes several (``bool | str`` -> (bool, str))."""
+    hint = _HINTS[name]
+    parts = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = tuple(typing.get_origin(p) or p for p in parts if p is not type(None))
+    return kinds[0] if len(kinds) == 1 else kinds
+
+
 # ----------------------------------------------------------------------------------------------
 # preset, then overrides
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +235,7 @@ PRESET_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_d
 def _apply_preset(cfg: TrainConfig, given_epochs: bool) -> None:
     """Fill the hyper-parameters left at None from the preset. A protocol counted in iterations
     (He et al.) keeps its iterations unless epochs were given; given iterations win over epochs."""
+    _check_field("preset", cfg.preset)  # before it is looked up, so that the error names --preset
     preset = preset_for(cfg.preset, cfg.data if isinstance(cfg.data, str) else "", cfg.model)
     if cfg.iterations is None and not given_epochs:
         cfg.iterations = preset.iterations
@@ -152,55 +253,14 @@ def _apply_preset(cfg: TrainConfig, given_epochs: bool) -> None:
 # validation
 # ----------------------------------------------------------------------------------------------
 
-# field -> (kind, low, high, low included, high included, optional)
-_RANGES = {
-    "batch_size": (int, 1, None, True, True, False),
-    "epochs": (int, 1, None, True, True, False),
-    "iterations": (int, 1, None, True, True, True),
-    "max_steps": (int, 1, None, True, True, True),
-    "limit": (int, 1, None, True, True, True),
-    "image_size": (int, 1, None, True, True, True),
-    "crop_size": (int, 1, None, True, True, True),
-    "val_size": (int, 0, None, True, True, False),
-    "num_workers": (int, 0, None, True, True, False),
-    "checkpoint_every": (int, 0, None, True, True, False),
-    "warmup_steps": (int, 0, None, True, True, False),
-    "milestone_shift": (int, None, None, True, True, False),
-    "seed": (int, 0, 2**32 - 1, True, True, False),  # NumPy's and CUDA's generators take 32-bit seeds
-    "lr": (float, 0, None, True, True, False),
-    "weight_decay": (float, 0, None, True, True, False),
-    "momentum": (float, 0, 1, True, False, False),
-    "label_smoothing": (float, 0, 1, True, False, False),
-    "drop_rate": (float, 0, 1, True, False, True),
-    "drop_rate_no_aug": (float, 0, 1, True, False, True),
-    "gamma": (float, 0, None, False, True, False),
-    "warmup_epochs": (float, 0, None, True, True, False),
-    "warmup_lr": (float, 0, None, True, True, True),
-}
-# starting weights (fine-tuning): the ranges of its hyper-parameters
-_START_RANGES = {
-    "head_lr_mult": (float, 0, None, True, True, False),
-    "freeze_epochs": (int, 0, None, True, True, False),
-}
-_NORMALIZE = ("mean_std", "pixel_mean_global_std", "zca")  # None: the starting weights' statistics, else the data set's
-AMP_CHOICES = ("none", "bf16", "fp16")  # autocast precision; None in a config = the device kind's default
-_CHOICES = {
-    "schedule": ("step", "cosine", "linear", "onecycle", "constant"),
-    "schedule_unit": ("epoch", "step"),
-    "select_on": ("final", "best_val", "best_test"),
-    "pad_mode": ("zero", "reflect"),
-    "tta": ("none", "flip"),
-    "amp": AMP_CHOICES,
-}
-_UNSET_OK = ("amp", "channels_last", "pad_mode")  # None: the device kind's default, decided when the device is known
-_BOOLS = ("download", "nesterov", "channels_last", "compile", "memory_efficient", "deterministic", "sync_bn",
-          "tensorboard", "progress", "quiet", "ten_crop")
+# None until the device (or the data) is known, which the saved run resolved: not a difference on --resume
+_RESOLVED_LATER = ("amp", "channels_last", "pad_mode")
 
 
 def flag(name: str) -> str:
     """The command-line flag of a config field (``batch_size`` -> ``--batch-size``)."""
-    return {"model_kwargs": "--model-arg", "fast": "--slow-loader", "progress": "--no-progress"}.get(
-        name, "--" + name.replace("_", "-"))
+    declared = _META[name]["flag"] if name in _META else None
+    return declared or "--" + name.replace("_", "-")
 
 
 def _range_text(kind, lo, hi, lo_in, hi_in) -> str:
@@ -213,10 +273,12 @@ def _range_text(kind, lo, hi, lo_in, hi_in) -> str:
     return what
 
 
-def _check_number(name: str, value, spec) -> None:
-    kind, lo, hi, lo_in, hi_in, optional = spec
-    if value is None and optional:
-        return
+def _unset_text(unset) -> str:
+    return f" (or unset: {unset})" if isinstance(unset, str) else " (or unset)" if unset else ""
+
+
+def _check_number(name: str, value, kind) -> None:
+    lo, hi, lo_in, hi_in = _META[name]["range"]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and (isinstance(value, int) or math.isfinite(value))  # a huge int is not a float: compare it as is
     if ok and kind is int:
@@ -227,7 +289,20 @@ def _check_number(name: str, value, spec) -> None:
         ok = value <= hi if hi_in else value < hi
     if not ok:
         allowed = _range_text(kind, lo, hi, lo_in, hi_in)
-        raise ConfigError(f"{flag(name)} {value}: must be {allowed}{' (or unset)' if optional else ''}")
+        raise ConfigError(f"{flag(name)} {value}: must be {allowed}{_unset_text(_META[name]['unset'])}")
+
+
+def _check_field(name: str, value) -> None:
+    """The value of one field against its declaration: a number in its range, one of its choices, a bool."""
+    m, kind = _META[name], value_type(name)
+    if value is None and m["unset"]:
+        return
+    if kind in (int, float):
+        _check_number(name, value, kind)
+    elif m["choices"] and value not in m["choices"]:
+        raise ConfigError(f"{flag(name)} {value}: must be one of {', '.join(m['choices'])}{_unset_text(m['unset'])}")
+    elif kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{flag(name)}: must be true or false, got {value!r}")
 
 
 def _check_device(device) -> None:
@@ -253,8 +328,6 @@ def _check_data(data) -> None:
 
 def _check_start(cfg: TrainConfig) -> None:
     """The starting-weights fields: one source at most, and a frozen backbone only of starting weights."""
-    for name, spec in _START_RANGES.items():
-        _check_number(name, getattr(cfg, name), spec)
     p = cfg.pretrained
     if not (p is None or isinstance(p, bool) or (isinstance(p, str) and p.strip())):
         raise ConfigError(f"--pretrained {p!r}: give no value (the model's published weights), a file path or an "
@@ -267,9 +340,6 @@ def _check_start(cfg: TrainConfig) -> None:
         whose = f" (preset {cfg.preset})" if cfg.preset == "finetune" else ""
         raise ConfigError(f"--freeze-epochs {cfg.freeze_epochs}{whose}: freezes the backbone of starting weights; "
                           f"give --pretrained or --init-from (or --freeze-epochs 0)")
-    if cfg.normalize not in (None, *_NORMALIZE):
-        raise ConfigError(f"--normalize {cfg.normalize}: must be one of {', '.join(_NORMALIZE)} (or unset: the "
-                          f"starting weights' statistics, else the data set's)")
 
 
 def starts_from_weights(cfg: TrainConfig) -> bool:
@@ -283,14 +353,8 @@ def validate(cfg: TrainConfig) -> None:
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise ConfigError(f"--{name} is required (`crosslayer models` lists the models)")
     _check_data(cfg.data)
-    for name, spec in _RANGES.items():
-        _check_number(name, getattr(cfg, name), spec)
-    for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices and not (name in _UNSET_OK and getattr(cfg, name) is None):
-            raise ConfigError(f"{flag(name)} {getattr(cfg, name)}: must be one of {', '.join(choices)}")
-    for name in _BOOLS:
-        if not isinstance(getattr(cfg, name), bool) and not (name in _UNSET_OK and getattr(cfg, name) is None):
-            raise ConfigError(f"{flag(name)}: must be true or false, got {getattr(cfg, name)!r}")
+    for name in FIELDS:
+        _check_field(name, getattr(cfg, name))
     for m in cfg.milestones:
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
             raise ConfigError(f"--milestones {m}: each milestone must be a number > 0 (fractions <= 1 or "
@@ -367,7 +431,6 @@ def check_model(cfg: TrainConfig) -> None:
 # config.json and --resume
 # ----------------------------------------------------------------------------------------------
 
-FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # may differ on --resume, and are then recorded: the run is extended or runs differently, not
 # trained differently
 CHANGEABLE = ("epochs", "iterations", "checkpoint_every", "num_workers", "tensorboard", "data_dir", "fast",
@@ -415,7 +478,7 @@ def differs(saved: dict, cfg: TrainConfig) -> tuple[str, str] | None:
                 return f"--model-arg {k}={mine.get(k)!r}", f"{k}={theirs.get(k)!r}"
         elif name in ("drop_rate", "drop_rate_no_aug") and theirs is None:
             continue  # resolved away for a model without dropout
-        elif name in _UNSET_OK and mine is None:
+        elif name in _RESOLVED_LATER and mine is None:
             continue  # the device kind's default, which the saved run resolved
         elif name == "normalize" and (mine or "mean_std") == (theirs or "mean_std"):
             continue  # None (the data set's) is mean_std
