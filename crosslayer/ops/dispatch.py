@@ -60,11 +60,17 @@ def has_hooks(root: nn.Module) -> bool:
                for m in root.modules())
 
 
+def _child_count(module: nn.Module) -> int:
+    return len(module._modules)
+
+
 class _Entry:
     def __init__(self, root: nn.Module, check: Callable[[nn.Module], bool], watched: dict):
         self.registrations = _registrations
         self.answer = check(root)
         self.extra = [(getter, m) for m in root.modules() for cls, getter in watched.items() if type(m) is cls]
+        # a deleted submodule (``del layer.se``) registers nothing: each container's child count is watched
+        self.extra += [(_child_count, m) for m in root.modules() if m._modules]
         self.values = self.snapshot()
         self.hook_handles, self.hooks = RemovableHandle.next_id, has_hooks(root)
 
@@ -76,7 +82,8 @@ class StructureCache:
     """``check(root)`` (a structural question: the module types, their order and attributes; None
     for no) and whether ``root`` has hooks, answered once per structure. An answer is recomputed when a module,
     parameter or buffer has been registered anywhere since (torch's global registration hooks),
-    when an attribute ``check`` reads (``watched``: exact type -> getter) has changed in place, and
+    when a module below ``root`` lost a child, when an attribute ``check`` reads (``watched``: exact
+    type -> getter) has changed in place, and
     for hooks when a hook handle has been made anywhere (``RemovableHandle``'s counter) or while
     hooks were there (they may have been removed). Modes and autograd are the caller's, per call."""
 
