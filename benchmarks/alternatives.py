@@ -250,6 +250,8 @@ def markdown(res: dict, command: str) -> str:
 
 
 def _batches(text: str) -> list[int]:
+    if text == "none":
+        return []
     try:
         values = [int(v) for v in text.split(",") if v]
     except ValueError:
@@ -265,7 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-batches", type=_batches, default=[16, 64, 128, 256])
     p.add_argument("--infer-batches", type=_batches, default=[1, 16, 64, 256])
     p.add_argument("--compile-batches", type=_batches, default=[16, 64, 128, 256],
-                   help="batch sizes with a torch.compile row (each compiles anew; default all but 1)")
+                   help="batch sizes with a torch.compile row (each compiles anew; default all but 1; none)")
     p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                    help="bf16 rows (auto: where the CPU computes bf16 natively)")
     p.add_argument("--reps", type=int, default=5)

@@ -5,6 +5,8 @@ and dispatcher overhead).
 
     python -m benchmarks.profile densenet ours --batch-size 16
     python -m benchmarks.profile delugenet ours --batch-size 64 --steps 3
+    python -m benchmarks.profile densenet ours --batch-size 1 --inference     # one image, torch.inference_mode
+    python -m benchmarks.profile densenet ours --batch-size 64 --amp bf16     # under bf16 autocast
 
 The compiled CPU kernels (crosslayer/ops/cpu_kernels.py) are not aten operators: each call is
 labelled ``crosslayer::<kernel>`` here, so its own passes (BN affine, ReLU, the gradient sums) are
@@ -14,6 +16,7 @@ their own group and the matrix products it calls (``aten::mm``) count as matmuls
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import time
@@ -68,9 +71,11 @@ def label_kernels() -> None:
         cpu_kernels._state["module"] = _Labelled(module)
 
 
-def profile(suite: str, config: str, batch_size: int, steps: int = 3) -> dict:
-    """Self CPU time per group over ``steps`` training steps (after two warm-up steps), and the
-    wall time of those steps."""
+def profile(suite: str, config: str, batch_size: int, steps: int = 3, inference: bool = False,
+            amp: str = "none") -> dict:
+    """Self CPU time per group over ``steps`` training steps (``inference``: forward passes under
+    ``torch.inference_mode``), after two warm-up steps, the wall time of those steps and how many
+    operator calls they made (per-call overhead bounds small batches)."""
     cfg = importlib.import_module(f"benchmarks.{suite}").configs()[config]
     label_kernels()
     torch.manual_seed(0)
@@ -78,10 +83,18 @@ def profile(suite: str, config: str, batch_size: int, steps: int = 3) -> dict:
     x = torch.randn(batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (batch_size,))
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+
     def step():
+        if inference:
+            with torch.inference_mode(), autocast:
+                model.eval()(x)
+            return
         for p in model.parameters():
             p.grad = None
-        F.cross_entropy(model(x), y).backward()
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
 
     for _ in range(2):
         step()
@@ -91,10 +104,12 @@ def profile(suite: str, config: str, batch_size: int, steps: int = 3) -> dict:
             step()
         wall = time.perf_counter() - t0
     times: dict[str, float] = defaultdict(float)
+    calls = 0
     for e in prof.key_averages():
         if e.key.startswith(("aten::", "crosslayer::")):
             times[group(e.key)] += e.self_cpu_time_total / 1e6
-    return dict(wall_s=wall / steps, groups={k: v / steps for k, v in times.items()})
+            calls += e.count
+    return dict(wall_s=wall / steps, groups={k: v / steps for k, v in times.items()}, calls=calls / steps)
 
 
 def main(argv=None) -> int:
@@ -103,11 +118,14 @@ def main(argv=None) -> int:
     p.add_argument("config", help="a configuration name of that suite (e.g. ours, torchvision)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--inference", action="store_true", help="forward passes under torch.inference_mode")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none")
     a = p.parse_args(argv)
-    res = profile(a.suite, a.config, a.batch_size, a.steps)
+    res = profile(a.suite, a.config, a.batch_size, a.steps, a.inference, a.amp)
     ops = sum(res["groups"].values())
-    print(f"{a.suite}/{a.config} batch {a.batch_size}: {res['wall_s'] * 1e3:.0f} ms per step "
-          f"(profiled; {torch.get_num_threads()} threads)")
+    print(f"{a.suite}/{a.config} batch {a.batch_size}{' inference' if a.inference else ''}, {a.amp}: "
+          f"{res['wall_s'] * 1e3:.1f} ms per step (profiled; {torch.get_num_threads()} threads), "
+          f"{res['calls']:.0f} operator calls, {res['wall_s'] / res['calls'] * 1e6:.1f} µs of wall time per call")
     for g, t in sorted(res["groups"].items(), key=lambda kv: -kv[1]):
         print(f"  {g:34s} {t * 1e3:8.1f} ms  {t / res['wall_s'] * 100:5.1f}%")
     print(f"  {'not in any operator (overhead)':34s} {(res['wall_s'] - ops) * 1e3:8.1f} ms  "
