@@ -50,7 +50,11 @@ def test_demo_chooses_bf16_only_on_cpus_with_native_bf16(monkeypatch):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     for native in (False, True):
-        monkeypatch.setattr(demo, "cpu_bf16_native", lambda native=native: native)
+        monkeypatch.setattr("crosslayer.ops.defaults.cpu_bf16_native", lambda native=native: native)
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
         assert demo.demo_config(parser.parse_args([])).amp == ("bf16" if native else "none")
         assert demo.demo_config(parser.parse_args(["--amp", "none"])).amp == "none"
         assert demo.demo_config(parser.parse_args(["--amp", "bf16"])).amp == "bf16"
+    for native in (False, True):  # CUDA: bf16 where the GPU computes it natively (compute capability >= 8.0)
+        monkeypatch.setattr("crosslayer.ops.defaults.cuda_bf16_supported", lambda native=native: native)
+        assert demo.demo_config(parser.parse_args(["--device", "cuda"])).amp == ("bf16" if native else "none")

@@ -31,7 +31,7 @@ import time
 
 from crosslayer.cli._args import add_config_arguments, config_values
 from crosslayer.errors import CrosslayerError
-from crosslayer.ops.defaults import cpu_bf16_native
+from crosslayer.ops.defaults import bf16_native
 from crosslayer.train.config import TrainConfig, differs, read_saved_config
 from crosslayer.train.rundir import check_out_path
 
@@ -67,11 +67,10 @@ def add_arguments(parser) -> None:
 
 
 def _amp(choice: str, device: str) -> str:
-    """``--amp auto``: bf16 where the device computes it natively (a CPU with avx512_bf16/AMX, CUDA)."""
+    """``--amp auto``: bf16 where the device computes it natively (ops.defaults.bf16_native)."""
     if choice != "auto":
         return choice
-    native = (device in ("cpu", "auto") and cpu_bf16_native()) or device.startswith("cuda")
-    return "bf16" if native else "none"
+    return "bf16" if bf16_native(device) else "none"
 
 
 def demo_config(args) -> TrainConfig:

@@ -75,6 +75,16 @@ def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+def bf16_native(device: str) -> bool:
+    """Whether ``device`` (``cpu``, ``cuda[:N]``, or ``auto``: CUDA when available, else the CPU)
+    computes bf16 natively, where bf16 autocast is faster than float32: the rule of the demo's and
+    the study's ``--amp auto``."""
+    kind = device.split(":")[0]
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return cpu_bf16_native() if kind == "cpu" else kind == "cuda" and cuda_bf16_supported()
+
+
 def refuse_double_backward(node: str) -> None:
     """Called first in a fused node's backward: raise one line when autograd records that backward
     for a second derivative (``create_graph=True`` runs backward with grad mode on). The fused nodes
