@@ -611,7 +611,7 @@ def write_figures(out: str, runs: list[Run], log=print, compare: str | None = No
     if compare:
         path = os.path.join(out, "comparison.md")
         with open(path, "w") as f:
-            f.write(format_comparison(read_table(compare), rows))
+            f.write(format_comparison(read_table(compare), rows, names=(f"`{compare}`", "this study")))
         written.append(path)
     for fam in FAMILIES:
         fam_dirs = [dirs[r.name] for r in finished if r.family == fam]
