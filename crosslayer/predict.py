@@ -12,7 +12,7 @@ a quarter of the model's input size on its shorter side.
 
 Runtimes (``runtime``): ``torch`` runs the checkpoint's model; ``onnxruntime`` runs the checkpoint's
 ONNX export beside it (``best.pt`` -> ``best.onnx``, written and checked against the eager model by
-``crosslayer export CHECKPOINT --format onnx``), which classifies a few images several times faster
+``crosslayer export CHECKPOINT --format onnx``), which classifies a few images 2-3 times faster
 on a CPU (docs/benchmarks.md); ``auto`` takes ONNX Runtime on the CPU when it is installed and that
 export is newer than the checkpoint, else torch.
 """
