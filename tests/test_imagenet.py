@@ -1,4 +1,4 @@
-"""Issue 13 item 7: the ImageNet protocol (fb.resnet.torch recipe) end to end on a generated JPEG folder."""
+"""The ImageNet protocol (fb.resnet.torch recipe) end to end on a generated JPEG folder."""
 
 from __future__ import annotations
 
