@@ -226,7 +226,7 @@ def markdown(res: dict, command: str) -> str:
                 row += f" {_ratio(rows['ours/bf16'], rows['ours/fp32'])} |"
             lines.append(row)
     lines += ["", "Inference (`torch.inference_mode()`; ONNX Runtime in float32 in both tables: its CPU provider "
-              "has no bf16 convolutions): ms per batch", "",
+              "has no bf16 convolutions): ms per batch (share of that precision's matmul rate)", "",
               "| batch | precision | ours | default layout | channels_last | torch.compile | ONNX Runtime | "
               "ours ÷ ONNX Runtime (speed) | ours ÷ fastest alternative | max difference ours vs plain / ORT, relative |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -234,7 +234,12 @@ def markdown(res: dict, command: str) -> str:
         for p in res["precisions"]:
             def ms(k, p=p, rows=rows):
                 r = rows.get(f"{k}/{p}")
-                return "-" if r is None else (f"failed: {r['error'][:40]}" if "error" in r else f"{r['ms']:.2f}")
+                if r is None:
+                    return "-"
+                if "error" in r:
+                    return f"failed: {r['error'][:40]}"
+                share = flops * r["img_s"] / rates[p] * 100  # forward only
+                return f"{r['ms']:.2f} ({share:.0f}%)"
             ort = rows.get("ort/fp32", {})
             best = _fastest({k: v for k, v in rows.items() if isinstance(v, dict) and "label" in v}, p)
             cands = [best] if best else []
