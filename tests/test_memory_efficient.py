@@ -409,3 +409,26 @@ def test_the_fused_path_decision_is_made_once_per_structure_and_follows_every_ch
     assert not net._use_fused(x)
     net.features.transition1.pool = pool
     assert net._use_fused(x) and len(checks) == 6
+
+
+def test_alternatives_table_divides_by_the_fastest_alternative_and_states_each_share():
+    """benchmarks.alternatives: the ratio column divides ours by the fastest alternative of the same
+    precision (ONNX Runtime included for inference), and every cell's share uses that precision's
+    matmul rate."""
+    from benchmarks import alternatives
+
+    def row(img_s, spread=0.0):
+        return {"label": "x", "img_s": img_s, "ms": 1e3 / img_s, "spread": spread}
+
+    res = {"machine": {"cpu": "CPU", "nproc": 2, "torch": "2", "torch_threads": 2, "date": "today"}, "reps": 3,
+           "precisions": ["fp32", "bf16"], "flops_per_image": 10, "matmul_flops_per_s": {"fp32": 300.0, "bf16": 600.0},
+           "train": {"64": {"ours/fp32": row(30), "alt/fp32": row(10), "alt_cl/fp32": row(20),
+                            "ours/bf16": row(45), "alt/bf16": row(15), "alt_cl/bf16": row(9)}},
+           "infer": {"1": {"ours/fp32": row(4), "alt/fp32": row(2), "alt_cl/fp32": row(3), "ours/bf16": row(6),
+                           "alt/bf16": row(2), "alt_cl/bf16": row(1), "ort/fp32": row(8),
+                           "max_abs_diff": {"plain": 0.0, "ort": 1e-7}}}}
+    text = alternatives.markdown(res, "cmd")
+    assert "| 64 | 30 (300%) | 10 (100%) | 20 (200%) | - | 1.50× ±0.00 |" in text  # 30 / 20; 3 * 10 * 30 / 300
+    assert "| 64 | 45 (225%) | 15 (75%) | 9 (45%) | - | 3.00× ±0.00 | 1.50× ±0.00 |" in text  # 45 / 15; bf16 / fp32
+    assert "| 1 | fp32 | 250.00 (13%) |" in text and "| 0.50× ±0.00 | 0.50× ±0.00 |" in text  # ORT is the fastest
+    assert "| 1 | bf16 | 166.67 (10%) |" in text and "| 0.75× ±0.00 | 0.75× ±0.00 |" in text
