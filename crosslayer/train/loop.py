@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import sys
@@ -164,6 +165,9 @@ class Trainer:
         finally:
             if self.tb is not None:
                 self.tb.close()
+            if self.info.enabled:  # DDP's reducer is freed before the process group it uses, not after
+                self.net = getattr(self, "model", None)
+                gc.collect()
             D.cleanup(self.info)
 
     def train(self, stop: _StopFlag) -> int:
