@@ -196,6 +196,16 @@ def _fastest(rows: dict, precision: str, exclude=("ours",)) -> str | None:
     return max(cands, key=lambda k: rows[k]["img_s"], default=None)
 
 
+def _cell(r: dict | None, shown: str, flops: float, rate: float, note: str, width: int) -> str:
+    """A table cell: '-' for a configuration not run, its error, or ``shown`` with the share of
+    ``rate`` that ``flops`` per image at its images/s make."""
+    if r is None:
+        return "-"
+    if "error" in r:
+        return f"failed: {r['error'][:width]}"
+    return f"{shown} ({flops * r['img_s'] / rate * 100:.0f}%{note})"
+
+
 def markdown(res: dict, command: str) -> str:
     m, rates = res["machine"], res["matmul_flops_per_s"]
     lines = [f"Command: `{command}`  \nMachine: {m['cpu']}, nproc {m['nproc']}, torch {m['torch']} "
@@ -212,13 +222,8 @@ def markdown(res: dict, command: str) -> str:
         for b, rows in res["train"].items():
             def cell(k, rows=rows, p=p):
                 r = rows.get(f"{k}/{p}")
-                if r is None:
-                    return "-"
-                if "error" in r:
-                    return f"failed: {r['error'][:60]}"
-                share = 3 * flops * r["img_s"] / rates[p] * 100
-                comp = f", compile {r['first_s']:.0f} s" if k == "alt_compiled" and r.get("first_s") else ""
-                return f"{r['img_s']:.0f} ({share:.0f}%{comp})"
+                comp = f", compile {r['first_s']:.0f} s" if k == "alt_compiled" and r and r.get("first_s") else ""
+                return _cell(r, f"{r['img_s']:.0f}" if r and "img_s" in r else "", 3 * flops, rates[p], comp, 60)
             best = _fastest(rows, p)
             row = (f"| {b} | {cell('ours')} | {cell('alt')} | {cell('alt_cl')} | {cell('alt_compiled')} | "
                    f"{_ratio(rows[f'ours/{p}'], rows[best]) if best else '-'} |")
@@ -234,12 +239,7 @@ def markdown(res: dict, command: str) -> str:
         for p in res["precisions"]:
             def ms(k, p=p, rows=rows):
                 r = rows.get(f"{k}/{p}")
-                if r is None:
-                    return "-"
-                if "error" in r:
-                    return f"failed: {r['error'][:40]}"
-                share = flops * r["img_s"] / rates[p] * 100  # forward only
-                return f"{r['ms']:.2f} ({share:.0f}%)"
+                return _cell(r, f"{r['ms']:.2f}" if r and "ms" in r else "", flops, rates[p], "", 40)  # forward only
             ort = rows.get("ort/fp32", {})
             best = _fastest({k: v for k, v in rows.items() if isinstance(v, dict) and "label" in v}, p)
             cands = [best] if best else []
