@@ -412,3 +412,22 @@ def test_cli_compare_with_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
     assert cli_main(["study", "--converged", "--out", str(out), "--compare", str(tmp_path / "none.csv")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--compare" in err and not out.exists()
+
+
+def test_converged_models_flag_trains_only_those_models_with_their_sizes_seeds(tmp_path, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(S, "run_study", lambda out, **kw: seen.update(kw))
+    argv = ["study", "--converged", "--epochs", "40", "--models", "delugenet20_w25, densenet_bc28_k12",
+            "--out", str(tmp_path / "s")]
+    assert cli_main(argv) == 0
+    runs = [r.name for r in S.converged_grid(seen["converged"])]
+    # the smallest DelugeNet keeps its 3 seeds, the larger DenseNet-BC its 2; nothing else is trained
+    assert runs == ["delugenet20_w25_s0", "densenet_bc28_k12_s0", "delugenet20_w25_s1", "densenet_bc28_k12_s1",
+                    "delugenet20_w25_s2"]
+    assert seen["converged"]["epochs"] == 40
+    for bad, named in ((["--converged", "--models", "densenet_bc16_k8,resnet50"], "resnet50"),
+                       (["--converged", "--models", ","], "--models"), (["--models", "densenet_bc16_k8"], "--models")):
+        assert cli_main(["study", "--out", str(tmp_path / "t"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and named in err and "Traceback" not in err
+        assert not (tmp_path / "t").exists()

@@ -120,22 +120,33 @@ def converged_grid(spec: dict = CONVERGED) -> list[Run]:
     size first), then seed 1 of every model, then the extra seeds of the smallest size, so that a
     study stopped early has every model once before it has any twice."""
     families, (first, other) = spec["families"], spec["seeds"]
+    only = spec.get("models")  # None: every model; else a subset, each keeping its size's seeds
     runs = []
     for seed in range(max(first, other)):
         for size in range(max(len(m) for m in families.values())):
             if seed < (first if size == 0 else other):
-                runs += [Run(fam, models[size], seed) for fam, models in families.items() if size < len(models)]
+                runs += [Run(fam, models[size], seed) for fam, models in families.items()
+                         if size < len(models) and (only is None or models[size] in only)]
     return runs
 
 
-def converged_spec(spec: dict = CONVERGED, epochs: int | None = None, seeds: int | None = None) -> dict:
-    """``spec`` with ``epochs`` epochs per run and ``seeds`` seeds of every model (None: as in
-    ``spec``), e.g. the doubled-epochs check of docs/study.md (``--epochs 20 --seeds 1``)."""
+def converged_spec(spec: dict = CONVERGED, epochs: int | None = None, seeds: int | None = None,
+                   models: list[str] | None = None) -> dict:
+    """``spec`` with ``epochs`` epochs per run, ``seeds`` seeds of every model and only ``models``
+    of its grid (None: as in ``spec``), e.g. the doubled-epochs check of docs/study.md
+    (``--epochs 20 --seeds 1``) or a longer run of two models (``--models a,b --epochs 40``)."""
     out = dict(spec)
     if epochs is not None:
         out["epochs"] = epochs
     if seeds is not None:
         out["seeds"] = (seeds, seeds)
+    if models is not None:
+        known = [m for ms in spec["families"].values() for m in ms]
+        unknown = [m for m in models if m not in known]
+        if unknown or not models:
+            raise CrosslayerError(f"--models: {','.join(unknown) or 'nothing given'} not in the converged study; "
+                                  f"choose from {','.join(known)}")
+        out["models"] = tuple(dict.fromkeys(models))
     return out
 
 

@@ -12,6 +12,8 @@ Examples::
     crosslayer study --converged --out runs/study_converged --compare docs/study/results.csv
     crosslayer study --converged --epochs 20 --seeds 1 --out runs/study_converged20 \
         --compare docs/study/converged/results.csv                   # is 10 epochs enough? (seed 0, doubled)
+    crosslayer study --converged --epochs 40 --seeds 1 --models densenet_bc16_k8,delugenet20_w25 \
+        --out runs/study_converged40                                 # and 20? (the two that still moved)
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=count(1, 1000), default=None,
                         help="with --converged: epochs of every run (default 10); the short study fits its epochs "
                              "to --budget")
+    parser.add_argument("--models", default=None, metavar="NAMES",
+                        help="with --converged: only these of its models, comma-separated (default all six)")
     parser.add_argument("--compare", default=None, metavar="RESULTS_CSV",
                         help="another study's results.csv (e.g. docs/study/results.csv): written side by side with "
                              "this study's errors and verdicts into OUT/comparison.md")
@@ -51,7 +55,10 @@ def main(args) -> int:
 
     if args.epochs is not None and not args.converged:
         raise CrosslayerError("--epochs: only with --converged (the short study fits its epochs to --budget)")
-    converged = converged_spec(CONVERGED, epochs=args.epochs, seeds=args.seeds) if args.converged else None
+    if args.models is not None and not args.converged:
+        raise CrosslayerError("--models: only with --converged (the short study trains every model of its grid)")
+    models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
+    converged = converged_spec(CONVERGED, epochs=args.epochs, seeds=args.seeds, models=models) if args.converged else None
     run_study(args.out, budget_min=args.budget, seeds=args.seeds or 2, data_dir=args.data_dir,
               converged=converged, compare=args.compare)
     return 0
