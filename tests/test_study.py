@@ -431,3 +431,18 @@ def test_converged_models_flag_trains_only_those_models_with_their_sizes_seeds(t
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and named in err and "Traceback" not in err
         assert not (tmp_path / "t").exists()
+
+
+def test_a_run_another_process_is_training_is_skipped_and_the_rest_are_trained(tmp_path, capsys):
+    from crosslayer.train.rundir import RunDir
+
+    data, out = write_idx(tmp_path / "data"), str(tmp_path / "study")
+    held = os.path.join(out, "runs", "densenet_bc16_k8_s0")
+    with RunDir(held):  # what a second `crosslayer study` on the same --out holds while it trains that run
+        res = S.run_study(out, budget_min=30, data_dir=data, measure=fake_measure, converged=TINY_CONVERGED)
+    assert res["states"] == {"densenet_bc16_k8_s0": "elsewhere", "delugenet20_w25_s0": "complete",
+                             "densenet_bc16_k8_s1": "complete", "delugenet20_w25_s1": "complete"}
+    log = capsys.readouterr().out
+    assert f"densenet_bc16_k8_s0: being trained by another process (PID {os.getpid()}); skipped" in log
+    assert "still training in another process: densenet_bc16_k8_s0" in log and "not finished" not in log
+    assert S.run_state(held) == ("new", 0)

@@ -21,6 +21,9 @@ grid fits; between runs the elapsed time is re-checked against the estimate (sca
 slower the finished runs were than estimated), a run that would overrun is deferred, and a timer
 stops a running one at the deadline (it saves ``last.pt``). Re-running with the same ``--out``
 keeps the plan (``study.json``), skips finished runs and continues unfinished or deferred ones.
+The same command started again while one runs (another terminal, ``OMP_NUM_THREADS`` split between
+them) trains the next run nobody holds: a run directory being trained elsewhere is skipped (its lock
+says by whom), so several processes share one study.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from crosslayer.models import create_model, model_info
 from crosslayer.ops.defaults import cpu_bf16_native
 from crosslayer.train.config import TrainConfig
 from crosslayer.train.loop import Trainer, write_json
+from crosslayer.train.rundir import RunDirBusy
 from crosslayer.train.runtime import amp_context
 
 FAMILIES = {  # family label -> registered models, smallest first
@@ -358,10 +362,10 @@ def _train_one(run: Run, plan: dict, run_dir: str, data_dir, resume: bool) -> in
 def execute(plan: dict, runs: list[Run], out: str, deadline: float, data_dir=None, train=_train_one,
             log=print, defer: bool = True) -> dict:
     """Train the runs in order until ``deadline`` (time.time()): finished runs are skipped,
-    unfinished ones resumed; with ``defer``, a run whose estimate (scaled by the slowdown seen so
-    far) would pass the deadline is deferred (without: the runs keep their order and the deadline's
-    timer stops the one it falls in). Returns {run name: state} ('complete', 'partial', 'deferred',
-    'new')."""
+    unfinished ones resumed, ones another process is training skipped; with ``defer``, a run whose
+    estimate (scaled by the slowdown seen so far) would pass the deadline is deferred (without: the
+    runs keep their order and the deadline's timer stops the one it falls in). Returns {run name:
+    state} ('complete', 'partial', 'deferred', 'new', 'elsewhere')."""
     states, ratio = {}, 1.0
     spent_est, spent_real = 0.0, 0.0
     with _Deadline(deadline) as dl:
@@ -380,7 +384,12 @@ def execute(plan: dict, runs: list[Run], out: str, deadline: float, data_dir=Non
             log(f"study: {run.name}: {'resuming' if state == 'partial' else 'training'} "
                 f"(estimate {est * ratio / 60:.1f} min)")
             t0 = time.time()
-            rc = train(run, plan, run_dir, data_dir, state == "partial")
+            try:
+                rc = train(run, plan, run_dir, data_dir, state == "partial")
+            except RunDirBusy as e:  # another process of this study trains it
+                states[run.name] = "elsewhere"
+                log(f"study: {run.name}: being trained by another process (PID {e.pid}); skipped")
+                continue
             spent_est, spent_real = spent_est + est, spent_real + time.time() - t0
             ratio = max(0.5, spent_real / max(1e-9, spent_est))
             states[run.name] = run_state(run_dir)[0]
@@ -706,9 +715,13 @@ def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_di
                      defer=not converged)
     written = write_figures(out, runs, log, compare)
     elapsed = time.time() - t_start
-    left = [n for n, s in states.items() if s != "complete"]
-    log(f"study: {len(runs) - len(left)}/{len(runs)} runs finished, {elapsed / 60:.1f} min this invocation; "
-        f"wrote {len(written)} files in {out}")
+    left = [n for n, s in states.items() if s not in ("complete", "elsewhere")]
+    elsewhere = [n for n, s in states.items() if s == "elsewhere"]
+    log(f"study: {len(runs) - len(left) - len(elsewhere)}/{len(runs)} runs finished, {elapsed / 60:.1f} min this "
+        f"invocation; wrote {len(written)} files in {out}")
+    if elsewhere:
+        log(f"study: still training in another process: {', '.join(elsewhere)} (it writes the figures again when "
+            f"it ends)")
     if left:
         log(f"study: not finished: {', '.join(left)} (re-run the same command to continue them)")
     return dict(plan=plan, states=states, written=written, elapsed_s=elapsed)

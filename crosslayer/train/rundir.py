@@ -29,6 +29,14 @@ class RunDirError(CrosslayerError):
     """``--out`` cannot be used: not a directory, not writable, or owned by another running process."""
 
 
+class RunDirBusy(RunDirError):
+    """``--out`` is owned by another running process (``pid``, as written in its lock file)."""
+
+    def __init__(self, message: str, pid: str):
+        super().__init__(message)
+        self.pid = pid
+
+
 def check_out_path(out: str) -> None:
     """One line if ``out`` cannot be (or become) a writable run directory."""
     path = os.path.abspath(out)
@@ -119,8 +127,8 @@ class RunDir:
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise RunDirError(f"--out {self.path}: in use by another crosslayer run (PID {holder}); wait for "
-                                  f"it to finish or choose another --out") from None
+                raise RunDirBusy(f"--out {self.path}: in use by another crosslayer run (PID {holder}); wait for "
+                                 f"it to finish or choose another --out", holder) from None
             try:  # the previous owner may have removed the file between our open and flock: retry
                 same = os.stat(lock).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
