@@ -173,7 +173,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys):
     out = tmp_path / "study"
     for argv, flag in ((["--data-dir", str(tmp_path / "nope")], "nope"), (["--budget", "0"], "--budget"),
                        (["--seeds", "0"], "--seeds"), (["--epochs", "5"], "--epochs"),
-                       (["--converged", "--epochs", "0"], "--epochs")):
+                       (["--converged", "--epochs", "0"], "--epochs"), (["--workers", "0"], "--workers")):
         assert cli_main(["study", "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and flag in err and "Traceback" not in err
@@ -446,3 +446,19 @@ def test_a_run_another_process_is_training_is_skipped_and_the_rest_are_trained(t
     assert f"densenet_bc16_k8_s0: being trained by another process (PID {os.getpid()}); skipped" in log
     assert "still training in another process: densenet_bc16_k8_s0" in log and "not finished" not in log
     assert S.run_state(held) == ("new", 0)
+
+
+def test_two_workers_share_the_study_each_run_trained_once(tmp_path, capsys):
+    data, out = write_idx(tmp_path / "data"), str(tmp_path / "study")
+    res = S.run_study(out, budget_min=30, data_dir=data, measure=fake_measure, converged=TINY_CONVERGED, workers=2)
+    names = ["densenet_bc16_k8_s0", "delugenet20_w25_s0", "densenet_bc16_k8_s1", "delugenet20_w25_s1"]
+    assert res["states"] == {n: "complete" for n in names}
+    here = capsys.readouterr().out
+    there = open(os.path.join(out, "worker-2.log")).read()
+    def trained(log):  # the Trainer's last line of every run it finished
+        return {n for n in names if f"outputs in {os.path.join(out, 'runs', n)}\n" in log}
+
+    mine, theirs = trained(here), trained(there)
+    assert mine and theirs and not mine & theirs and mine | theirs == set(names)  # both trained, none twice
+    assert "worker 2 (PID" in here and "still training" not in here
+    assert os.path.getsize(os.path.join(out, "results.md")) > 0

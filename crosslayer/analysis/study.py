@@ -21,9 +21,9 @@ grid fits; between runs the elapsed time is re-checked against the estimate (sca
 slower the finished runs were than estimated), a run that would overrun is deferred, and a timer
 stops a running one at the deadline (it saves ``last.pt``). Re-running with the same ``--out``
 keeps the plan (``study.json``), skips finished runs and continues unfinished or deferred ones.
-The same command started again while one runs (another terminal, ``OMP_NUM_THREADS`` split between
-them) trains the next run nobody holds: a run directory being trained elsewhere is skipped (its lock
-says by whom), so several processes share one study.
+``--workers N`` trains N runs at once in N processes, the cores split between them: each process
+takes the next run nobody holds (a run directory being trained elsewhere is skipped; its lock says
+by whom), so the same command started in another terminal shares the study as well.
 """
 
 from __future__ import annotations
@@ -359,6 +359,47 @@ def _train_one(run: Run, plan: dict, run_dir: str, data_dir, resume: bool) -> in
     return Trainer(run_config(run, plan, run_dir, data_dir), run_dir, resume=resume).run()
 
 
+def worker_threads(workers: int) -> int:
+    """Intra-op threads of each of ``workers`` processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _worker(plan: dict, runs: list[Run], out: str, deadline: float, data_dir, defer: bool, threads: int,
+            log_path: str, ready) -> None:
+    """One extra process of a study: its output goes to ``log_path``; it trains the runs nobody
+    else holds, in the same order (:func:`execute`)."""
+    import sys
+
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.stdout = sys.stderr = open(log_path, "a", buffering=1)
+    ready.set()
+    execute(plan, runs, out, deadline, data_dir, defer=defer)
+
+
+def start_workers(n: int, plan: dict, runs: list[Run], out: str, deadline: float, data_dir, defer: bool,
+                  log=print) -> list:
+    """``n`` extra processes training the study beside this one (each run has one owner: the run
+    directory's lock), started and ready before this one trains; each logs to OUT/worker-<i>.log."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no forked OpenMP or autograd state
+    procs = []
+    for i in range(2, n + 2):
+        path = os.path.join(out, f"worker-{i}.log")
+        ready = ctx.Event()
+        p = ctx.Process(target=_worker, args=(plan, runs, out, deadline, data_dir, defer,
+                                              worker_threads(n + 1), path, ready), daemon=False)
+        p.start()
+        procs.append((p, ready))
+        log(f"study: worker {i} (PID {p.pid}) trains beside this process; its log: {path}")
+    for p, ready in procs:
+        while not ready.wait(1.0) and p.is_alive():
+            pass
+    return [p for p, _ in procs]
+
+
 def execute(plan: dict, runs: list[Run], out: str, deadline: float, data_dir=None, train=_train_one,
             log=print, defer: bool = True) -> dict:
     """Train the runs in order until ``deadline`` (time.time()): finished runs are skipped,
@@ -689,13 +730,14 @@ def _load_or_make_plan(out: str, runs: list[Run], budget_min: float, data_dir, r
 
 def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_dir: str | None = None, recipe=None,
               families: dict = FAMILIES, measure=measure_costs, train=_train_one, log=print,
-              converged: dict | None = None, compare: str | None = None) -> dict:
+              converged: dict | None = None, compare: str | None = None, workers: int = 1) -> dict:
     """Plan, train and summarise the study within ``budget_min`` minutes (see the module doc).
     ``converged``: the converged study's spec (:data:`CONVERGED`; its own grid, recipe and epochs;
     ``seeds``, ``families`` and ``recipe`` are then not used); ``budget_min`` None: 60 minutes for
     the short study, no limit (a day) for the converged one; ``compare``: another study's
-    ``results.csv``, written side by side with this one's into ``comparison.md``. Returns {"plan", "states", "written",
-    "elapsed_s"}."""
+    ``results.csv``, written side by side with this one's into ``comparison.md``; ``workers``: processes
+    training at once, the cores split between them (the figures are written when all have ended).
+    Returns {"plan", "states", "written", "elapsed_s"}."""
     if compare and not os.path.isfile(compare):
         raise CrosslayerError(f"--compare {compare}: no such file (a results.csv written by crosslayer study)")
     if budget_min is None:
@@ -711,8 +753,20 @@ def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_di
     states = {r.name: run_state(os.path.join(out, "runs", r.name))[0] for r in runs}
     log(format_plan(plan, runs, states))
     # the converged study keeps its order (every model once before any twice): nothing is deferred
-    states = execute(plan, runs, out, t_start + budget_min * 60 - reserve_s(budget_min), data_dir, train, log,
-                     defer=not converged)
+    deadline = t_start + budget_min * 60 - reserve_s(budget_min)
+    extra = []
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(worker_threads(workers))
+        extra = start_workers(workers - 1, plan, runs, out, deadline, data_dir, not converged, log)
+    states = execute(plan, runs, out, deadline, data_dir, train, log, defer=not converged)
+    for i, p in enumerate(extra, start=2):
+        p.join()
+        if p.exitcode:
+            log(f"study: worker {i} ended with exit code {p.exitcode}; see {os.path.join(out, f'worker-{i}.log')}")
+    if extra:  # what the workers finished
+        states = {n: run_state(os.path.join(out, "runs", n))[0] if s == "elsewhere" else s for n, s in states.items()}
     written = write_figures(out, runs, log, compare)
     elapsed = time.time() - t_start
     left = [n for n, s in states.items() if s not in ("complete", "elsewhere")]
