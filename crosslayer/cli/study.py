@@ -7,13 +7,12 @@ Examples::
     crosslayer study --out runs/study                                   # the default 60-minute study
     crosslayer study --out runs/study                                   # again: skips finished runs
     crosslayer study --budget 240 --seeds 3 --out runs/study_long       # more epochs, more seeds
-    crosslayer study --converged --out runs/study_converged             # trained to the end (~2 h, 15 runs)
-    crosslayer study --converged --out runs/study_converged             # again: continues where it stopped
+    crosslayer study --converged --workers 2 --out runs/study_converged # trained to the end (15 runs, 20 epochs)
+    crosslayer study --converged --workers 2 --out runs/study_converged # again: continues where it stopped
     crosslayer study --converged --out runs/study_converged --compare docs/study/results.csv
-    crosslayer study --converged --epochs 20 --seeds 1 --out runs/study_converged20 \
-        --compare docs/study/converged/results.csv                   # is 10 epochs enough? (seed 0, doubled)
+    crosslayer study --converged --epochs 10 --out runs/study_converged10   # half the epochs: not enough
     crosslayer study --converged --epochs 40 --seeds 1 --models densenet_bc16_k8,delugenet20_w25 \
-        --out runs/study_converged40                                 # and 20? (the two that still moved)
+        --out runs/study_converged40 --compare docs/study/converged/results.csv   # twice: no better
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds of the smallest model of each family (default 2); with --converged: seeds of "
                              "every model (default 3 of the smallest size, 2 of the other)")
     parser.add_argument("--epochs", type=count(1, 1000), default=None,
-                        help="with --converged: epochs of every run (default 10); the short study fits its epochs "
+                        help="with --converged: epochs of every run (default 20); the short study fits its epochs "
                              "to --budget")
     parser.add_argument("--models", default=None, metavar="NAMES",
                         help="with --converged: only these of its models, comma-separated (default all six)")
