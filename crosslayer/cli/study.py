@@ -11,8 +11,8 @@ Examples::
     crosslayer study --converged --workers 2 --out runs/study_converged # again: continues where it stopped
     crosslayer study --converged --out runs/study_converged --compare docs/study/results.csv
     crosslayer study --converged --epochs 10 --out runs/study_converged10   # half the epochs: not enough
-    crosslayer study --converged --epochs 40 --seeds 1 --models densenet_bc16_k8,delugenet20_w25 \
-        --out runs/study_converged40 --compare docs/study/converged/results.csv   # twice: no better
+    # twice the epochs for two of the models: no better (docs/study.md)
+    crosslayer study --converged --epochs 40 --seeds 1 --models densenet_bc16_k8,delugenet20_w25 --out runs/sc40
 """
 
 from __future__ import annotations
