@@ -128,6 +128,15 @@ BREAKS = [
     Break("predict-not-normalised", "predict feeds unnormalised images", "crosslayer/models/pretrained.py",
           "T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])",
           "T.ToDtype(torch.float32, scale=True)])", ("tests/test_predict.py", "-k", "normalisation")),
+    # the study
+    Break("study-models-filter-ignored", "--models trains every model of the converged study",
+          "crosslayer/analysis/study.py", "and (only is None or models[size] in only)]", "]",
+          ("tests/test_study.py", "-k", "models_flag")),
+    Break("study-busy-run-fails", "a run another process holds stops the study instead of being skipped",
+          "crosslayer/analysis/study.py", "except RunDirBusy as e:", "except KeyError as e:",
+          ("tests/test_study.py", "-k", "another_process")),
+    Break("study-workers-ignored", "--workers N trains in one process", "crosslayer/analysis/study.py",
+          "    if workers > 1:\n", "    if False:\n", ("tests/test_study.py", "-k", "two_workers")),
     Break("export-check-skipped", "an export that differs from the eager model is written", "crosslayer/export.py",
           "if not diff < atol:", "if False:", ("tests/test_export.py", "-k", "fails_atomically")),
 ]
