@@ -137,8 +137,8 @@ def converged_grid(spec: dict = CONVERGED) -> list[Run]:
 def converged_spec(spec: dict = CONVERGED, epochs: int | None = None, seeds: int | None = None,
                    models: list[str] | None = None) -> dict:
     """``spec`` with ``epochs`` epochs per run, ``seeds`` seeds of every model and only ``models``
-    of its grid (None: as in ``spec``), e.g. the doubled-epochs check of docs/study.md
-    (``--epochs 20 --seeds 1``) or a longer run of two models (``--models a,b --epochs 40``)."""
+    of its grid (None: as in ``spec``), e.g. the 10-epoch study of docs/study.md (``--epochs 10``)
+    or its doubled-epochs check of two models (``--epochs 40 --seeds 1 --models a,b``)."""
     out = dict(spec)
     if epochs is not None:
         out["epochs"] = epochs
@@ -379,9 +379,10 @@ def _worker(plan: dict, runs: list[Run], out: str, deadline: float, data_dir, de
 
 
 def start_workers(n: int, plan: dict, runs: list[Run], out: str, deadline: float, data_dir, defer: bool,
-                  log=print) -> list:
-    """``n`` extra processes training the study beside this one (each run has one owner: the run
-    directory's lock), started and ready before this one trains; each logs to OUT/worker-<i>.log."""
+                  threads: int, log=print) -> list:
+    """``n`` extra processes of ``threads`` threads training the study beside this one (each run has
+    one owner: the run directory's lock), started and ready before this one trains; each logs to
+    OUT/worker-<i>.log."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked OpenMP or autograd state
@@ -389,8 +390,8 @@ def start_workers(n: int, plan: dict, runs: list[Run], out: str, deadline: float
     for i in range(2, n + 2):
         path = os.path.join(out, f"worker-{i}.log")
         ready = ctx.Event()
-        p = ctx.Process(target=_worker, args=(plan, runs, out, deadline, data_dir, defer,
-                                              worker_threads(n + 1), path, ready), daemon=False)
+        p = ctx.Process(target=_worker, args=(plan, runs, out, deadline, data_dir, defer, threads, path, ready),
+                        daemon=False)
         p.start()
         procs.append((p, ready))
         log(f"study: worker {i} (PID {p.pid}) trains beside this process; its log: {path}")
@@ -758,8 +759,9 @@ def run_study(out: str, budget_min: float | None = None, seeds: int = 2, data_di
     if workers > 1:
         import torch
 
-        torch.set_num_threads(worker_threads(workers))
-        extra = start_workers(workers - 1, plan, runs, out, deadline, data_dir, not converged, log)
+        threads = worker_threads(workers)
+        torch.set_num_threads(threads)
+        extra = start_workers(workers - 1, plan, runs, out, deadline, data_dir, not converged, threads, log)
     states = execute(plan, runs, out, deadline, data_dir, train, log, defer=not converged)
     for i, p in enumerate(extra, start=2):
         p.join()

@@ -75,6 +75,8 @@ def cpu_bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def bf16_native(device: str) -> bool:
     """Whether ``device`` (``cpu``, ``cuda[:N]``, or ``auto``: CUDA when available, else the CPU)
     computes bf16 natively, where bf16 autocast is faster than float32: the rule of the demo's and

@@ -134,7 +134,11 @@ def fusable_features(features: nn.Sequential) -> bool:
     """Whether every dense block of a DenseNet's ``features`` can run fused: each is followed by a
     Transition or by the final BatchNorm2d (its ReLU fused in), and the last of them ends ``features``
     (a DenseNet pruned by ``prune_intermediate_layers`` ends at a transition)."""
-    plan = _features_plan(features)
+    return _plan_runs_now(_features_plan(features))
+
+
+def _plan_runs_now(plan: list[list[nn.Module]] | None) -> bool:
+    """A structure plan (:func:`_features_plan`) whose every block has its modes in agreement now."""
     return plan is not None and all(_modes_agree(moded) for moded in plan)
 
 
@@ -159,8 +163,7 @@ _PLANS = StructureCache(_features_plan, dict(WATCHED))
 def fusable_now(features: nn.Sequential) -> bool:
     """:func:`fusable_features` and no hooks on ``features``, its structure checked once per change
     (:class:`~crosslayer.ops.dispatch.StructureCache`), the modes and autograd per call."""
-    plan = _PLANS(features)
-    return plan is not None and all(_modes_agree(moded) for moded in plan)
+    return _plan_runs_now(_PLANS(features))
 
 
 def fused_parameters(block: nn.Module, tail: nn.Module) -> list[nn.Parameter]:

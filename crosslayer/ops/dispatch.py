@@ -65,7 +65,7 @@ def _child_count(module: nn.Module) -> int:
 
 
 class _Entry:
-    def __init__(self, root: nn.Module, check: Callable[[nn.Module], bool], watched: dict):
+    def __init__(self, root: nn.Module, check: Callable[[nn.Module], object], watched: dict):
         self.registrations = _registrations
         self.answer = check(root)
         self.extra = [(getter, m) for m in root.modules() for cls, getter in watched.items() if type(m) is cls]
@@ -80,14 +80,14 @@ class _Entry:
 
 class StructureCache:
     """``check(root)`` (a structural question: the module types, their order and attributes; None
-    for no) and whether ``root`` has hooks, answered once per structure. An answer is recomputed when a module,
-    parameter or buffer has been registered anywhere since (torch's global registration hooks),
-    when a module below ``root`` lost a child, when an attribute ``check`` reads (``watched``: exact
-    type -> getter) has changed in place, and
-    for hooks when a hook handle has been made anywhere (``RemovableHandle``'s counter) or while
-    hooks were there (they may have been removed). Modes and autograd are the caller's, per call."""
+    for no) and whether ``root`` has hooks, answered once per structure. An answer is recomputed
+    when a module, parameter or buffer has been registered anywhere since (torch's global
+    registration hooks), when a module below ``root`` lost a child, when an attribute ``check``
+    reads (``watched``: exact type -> getter) has changed in place, and for hooks when a hook handle
+    has been made anywhere (``RemovableHandle``'s counter) or while hooks were there (they may have
+    been removed). Modes and autograd are the caller's, per call."""
 
-    def __init__(self, check: Callable[[nn.Module], bool], watched: dict | None = None):
+    def __init__(self, check: Callable[[nn.Module], object], watched: dict | None = None):
         self.check, self.watched = check, WATCHED if watched is None else watched
         self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
